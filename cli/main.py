@@ -1,0 +1,86 @@
+"""``jbl`` entry point: parse argv, dispatch to one command module, map errors to exit codes.
+
+Each command group lives in its own module exposing ``register(subparsers, parents)``; the
+handler set with ``set_defaults(func=...)`` takes the parsed ``args`` and returns an exit code.
+Expected failures are ``JblError`` subclasses: one line on stderr, their ``exit_code``.
+Anything else is a bug: one line plus "run with --debug", or the traceback under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from jbl.store.errors import ExitCode, JblError
+
+from . import options
+
+# Command-group modules, in the order `jbl --help` lists them. Each owns its subcommands.
+COMMAND_MODULES = [
+    "jbl.cli.store_cmd",     # jbl store install/import/available/list/info/rm/df/gc/verify/pin
+    "jbl.cli.pack_cmd",      # jbl pack, jbl registry add
+    "jbl.cli.mount_cmd",     # jbl mount, jbl umount
+    "jbl.cli.run_cmd",       # jbl run
+    "jbl.cli.setup_cmd",     # jbl setup --system
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    common = options.common_parser()
+    parser = argparse.ArgumentParser(
+        prog="jbl", parents=[common],
+        description="Runtime store and job runner for shared Linux servers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for modname in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:  # not written yet
+                continue
+            raise
+        mod.register(sub, [options.common_parser(suppress_defaults=True)])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("JBL_DEBUG"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="jbl: %(levelname)s: %(message)s")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        options.finish(args)
+        return int(args.func(args))
+    except JblError as e:
+        if debug:
+            raise
+        print(f"jbl: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("jbl: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        return int(ExitCode.ERROR)
+    except Exception as e:  # a bug: say so in one line unless debugging
+        if debug:
+            raise
+        print(f"jbl: internal error: {type(e).__name__}: {e} (run with --debug for details)",
+              file=sys.stderr)
+        return int(ExitCode.ERROR)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,135 @@
+"""Opening the index: apsw connection settings, migrations, and a tiny query helper.
+
+Thread-safety: an apsw ``Connection`` may be used from one thread at a time; each process
+(and each long-lived thread that writes) opens its own. Writers serialise in SQLite itself
+(``BEGIN IMMEDIATE`` + busy timeout); readers never block writers (WAL).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from . import schema
+from .errors import StoreBusy, StoreError
+
+INDEX_NAME = "index.db"
+BUSY_TIMEOUT_MS = 60_000  # installs and gc hold the write lock for one short commit each
+
+
+class DB:
+    """A thin wrapper: ``query``/``one``/``scalar``/``execute`` with bound parameters only,
+    ``write()`` for an immediate transaction."""
+
+    def __init__(self, conn: apsw.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.conn.execute(sql, params))
+
+    def iter(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Iterator[tuple[Any, ...]]:
+        return iter(self.conn.execute(sql, params))
+
+    def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> tuple[Any, ...] | None:
+        for row in self.conn.execute(sql, params):
+            return row
+        return None
+
+    def scalar(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        row = self.one(sql, params)
+        return None if row is None else row[0]
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> None:
+        self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        self.conn.executemany(sql, rows)
+
+    @contextmanager
+    def write(self) -> Iterator[DB]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ROLLBACK on any exception)."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError:
+            raise StoreBusy("the store index is locked by another writer; try again") from None
+        try:
+            yield self
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _configure(conn: apsw.Connection, readonly: bool) -> None:
+    conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    # WAL: readers (the mount, `list`) never block the single writer and vice versa.
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL is durable against process crashes and keeps the index consistent on
+    # power loss (the last commits may roll back; blobs are fsync'd before their commit).
+    conn.execute("PRAGMA synchronous=NORMAL")
+    # We never rely on FK cascades; verify checks references. Enforced FKs would make gc's
+    # row deletions order-sensitive for no gain.
+    conn.execute("PRAGMA foreign_keys=OFF")
+    # Lookups on the FUSE thread must stay microseconds: a generous page cache (64 MiB).
+    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    # Memory-map the index for reads (256 MiB window): fewer syscalls per lookup.
+    conn.execute("PRAGMA mmap_size=268435456")
+
+
+def _migrate(conn: apsw.Connection, path: Path) -> None:
+    current = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    if current > schema.SCHEMA_VERSION:
+        raise StoreError(f"store index {path} has schema version {current}, newer than this "
+                         f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")
+    if current == schema.SCHEMA_VERSION:
+        return
+    with conn:  # one transaction for all steps
+        current = conn.execute("PRAGMA user_version").fetchall()[0][0]
+        for step in range(current, schema.SCHEMA_VERSION):
+            conn.execute(schema.MIGRATIONS[step])
+        if current == 0:
+            conn.execute(f"PRAGMA application_id={schema.APPLICATION_ID}")
+            conn.execute("INSERT INTO meta(key, value) VALUES ('chunk_size', ?), "
+                         "('created_at', ?)", (str(schema.CHUNK_SIZE), str(time.time())))
+        conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION}")
+
+
+def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) -> DB:
+    path = Path(store_dir) / INDEX_NAME
+    if not path.exists() and not create:
+        raise StoreError(f"no jbl store at {store_dir} (install a runtime first, or pass --store)")
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    if create:
+        flags |= apsw.SQLITE_OPEN_CREATE
+    try:
+        conn = apsw.Connection(os.fspath(path), flags=flags)
+        _configure(conn, readonly)
+        app = conn.execute("PRAGMA application_id").fetchall()[0][0]
+        if app not in (0, schema.APPLICATION_ID):
+            raise StoreError(f"{path} is not a jbl store index (application_id {app:#x})")
+        if readonly:
+            v = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            if v > schema.SCHEMA_VERSION:
+                raise StoreError(f"store index {path} has schema version {v}, newer than this "
+                                 f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")
+        else:
+            _migrate(conn, path)
+    except apsw.CantOpenError:
+        raise StoreError(f"cannot open store index {path} "
+                         f"({'read-only' if readonly else 'read-write'})") from None
+    except apsw.NotADBError:
+        raise StoreError(f"{path} is not a SQLite database (corrupt store index?)") from None
+    return DB(conn, path)

@@ -1,0 +1,130 @@
+"""The ``runtime.yml`` model (Joblet's format) and its validation.
+
+A runtime directory holds ``runtime.yml`` and ``isolated/`` (the root filesystem)::
+
+    name: python-3.11-ml
+    version: 1.3.2
+    description: Python 3.11 with numpy and pandas
+    mounts:                       # runtime-relative source -> absolute target in the job
+      - {source: isolated/usr, target: /usr, readonly: true}
+    environment: {PATH: /usr/bin:/bin, PYTHONDONTWRITEBYTECODE: "1"}
+    requirements: {architectures: [amd64]}   # optional, free-form beyond this
+
+Validation is strict where the value is used for a mount (a source that leaves the runtime,
+a target that is not an absolute clean path are rejected) and lenient elsewhere (unknown
+keys are kept in ``extra``). Pure and thread-safe.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import UnsafeArchive, UsageError
+
+MANIFEST_NAME = "runtime.yml"
+ROOTFS_DIR = "isolated"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str  # clean, relative to the runtime directory (e.g. "isolated/usr")
+    target: str  # clean, absolute in the job (e.g. "/usr")
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    description: str = ""
+    mounts: tuple[Mount, ...] = ()
+    environment: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def default_mounts(self) -> tuple[Mount, ...]:
+        """The mounts a job gets: runtime.yml's, or the whole ``isolated/`` tree as ``/``."""
+        return self.mounts or (Mount(ROOTFS_DIR, "/", True),)
+
+
+def check_name(name: str, what: str = "runtime name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(f"invalid {what} {name!r}: use letters, digits, '.', '_', '+', '-' "
+                         "(at most 128, not starting with a punctuation mark)")
+    return name
+
+
+def _clean_source(src: str) -> str:
+    if not isinstance(src, str) or not src or src.startswith("/") or "\0" in src:
+        raise UnsafeArchive("runtime.yml mount source must be a relative path inside the runtime",
+                            str(src))
+    norm = posixpath.normpath(src)
+    if norm == ".." or norm.startswith("../"):
+        raise UnsafeArchive("runtime.yml mount source leaves the runtime", src)
+    return norm
+
+
+def _clean_target(dst: str) -> str:
+    if not isinstance(dst, str) or not dst.startswith("/") or "\0" in dst:
+        raise UnsafeArchive("runtime.yml mount target must be an absolute path", str(dst))
+    parts = dst.split("/")[1:]
+    if dst != "/" and any(p in ("", ".", "..") for p in parts):
+        raise UnsafeArchive("runtime.yml mount target is not a clean absolute path", dst)
+    return dst
+
+
+def parse_manifest(data: bytes | str, *, source: str = MANIFEST_NAME) -> Manifest:
+    """Parse and validate runtime.yml; raise UnsafeArchive with a one-line reason."""
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UnsafeArchive(f"{source} is not valid YAML{where}") from None
+    if not isinstance(doc, dict):
+        raise UnsafeArchive(f"{source} must be a mapping with name and version")
+    name, version = doc.get("name"), doc.get("version")
+    if name is None or version is None:
+        raise UnsafeArchive(f"{source} lacks 'name' or 'version'")
+    name, version = str(name), str(version)
+    try:
+        check_name(name)
+        check_name(version, "version")
+    except UsageError as e:
+        raise UnsafeArchive(f"{source}: {e.message}") from None
+    mounts = []
+    for i, m in enumerate(doc.get("mounts") or []):
+        if not isinstance(m, dict) or "source" not in m or "target" not in m:
+            raise UnsafeArchive(f"{source}: mounts[{i}] needs 'source' and 'target'")
+        mounts.append(Mount(_clean_source(m["source"]), _clean_target(m["target"]),
+                            bool(m.get("readonly", True))))
+    env_doc = doc.get("environment") or {}
+    if not isinstance(env_doc, dict):
+        raise UnsafeArchive(f"{source}: 'environment' must be a mapping")
+    env = {}
+    for k, v in env_doc.items():
+        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
+            raise UnsafeArchive(f"{source}: invalid environment variable name", str(k))
+        env[k] = "" if v is None else str(v)
+    known = {"name", "version", "description", "mounts", "environment"}
+    extra = {k: v for k, v in doc.items() if k not in known}
+    return Manifest(name, version, str(doc.get("description") or ""), tuple(mounts), env, extra)
+
+
+def dump_manifest(m: Manifest) -> str:
+    doc: dict[str, Any] = {"name": m.name, "version": m.version}
+    if m.description:
+        doc["description"] = m.description
+    if m.mounts:
+        doc["mounts"] = [{"source": x.source, "target": x.target, "readonly": x.readonly}
+                         for x in m.mounts]
+    if m.environment:
+        doc["environment"] = dict(m.environment)
+    doc.update(m.extra)
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,184 @@
+"""The store as one object: its directory layout, index, blobs, locks and leases.
+
+    STORE/index.db        the SQLite index (schema.py)
+    STORE/blobs/xx/yyyy…  content-addressed blob files (blobs.py)
+    STORE/blobs/tmp/      blobs being written
+    STORE/lock            flock: installs hold it SHARED while writing blobs and committing;
+                          gc/rm sweeps hold it EXCLUSIVE while deleting rows and unlinking
+                          files. So a sweep never races a half-done install (docs/concurrency.md).
+    STORE/cache/          fetched registry indexes (registry.py)
+    STORE/run/            mount status files (fusefs)
+
+Thread-safety: a Store wraps one apsw connection; use it from one thread at a time, and open
+another Store per thread/process that needs one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import versions as versions_mod
+from .blobs import BlobStore
+from .db import DB, open_db
+from .errors import NotInstalled, StoreBusy
+from .versions import Spec, parse_spec
+
+_VERSION_COLS = ("id, name, version, description, manifest, root_id, state, source, checksum, "
+                 "file_count, logical_size, installed_at, last_used_at, pinned")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: int
+    name: str
+    version: str
+    description: str
+    manifest_text: str
+    root_id: int
+    state: str
+    source: str
+    checksum: str
+    file_count: int
+    logical_size: int
+    installed_at: float
+    last_used_at: float | None
+    pinned: bool
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> VersionInfo:
+        return cls(*row[:13], bool(row[13]))
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: distinguishes a live holder from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def pid_alive(pid: int, start: int) -> bool:
+    return proc_starttime(pid) == start
+
+
+class Store:
+    def __init__(self, store_dir: Path, db: DB, readonly: bool) -> None:
+        self.dir = Path(store_dir)
+        self.db = db
+        self.readonly = readonly
+        self.blobs = BlobStore(self.dir)
+        self.chunk_size = int(db.scalar("SELECT value FROM meta WHERE key='chunk_size'"))
+
+    @classmethod
+    def open(cls, store_dir: Path | str, *, readonly: bool = False,
+             create: bool = False) -> Store:
+        store_dir = Path(store_dir)
+        if create:
+            store_dir.mkdir(parents=True, exist_ok=True)
+            BlobStore(store_dir).create()
+        db = open_db(store_dir, readonly=readonly, create=create)
+        return cls(store_dir, db, readonly)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- versions -----------------------------------------------------------------------
+    def versions(self, name: str | None = None, *, state: str = "installed") -> list[VersionInfo]:
+        sql = f"SELECT {_VERSION_COLS} FROM versions WHERE state=?"
+        params: tuple[Any, ...] = (state,)
+        if name is not None:
+            sql += " AND name=?"
+            params += (name,)
+        rows = [VersionInfo.from_row(r) for r in self.db.query(sql, params)]
+        order = {v: i for i, v in enumerate(versions_mod.sort_versions(r.version for r in rows))}
+        return sorted(rows, key=lambda r: (r.name, order[r.version]))
+
+    def get_version(self, name: str, version: str) -> VersionInfo | None:
+        row = self.db.one(f"SELECT {_VERSION_COLS} FROM versions WHERE name=? AND version=? "
+                          "AND state='installed'", (name, version))
+        return VersionInfo.from_row(row) if row else None
+
+    def version_by_id(self, version_id: int) -> VersionInfo | None:
+        row = self.db.one(f"SELECT {_VERSION_COLS} FROM versions WHERE id=?", (version_id,))
+        return VersionInfo.from_row(row) if row else None
+
+    def resolve_installed(self, spec: str | Spec) -> VersionInfo:
+        """The installed version ``spec`` names (``NAME``, ``NAME@latest``, ``NAME@1.3``)."""
+        s = parse_spec(spec) if isinstance(spec, str) else spec
+        have = [v.version for v in self.versions(s.name)]
+        if not have:
+            raise NotInstalled(f"runtime {s} is not installed",
+                               hint=f"install it with: jbl store install {s}")
+        try:
+            chosen = versions_mod.select(s, have, where="installed")
+        except NotInstalled:
+            raise
+        except Exception as e:
+            raise NotInstalled(str(e), hint=f"install it with: jbl store install {s}") from None
+        info = self.get_version(s.name, chosen)
+        assert info is not None
+        return info
+
+    # --- locks --------------------------------------------------------------------------
+    @contextmanager
+    def _flock(self, mode: int, blocking: bool, what: str) -> Iterator[None]:
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StoreBusy(f"{what}: the store is busy (an install or gc is running)",
+                                hint="try again later") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def install_lock(self) -> contextmanager[None]:  # type: ignore[valid-type]
+        """SHARED: many installs at once; excludes a sweep."""
+        return self._flock(fcntl.LOCK_SH, True, "install")
+
+    def sweep_lock(self, blocking: bool = True) -> contextmanager[None]:  # type: ignore[valid-type]
+        """EXCLUSIVE: no install is writing blobs or committing while this is held."""
+        return self._flock(fcntl.LOCK_EX, blocking, "gc")
+
+    # --- leases (gc roots held by live processes) ---------------------------------------
+    @contextmanager
+    def lease(self, version_id: int, kind: str, pid: int | None = None) -> Iterator[int]:
+        """Record a live user of a version for the block's duration; also marks last use."""
+        pid = os.getpid() if pid is None else pid
+        start = proc_starttime(pid) or 0
+        now = time.time()
+        with self.db.write():
+            self.db.execute("INSERT INTO leases(version_id, kind, pid, pid_start, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)", (version_id, kind, pid, start, now))
+            lease_id = self.db.conn.last_insert_rowid()
+            self.db.execute("UPDATE versions SET last_used_at=? WHERE id=?", (now, version_id))
+        try:
+            yield lease_id
+        finally:
+            with self.db.write():
+                self.db.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+
+    def live_leases(self) -> list[tuple[int, int, str, int]]:
+        """(lease id, version id, kind, pid) of leases whose holder still runs."""
+        rows = self.db.query("SELECT id, version_id, kind, pid, pid_start FROM leases")
+        return [(r[0], r[1], r[2], r[3]) for r in rows if pid_alive(r[3], r[4])]
