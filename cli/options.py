@@ -16,6 +16,11 @@ def default_store() -> Path:
     env = os.environ.get("JBL_STORE")
     if env:
         return Path(env)
+    from jbl.store.config import load_config  # config `store:` comes after --store, JBL_STORE
+
+    configured = load_config().store
+    if configured is not None:
+        return configured
     if os.geteuid() == 0:
         return Path("/var/lib/jbl")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")

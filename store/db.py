@@ -7,6 +7,7 @@ Thread-safety: an apsw ``Connection`` may be used from one thread at a time; eac
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from .errors import StoreBusy, StoreError
 
 INDEX_NAME = "index.db"
 BUSY_TIMEOUT_MS = 60_000  # installs and gc hold the write lock for one short commit each
+WAL_KEEP_BYTES = 4 << 20  # the persistent WAL is truncated to this after a checkpoint
 
 
 class DB:
@@ -76,6 +78,14 @@ def _configure(conn: apsw.Connection, readonly: bool) -> None:
     # WAL: readers (the mount, `list`) never block the single writer and vice versa.
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")
+        # Keep `-wal` and `-shm` when the last writer closes (SQLite deletes them otherwise):
+        # a user who may not write the store directory can open a WAL index read-only only
+        # while both files exist (SQLite >= 3.22 then reads `-shm` read-only / from heap).
+        # They are created with the index's own mode and owner, so 0664 root:jbl-admin
+        # (docs/shared-server.md). journal_size_limit trims the kept WAL after checkpoints.
+        persist = ctypes.c_int(1)
+        conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(persist))
+        conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
     # NORMAL in WAL is durable against process crashes and keeps the index consistent on
     # power loss (the last commits may roll back; blobs are fsync'd before their commit).
     conn.execute("PRAGMA synchronous=NORMAL")
@@ -96,7 +106,10 @@ def _migrate(conn: apsw.Connection, path: Path) -> None:
                          f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")
     if current == schema.SCHEMA_VERSION:
         return
-    with conn:  # one transaction for all steps
+    # One IMMEDIATE transaction for all steps: a deferred one that reads user_version and then
+    # writes fails at once with BUSY when two processes create the same store concurrently.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         current = conn.execute("PRAGMA user_version").fetchall()[0][0]
         for step in range(current, schema.SCHEMA_VERSION):
             conn.execute(schema.MIGRATIONS[step])
@@ -105,6 +118,10 @@ def _migrate(conn: apsw.Connection, path: Path) -> None:
             conn.execute("INSERT INTO meta(key, value) VALUES ('chunk_size', ?), "
                          "('created_at', ?)", (str(schema.CHUNK_SIZE), str(time.time())))
         conn.execute(f"PRAGMA user_version={schema.SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) -> DB:
@@ -128,6 +145,13 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
         else:
             _migrate(conn, path)
     except apsw.CantOpenError:
+        wal = path.with_name(path.name + "-wal")
+        if readonly and not wal.exists() and not os.access(path.parent, os.W_OK):
+            # A non-admin reader cannot create the WAL files itself (see _configure).
+            raise StoreError(f"cannot read store index {path}: its {wal.name} file is missing "
+                             "and you may not create it", hint="an admin can restore it by "
+                             "running any jbl store command on it, e.g. jbl setup --system"
+                             ) from None
         raise StoreError(f"cannot open store index {path} "
                          f"({'read-only' if readonly else 'read-write'})") from None
     except apsw.NotADBError:

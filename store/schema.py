@@ -72,6 +72,9 @@ CREATE TABLE versions (                -- one installed runtime version
     last_used_at REAL,                 -- last job/mount use (coarse: updated per lease)
     removed_at   REAL,
     pinned       INTEGER NOT NULL DEFAULT 0, -- 1 = never collected by gc policies
+    stored_size  INTEGER,              -- cache: stored bytes of the distinct blobs it references;
+                                       -- NULL = not computed yet (report.py fills it). Never
+                                       -- stale: a version's entries and their blobs are immutable
     UNIQUE (name, version)
 );
 

@@ -19,7 +19,7 @@ import fcntl
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,12 @@ class Store:
     def open(cls, store_dir: Path | str, *, readonly: bool = False,
              create: bool = False) -> Store:
         store_dir = Path(store_dir)
+        if not readonly:
+            # Root, the owner of a private store, or the admin group of a shared one; everyone
+            # else stops here with one line (exit 8) before anything is written (access.py).
+            from .access import require_admin
+
+            require_admin(None, store_dir)
         if create:
             store_dir.mkdir(parents=True, exist_ok=True)
             BlobStore(store_dir).create()
@@ -152,11 +158,11 @@ class Store:
         finally:
             os.close(fd)
 
-    def install_lock(self) -> contextmanager[None]:  # type: ignore[valid-type]
+    def install_lock(self) -> AbstractContextManager[None]:
         """SHARED: many installs at once; excludes a sweep."""
         return self._flock(fcntl.LOCK_SH, True, "install")
 
-    def sweep_lock(self, blocking: bool = True) -> contextmanager[None]:  # type: ignore[valid-type]
+    def sweep_lock(self, blocking: bool = True) -> AbstractContextManager[None]:
         """EXCLUSIVE: no install is writing blobs or committing while this is held."""
         return self._flock(fcntl.LOCK_EX, blocking, "gc")
 
@@ -172,6 +178,9 @@ class Store:
                             "VALUES (?, ?, ?, ?, ?)", (version_id, kind, pid, start, now))
             lease_id = self.db.conn.last_insert_rowid()
             self.db.execute("UPDATE versions SET last_used_at=? WHERE id=?", (now, version_id))
+            if self.db.conn.changes() == 0:  # removed (by rm/gc) since the caller looked it up
+                raise NotInstalled(f"runtime version {version_id} was just removed",
+                                   hint="try again: another version may be current now")
         try:
             yield lease_id
         finally:

@@ -1,0 +1,84 @@
+"""``jbl pack DIR -o TARBALL`` and ``jbl registry add TARBALL… --registry DIR``.
+
+Thin adapters over ``store.pack``: how a publisher (the demo, the tests, a lab admin) makes
+runtime tarballs and an offline registry. One line per result, or ``--json`` records.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from jbl.store import pack as packmod
+from jbl.store.units import format_size
+
+from . import output
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("pack", parents=parents, help="make a runtime tarball from a directory",
+                       description="Pack a runtime directory (runtime.yml + isolated/) into a "
+                                   "deterministic tarball: the same directory always gives the "
+                                   "same bytes.")
+    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("-o", "--output", metavar="TARBALL", type=Path, required=True)
+    p.add_argument("--compress", choices=sorted(packmod.COMPRESSIONS), default=None,
+                   help="gz (default; or from the -o suffix .tar.zst / .tar), zst or none")
+    p.set_defaults(func=run_pack)
+
+    r = sub.add_parser("registry", parents=parents, help="publish tarballs in a registry dir",
+                       description="Manage a local registry directory (registry.json in "
+                                   "Joblet's format).")
+    rsub = r.add_subparsers(dest="registry_command", metavar="SUBCOMMAND")
+    rsub.required = True
+    a = rsub.add_parser("add", parents=parents, help="add tarballs to DIR/registry.json",
+                        description="Write or update DIR/registry.json with each tarball's "
+                                    "name, version, checksum, size and platforms; tarballs "
+                                    "outside DIR are copied into it.")
+    a.add_argument("tarballs", metavar="TARBALL", type=Path, nargs="+")
+    a.add_argument("--registry", metavar="DIR", type=Path, required=True)
+    a.add_argument("--platform", dest="platforms", action="append", metavar="PLATFORM",
+                   help="e.g. ubuntu-amd64 (repeatable; default: this host's architecture, "
+                        f"{', '.join(packmod.host_platforms())})")
+    a.add_argument("--base-url", metavar="URL",
+                   help="absolute download_url prefix (default: relative to registry.json)")
+    a.set_defaults(func=run_registry_add)
+
+
+def _compression(args: argparse.Namespace) -> str:
+    if args.compress:
+        return str(args.compress)
+    name = args.output.name
+    if name.endswith((".tar.zst", ".tzst")):
+        return "zst"
+    if name.endswith(".tar"):
+        return "none"
+    return "gz"
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    res = packmod.pack(args.dir, args.output, _compression(args))
+    for w in res.warnings:
+        output.note(args, f"jbl: warning: {w}")
+    if args.json:
+        output.print_json({"path": str(res.path), "name": res.manifest.name,
+                           "version": res.manifest.version, "checksum": res.checksum,
+                           "size": res.size, "entries": res.entries, "warnings": res.warnings})
+    else:
+        print(f"packed {res.manifest.name}@{res.manifest.version} into {res.path} "
+              f"({res.entries} entries, {format_size(res.size)}, {res.checksum})")
+    return 0
+
+
+def run_registry_add(args: argparse.Namespace) -> int:
+    added = packmod.registry_add(args.registry, args.tarballs, platforms=args.platforms,
+                                 base_url=args.base_url)
+    if args.json:
+        output.print_json(added)
+    else:
+        for e in added:
+            print(f"added {e['name']}@{e['version']} to {args.registry / packmod.REGISTRY_FILE}"
+                  f" ({e['download_url']}, {format_size(e['size'])}, "
+                  f"{', '.join(e['platforms'])})")
+    return 0

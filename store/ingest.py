@@ -1,0 +1,659 @@
+"""Ingest: an untrusted runtime tarball -> blobs + one transaction of index rows.
+
+Nothing is extracted onto the host. ``tarstream.TarReader`` checks the container and each
+member; this module checks the *tree* (duplicates, members under a symlink or a file,
+hardlinks to anything but an earlier regular file), neutralises what a runtime must not carry
+(device nodes and FIFOs are dropped, setuid/setgid cleared: each with a warning), streams
+every regular file body into content-addressed chunk blobs, and finally records blobs,
+contents, chunks, entries and the version row in ONE transaction.
+
+The pipeline (docs/store-format.md has the numbers): the calling thread reads and
+decompresses (zlib/zstd release the GIL) and parses headers; each chunk of a body goes to a
+small worker pool that hashes it, looks its digest up among *committed* blob rows (a hit
+skips compression and the write entirely), else zstd-encodes it when that saves space and
+writes the blob file. The whole-body sha256 of a multi-chunk file is computed in order on
+one extra thread. Queues are bounded (``_INFLIGHT`` chunks), so memory stays flat.
+
+Durability and concurrency: the shared install lock (``Store.install_lock``) is held from
+before the first dedup lookup through the commit, so a gc sweep (exclusive lock) can neither
+delete a row we deduplicated against nor unlink a blob we just wrote. Order: write blobs ->
+``BlobStore.sync()`` (syncfs) -> commit rows. Any rejection or crash before the commit leaves
+no rows; blob files written so far are orphans that gc sweeps.
+
+Thread-safety: ``ingest()`` uses the Store from the calling thread only; its workers use
+their own read-only index connection (under a lock) and BlobStore (stateless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from . import tarstream as ts
+from .blobs import ZSTD_LEVEL, BlobStore, is_enospc
+from .crashpoints import crashpoint
+from .db import open_db
+from .digest import EMPTY, parse_checksum
+from .errors import (
+    AlreadyExists,
+    ChecksumMismatch,
+    LimitExceeded,
+    NotFound,
+    StoreError,
+    UnsafeArchive,
+    UsageError,
+)
+from .limits import Limits
+from .manifest import MANIFEST_NAME, Manifest, check_name, parse_manifest
+from .store import Store, VersionInfo
+
+__all__ = ["Limits", "IngestResult", "Inspection", "ingest", "inspect"]
+
+_WORKERS = 2              # two cores: the decode thread + two workers keep both busy
+_INFLIGHT = 16            # batches queued or being processed at most (bounded memory)
+_BATCH_BYTES = 512 << 10  # a batch closes at this many body bytes…
+_BATCH_ITEMS = 128        # …or this many chunks (one IN (...) query each)
+_MAX_MANIFEST = 1 << 20   # runtime.yml is read into memory: a few KiB in practice
+_IMPLIED_DIR_MODE = 0o755
+_DROPPED = "dropped"
+_DEFAULT_LIMITS = Limits()  # frozen: safe to share as the default
+
+
+@dataclass
+class IngestResult:
+    version: VersionInfo          # from store.store
+    created: bool                 # False = that name@version was already installed (no-op)
+    files: int
+    logical_bytes: int
+    new_blobs: int
+    new_stored_bytes: int         # what this install added to disk
+    dedup_files: int
+    dedup_bytes: int              # file bodies already in the store
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ the tree
+@dataclass(eq=False, slots=True)
+class _Body:
+    size: int
+    digests: list[bytes]                         # chunk digests, filled in by the workers
+    digest: Future[bytes] | bytes | None = None  # whole-body sha256 (multi-chunk: a future)
+    committed_id: int | None = None  # a committed contents row with this body (workers)
+    content_id: int | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Node:
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    explicit: bool = True
+    children: dict[str, _Node] | None = None
+    body: _Body | None = None
+    target: bytes | None = None
+    primary: _Node | None = None     # hardlinks: the group's first regular file
+    nlink: int = 1
+    id: int = 0
+
+
+class _Tree:
+    """The archive's tree as it streams in; rejects what cannot be a sane directory tree."""
+
+    def __init__(self) -> None:
+        self.root = _Node(ts.DIR, _IMPLIED_DIR_MODE, 0, 0, 0, explicit=False, children={})
+        self.max_mtime = 0
+        self.warnings: list[str] = []
+
+    def _walk(self, parts: list[str], path: str, create: bool) -> _Node | None:
+        node = self.root
+        for p in parts:
+            assert node.children is not None
+            child = node.children.get(p)
+            if child is None:
+                if not create:
+                    return None
+                child = _Node(ts.DIR, _IMPLIED_DIR_MODE, 0, 0, 0, explicit=False, children={})
+                node.children[p] = child
+            elif child.kind == ts.SYMLINK:
+                raise UnsafeArchive("member under a symlink", path)
+            elif child.kind != ts.DIR:
+                raise UnsafeArchive("member under a non-directory", path)
+            node = child
+        return node
+
+    def add(self, m: ts.Member) -> _Node:
+        self.max_mtime = max(self.max_mtime, m.mtime_ns)
+        mode = m.mode
+        if m.kind in (ts.REG, ts.DIR) and mode & (stat.S_ISUID | stat.S_ISGID):
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+            self.warnings.append(f"setuid/setgid bits cleared: {m.path!r}")
+        if m.kind == ts.HARDLINK:
+            assert m.link is not None
+            target_path = m.link.decode()
+            tparts = target_path.split("/") if target_path else []
+            try:
+                parent = self._walk(tparts[:-1], m.path, create=False)
+            except UnsafeArchive:
+                parent = None
+            tgt = parent.children.get(tparts[-1]) if parent and parent.children and tparts \
+                else None
+            if tgt is not None and tgt.primary is not None:
+                tgt = tgt.primary
+            if tgt is None or tgt.kind != ts.REG:
+                raise UnsafeArchive(f"hardlink to {target_path!r}, which is not an earlier "
+                                    "regular file", m.path)
+            node = _Node(ts.REG, tgt.mode, tgt.uid, tgt.gid, tgt.mtime_ns, body=tgt.body,
+                         primary=tgt)
+        elif m.kind == ts.DIR:
+            node = _Node(ts.DIR, mode, m.uid, m.gid, m.mtime_ns, children={})
+        elif m.kind == ts.SYMLINK:
+            node = _Node(ts.SYMLINK, 0o777, m.uid, m.gid, m.mtime_ns, target=m.link)
+        elif m.kind == ts.REG:
+            node = _Node(ts.REG, mode, m.uid, m.gid, m.mtime_ns)
+        else:  # device node or FIFO: dropped, but kept here so paths under it still fail
+            node = _Node(_DROPPED, 0, 0, 0, m.mtime_ns)
+            self.warnings.append(f"{m.kind} dropped: {m.path!r}")
+        parts = m.path.split("/") if m.path else []
+        if not parts:  # './': the archive root itself
+            if node.kind != ts.DIR:
+                raise UnsafeArchive("the archive root is not a directory", ".")
+            if self.root.explicit:
+                raise UnsafeArchive("duplicate path", ".")
+            node.children = self.root.children
+            self.root = node
+            return node
+        parent = self._walk(parts[:-1], m.path, create=True)
+        assert parent is not None and parent.children is not None
+        old = parent.children.get(parts[-1])
+        if old is not None:
+            if old.kind == ts.DIR and not old.explicit and node.kind == ts.DIR:
+                node.children = old.children  # a directory listed after its contents
+            else:
+                raise UnsafeArchive("duplicate path", m.path)
+        parent.children[parts[-1]] = node
+        if node.primary is not None:
+            node.primary.nlink += 1
+        return node
+
+
+# ------------------------------------------------------------------------------ workers
+class _Pipeline:
+    """Hash, dedup-check, encode and write chunks on a small pool, in batches.
+
+    Small bodies travel in batches (up to ``_BATCH_BYTES``/``_BATCH_ITEMS``) so that a
+    runtime of 100k small files costs 1k thread hand-offs and 1k index queries, not 100k.
+    Each (body, seq) slot is written by exactly one worker and read only after ``close()``.
+    """
+
+    def __init__(self, store: Store, chunk_size: int) -> None:
+        self.blobs = BlobStore(store.dir)
+        self.chunk_size = chunk_size
+        self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="jbl-ingest")
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="jbl-bodyhash")
+        self.slots = threading.BoundedSemaphore(_INFLIGHT)
+        self.hash_slots = threading.BoundedSemaphore(_INFLIGHT)
+        self.lock = threading.Lock()
+        self.db_lock = threading.Lock()
+        # A separate read connection: dedup is trusted only against committed rows. The
+        # install lock is held, so no committed row can vanish before our commit, and rows
+        # other installs commit meanwhile have ids above these marks (see _commit).
+        self.rdb = open_db(store.dir, readonly=True)
+        self.blob_mark = self.rdb.scalar("SELECT max(id) FROM blobs") or 0
+        self.content_mark = self.rdb.scalar("SELECT max(id) FROM contents") or 0
+        self.claimed: dict[bytes, int | None] = {}   # digest -> committed blob id or None
+        self.new_blobs: dict[bytes, tuple[int, int, int]] = {}  # digest -> size, stored, codec
+        self.futures: list[Future[None]] = []
+        self.local = threading.local()
+        self.aborted = False
+        self._batch: list[tuple[_Body, int, bytes]] = []
+        self._batch_bytes = 0
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self.local, "cctx", None)
+        if c is None:
+            c = self.local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return c
+
+    def _lookup(self, table: str, digests: list[bytes]) -> dict[bytes, int]:
+        marks = ",".join("?" * len(digests))
+        with self.db_lock:
+            return {bytes(d): i for d, i in self.rdb.query(
+                f"SELECT digest, id FROM {table} WHERE digest IN ({marks})", tuple(digests))}
+
+    def _run_batch(self, items: list[tuple[_Body, int, bytes]]) -> None:
+        try:
+            digests = [hashlib.sha256(data).digest() for _, _, data in items]
+            with self.lock:
+                mine = [i for i, d in enumerate(digests)
+                        if d not in self.claimed and self.claimed.setdefault(d, None) is None]
+            found = self._lookup("blobs", [digests[i] for i in mine]) if mine else {}
+            for i in mine:
+                d = digests[i]
+                if d in found:
+                    with self.lock:
+                        self.claimed[d] = found[d]
+                    continue
+                if self.aborted:
+                    return
+                data = items[i][2]
+                codec, stored = BlobStore.encode(data, self._cctx())
+                try:
+                    self.blobs.write(d, stored)
+                except OSError as e:
+                    if is_enospc(e):
+                        raise StoreError(f"no space left writing blobs under "
+                                         f"{self.blobs.root}") from None
+                    raise StoreError(f"cannot write blob under {self.blobs.root}: {e}") from None
+                with self.lock:
+                    self.new_blobs[d] = (len(data), len(stored), codec)
+            # File-level dedup for one-chunk bodies (body digest == chunk digest): asked for
+            # every such body, claimed or not, so that each gets an authoritative answer.
+            singles = [(body, d) for (body, _, _), d in zip(items, digests, strict=True)
+                       if body.size <= self.chunk_size]
+            if singles:
+                have = self._lookup("contents", [d for _, d in singles])
+                for body, d in singles:
+                    body.committed_id = have.get(d)
+            for (body, seq, _), d in zip(items, digests, strict=True):
+                body.digests[seq] = d
+        finally:
+            self.slots.release()
+
+    def add(self, body: _Body, seq: int, data: bytes) -> None:
+        self._batch.append((body, seq, data))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_ITEMS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._batch:
+            return
+        items, self._batch, self._batch_bytes = self._batch, [], 0
+        self.slots.acquire()
+        try:
+            self.futures.append(self.pool.submit(self._run_batch, items))
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def hash_update(self, h: hashlib._Hash, data: bytes) -> None:
+        def run() -> None:
+            try:
+                h.update(data)
+            finally:
+                self.hash_slots.release()
+        self.hash_slots.acquire()
+        self.hasher.submit(run)
+
+    def close(self, abort: bool) -> None:
+        self.aborted = abort
+        if not abort:
+            self.flush()
+        self.pool.shutdown(wait=True, cancel_futures=abort)
+        self.hasher.shutdown(wait=True, cancel_futures=abort)
+        self.rdb.close()
+        if not abort:
+            for f in self.futures:
+                f.result()  # the first worker error, if any
+
+
+# ------------------------------------------------------------------------------ ingest
+def _read_archive(reader: ts.TarReader, tree: _Tree, pipe: _Pipeline | None, chunk_size: int,
+                  early_check: Callable[[str, bytes], bool]) -> dict[str, bytes]:
+    """Stream every member into the tree and the pipeline; return runtime.yml candidates.
+    Stops early (returns with ``'__installed__'``) when ``early_check`` says so. Without a
+    pipeline (``inspect``) bodies are skipped, runtime.yml candidates apart."""
+    manifests: dict[str, bytes] = {}
+    for m in reader.members():
+        node = tree.add(m)
+        if m.kind != ts.REG:
+            continue
+        body = _Body(m.size, [])
+        node.body = body
+        is_manifest = (m.path == MANIFEST_NAME or (m.path.count("/") == 1 and m.path.endswith(
+            "/" + MANIFEST_NAME))) and m.size <= _MAX_MANIFEST
+        if pipe is None:
+            if is_manifest:
+                manifests[m.path] = b"".join(reader.body(m, chunk_size))
+            continue
+        kept: list[bytes] = []
+        nchunks = -(-m.size // chunk_size)
+        body.digests = [b""] * nchunks
+        if m.size == 0:
+            body.digest = EMPTY
+        elif nchunks == 1:
+            for data in reader.body(m, chunk_size):
+                pipe.add(body, 0, data)
+                if is_manifest:
+                    kept.append(data)
+        else:
+            h = hashlib.sha256()
+            for seq, data in enumerate(reader.body(m, chunk_size)):
+                pipe.add(body, seq, data)
+                pipe.hash_update(h, data)
+            body.digest = pipe.hasher.submit(h.digest)
+        if is_manifest:
+            manifests[m.path] = b"".join(kept)
+            if early_check(m.path, manifests[m.path]):
+                manifests["__installed__"] = b""
+                return manifests
+    return manifests
+
+
+def _runtime_root(tree: _Tree) -> tuple[_Node, str]:
+    kids = tree.root.children or {}
+    if MANIFEST_NAME in kids:
+        root, prefix = tree.root, ""
+    elif len(kids) == 1 and (top := next(iter(kids.values()))).kind == ts.DIR and \
+            MANIFEST_NAME in (top.children or {}):
+        root, prefix = top, next(iter(kids)) + "/"
+    else:
+        raise UnsafeArchive(f"no {MANIFEST_NAME} at the archive root or under a single top "
+                            "directory")
+    mnode = (root.children or {})[MANIFEST_NAME]
+    if mnode.kind != ts.REG or mnode.primary is not None:
+        raise UnsafeArchive(f"{MANIFEST_NAME} is not a regular file", prefix + MANIFEST_NAME)
+    return root, prefix
+
+
+def _open_source(src: Path | BinaryIO) -> tuple[BinaryIO, bool]:
+    if isinstance(src, (str, os.PathLike)):
+        p = Path(src)
+        try:
+            return open(p, "rb"), True
+        except FileNotFoundError:
+            raise NotFound(f"no such tarball: {p}") from None
+        except IsADirectoryError:
+            raise UsageError(f"{p} is a directory; pack it first with: jbl pack {p} -o "
+                             f"{p.name}.tar.gz") from None
+        except OSError as e:
+            raise UsageError(f"cannot read {p}: {e.strerror}") from None
+    return src, False
+
+
+def ingest(store: Store, src: Path | BinaryIO, *, source: str,
+           expected_checksum: str | None = None, name: str | None = None,
+           version: str | None = None, limits: Limits = _DEFAULT_LIMITS,
+           progress: Callable[[int], None] | None = None) -> IngestResult:
+    """Install the runtime tarball ``src`` into ``store`` (see the module docstring)."""
+    if name is not None:
+        check_name(name)
+    if version is not None:
+        check_name(version, "version")
+    if expected_checksum is not None:
+        expected_checksum = parse_checksum(expected_checksum)
+    if name is not None and version is not None and \
+            (have := store.get_version(name, version)) is not None:
+        return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0, [])
+    f, owned = _open_source(src)
+    try:
+        with store.install_lock():
+            return _ingest_locked(store, f, source, expected_checksum, name, version, limits,
+                                  progress)
+    finally:
+        if owned:
+            f.close()
+
+
+def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
+                   name: str | None, version: str | None, limits: Limits,
+                   progress: Callable[[int], None] | None) -> IngestResult:
+    reader = ts.TarReader(f, limits, progress)
+    tree = _Tree()
+    installed: list[VersionInfo] = []
+
+    def early_check(path: str, text: bytes) -> bool:
+        # runtime.yml at the root, or under the only top directory seen so far: if that
+        # name@version is installed, the rest of the archive need not be read at all.
+        if "/" in path and len(tree.root.children or {}) != 1:
+            return False
+        try:
+            m = parse_manifest(text, source=path)
+        except UnsafeArchive:
+            return False  # reported properly once the whole archive is read
+        have = store.get_version(name or m.name, version or m.version)
+        if have is not None:
+            installed.append(have)
+        return have is not None
+
+    pipe = _Pipeline(store, store.chunk_size)
+    ok = False
+    # Only regular-file chunks travel through the pool; the reader thread itself decodes.
+    try:
+        manifests = _read_archive(reader, tree, pipe, store.chunk_size, early_check)
+        if installed:
+            ok = True
+            have = installed[0]
+            return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
+                                tree.warnings)
+        actual = reader.checksum()
+        if expected is not None and actual != expected:
+            raise ChecksumMismatch(source, expected, actual)
+        root, prefix = _runtime_root(tree)
+        text = manifests.get(prefix + MANIFEST_NAME)
+        if text is None:
+            raise LimitExceeded(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes",
+                                prefix + MANIFEST_NAME)
+        manifest = parse_manifest(text, source=prefix + MANIFEST_NAME)
+        name = name or manifest.name
+        version = version or manifest.version
+        ok = True
+    finally:
+        reader.close()
+        pipe.close(abort=not ok)
+    _resolve_bodies(root)
+    crashpoint("ingest.blobs-written")
+    store.blobs.sync()
+    crashpoint("ingest.before-commit")
+    result = _commit(store, tree, root, pipe, name, version, manifest.description,
+                     text.decode("utf-8", "replace"), source, actual)
+    crashpoint("ingest.after-commit")
+    if result.created:
+        # A version's stored size never changes: cache it once so `list` stays fast.
+        from .report import record_stored_size
+
+        record_stored_size(store, result.version.id)
+    return result
+
+
+@dataclass(frozen=True)
+class Inspection:
+    manifest: Manifest
+    manifest_text: str
+    checksum: str            # sha256:<hex> of the raw tarball bytes
+    size: int                # raw tarball bytes
+    compression: str
+    files: int
+    logical_bytes: int
+    warnings: list[str]
+
+
+def inspect(src: Path | BinaryIO, *, limits: Limits = _DEFAULT_LIMITS) -> Inspection:
+    """Read a whole tarball with every check ingest makes, store nothing: what a publisher
+    (``jbl registry add``) runs so that it never publishes a tarball jbl would refuse."""
+    f, owned = _open_source(src)
+    try:
+        reader = ts.TarReader(f, limits)
+        tree = _Tree()
+        try:
+            manifests = _read_archive(reader, tree, None, 1 << 20, lambda _p, _t: False)
+        finally:
+            reader.close()
+        root, prefix = _runtime_root(tree)
+        text = manifests.get(prefix + MANIFEST_NAME)
+        if text is None:
+            raise LimitExceeded(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes",
+                                prefix + MANIFEST_NAME)
+        manifest = parse_manifest(text, source=prefix + MANIFEST_NAME)
+        files = logical = 0
+        stack = [root]
+        while stack:
+            n = stack.pop()
+            stack.extend((n.children or {}).values())
+            if n.kind == ts.REG:
+                files += 1
+                if n.primary is None and n.body is not None:
+                    logical += n.body.size
+        return Inspection(manifest, text.decode("utf-8", "replace"), reader.checksum(),
+                          reader.raw.count, reader.compression, files, logical, tree.warnings)
+    finally:
+        if owned:
+            f.close()
+
+
+def _resolve_bodies(root: _Node) -> None:
+    """After the workers are done: every body's whole digest."""
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n.children:
+            stack.extend(n.children.values())
+        elif n.body is not None and n.primary is None:
+            if isinstance(n.body.digest, Future):
+                n.body.digest = n.body.digest.result()
+            elif n.body.digest is None:
+                n.body.digest = n.body.digests[0]
+
+
+def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, version: str,
+            description: str, manifest_text: str, source: str, checksum: str) -> IngestResult:
+    db = store.db
+    now = time.time()
+    # Nodes in DFS preorder with children sorted by name: ids in readdir order.
+    order: list[tuple[_Node, _Node | None, bytes]] = []
+    stack: list[tuple[_Node, _Node | None, bytes]] = [(root, None, b"")]
+    while stack:
+        node, parent, nm = stack.pop()
+        if node.kind == _DROPPED:
+            continue
+        order.append((node, parent, nm))
+        if node.children:
+            kids = sorted(((k.encode(), v) for k, v in node.children.items()), reverse=True)
+            stack.extend((v, node, k) for k, v in kids)
+    with db.write():
+        if store.get_version(name, version) is not None:  # a concurrent install won
+            have = store.get_version(name, version)
+            assert have is not None
+            return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
+                                tree.warnings)
+        if db.scalar("SELECT 1 FROM versions WHERE name=? AND version=?", (name, version)):
+            raise AlreadyExists(f"{name}@{version} was removed but is still in use or not yet "
+                                "collected", hint="run `jbl store gc`, then install again")
+        # Rows other installs committed since our workers' lookups (ids above the marks:
+        # nothing is deleted while we hold the install lock). Usually none.
+        other_blobs = {bytes(d): i for d, i in db.query(
+            "SELECT digest, id FROM blobs WHERE id > ?", (pipe.blob_mark,))}
+        other_contents = {bytes(d): i for d, i in db.query(
+            "SELECT digest, id FROM contents WHERE id > ?", (pipe.content_mark,))}
+        blob_ids: dict[bytes, int] = {d: i for d, i in pipe.claimed.items() if i is not None}
+        next_blob = (db.scalar("SELECT max(id) FROM blobs") or 0) + 1
+        new_blob_rows = []
+        new_stored = 0
+        for d in sorted(pipe.new_blobs):  # digest order: index inserts stay local
+            if d in other_blobs:
+                blob_ids[d] = other_blobs[d]
+                continue
+            size, stored, codec = pipe.new_blobs[d]
+            blob_ids[d] = next_blob
+            new_blob_rows.append((next_blob, d, size, stored, codec, now))
+            new_stored += stored
+            next_blob += 1
+        missing = [d for d in pipe.claimed if d not in blob_ids]
+        if missing:  # cannot happen unless the pool was aborted: never commit a hole
+            raise StoreError(f"internal: {len(missing)} chunks were not stored; try again")
+        db.executemany("INSERT INTO blobs(id, digest, size, stored_size, codec, created_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", new_blob_rows)
+        # Contents: file-level dedup against committed rows, then within this archive.
+        files = logical = dedup_files = dedup_bytes = 0
+        chunk_size = store.chunk_size
+        bodies: dict[bytes, _Body] = {}   # digest -> first body with it (new ones only)
+        local: dict[bytes, int] = {}      # digest -> committed content id
+        for node, _p, _n in order:
+            if node.kind != ts.REG:
+                continue
+            files += 1
+            body = node.body
+            assert body is not None
+            if node.primary is not None:
+                continue
+            logical += body.size
+            digest = body.digest
+            assert isinstance(digest, bytes)
+            cid = body.committed_id
+            if cid is None:
+                cid = other_contents.get(digest) or local.get(digest)
+            if cid is None and (body.size > chunk_size or body.size == 0):
+                # Not looked up by a worker (multi-chunk or empty): ask now.
+                cid = db.scalar("SELECT id FROM contents WHERE digest=?", (digest,))
+            if cid is not None:
+                local[digest] = cid
+                dedup_files += 1
+                dedup_bytes += body.size
+            else:
+                bodies.setdefault(digest, body)
+        next_content = (db.scalar("SELECT max(id) FROM contents") or 0) + 1
+        content_rows, chunk_rows = [], []
+        for digest in sorted(bodies):
+            body = bodies[digest]
+            cid = local[digest] = next_content
+            next_content += 1
+            content_rows.append((cid, digest, body.size, len(body.digests)))
+            chunk_rows.extend((cid, seq, blob_ids[d]) for seq, d in enumerate(body.digests))
+        for node, _p, _n in order:
+            if node.kind == ts.REG and node.primary is None:
+                assert node.body is not None and isinstance(node.body.digest, bytes)
+                node.body.content_id = local[node.body.digest]
+        db.executemany("INSERT INTO contents(id, digest, size, nchunks) VALUES (?, ?, ?, ?)",
+                       content_rows)
+        db.executemany("INSERT INTO chunks(content_id, seq, blob_id) VALUES (?, ?, ?)",
+                       chunk_rows)
+        db.execute("INSERT INTO versions(name, version, description, manifest, root_id, state, "
+                   "source, checksum, file_count, logical_size, installed_at) "
+                   "VALUES (?, ?, ?, ?, NULL, 'installed', ?, ?, ?, ?, ?)",
+                   (name, version, description, manifest_text, source, checksum, files,
+                    logical, now))
+        version_id = db.conn.last_insert_rowid()
+        next_entry = (db.scalar("SELECT max(id) FROM entries") or 0) + 1
+        for i, (node, _p, _n) in enumerate(order):
+            node.id = next_entry + i
+        rows = []
+        for node, parent, nm in order:
+            kind = {ts.DIR: stat.S_IFDIR, ts.REG: stat.S_IFREG, ts.SYMLINK: stat.S_IFLNK}[
+                node.kind]
+            src = node.primary or node
+            mtime = node.mtime_ns if node.explicit else tree.max_mtime
+            if node.kind == ts.DIR:
+                nlink = 2 + sum(1 for c in (node.children or {}).values() if c.kind == ts.DIR)
+                rows.append((node.id, version_id, parent.id if parent else None, nm, kind,
+                             node.mode, node.uid, node.gid, mtime, 0, None, None, None, nlink))
+            elif node.kind == ts.SYMLINK:
+                assert node.target is not None
+                rows.append((node.id, version_id, parent.id if parent else None, nm, kind,
+                             0o777, node.uid, node.gid, mtime, len(node.target), None,
+                             node.target, None, 1))
+            else:
+                assert src.body is not None
+                link_id = src.id if src.nlink > 1 else None
+                rows.append((node.id, version_id, parent.id if parent else None, nm, kind,
+                             src.mode, src.uid, src.gid, src.mtime_ns, src.body.size,
+                             src.body.content_id, None, link_id, src.nlink))
+        db.executemany("INSERT INTO entries(id, version_id, parent_id, name, kind, mode, uid, "
+                       "gid, mtime_ns, size, content_id, target, link_id, nlink) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        db.execute("UPDATE versions SET root_id=? WHERE id=?", (root.id, version_id))
+    info = store.version_by_id(version_id)
+    assert info is not None
+    return IngestResult(info, True, files, logical, len(new_blob_rows), new_stored, dedup_files,
+                        dedup_bytes, tree.warnings)

@@ -1,0 +1,274 @@
+"""A corpus of hostile and malformed runtime tarballs, crafted byte by byte.
+
+``tarfile`` refuses to write most of these (bad checksums, '..' via pax, non-UTF-8 names),
+so headers are built here by hand: ``header()`` is a ustar header with every field under
+the caller's control, ``pax()`` a pax extended header, ``gnu_long()`` a GNU long name.
+Every case is a *valid* tiny runtime (runtime.yml + isolated/) plus exactly one bad thing,
+so the rejection can only come from that thing.
+
+``CASES`` maps a case name to ``Case(data, reason, member)``: the bytes of the tarball, a
+fragment of the one-line reason jbl must print, and the member name it must print (or None).
+``NEUTRALISED`` holds archives that install with a warning. Run as a script to write them
+all to a directory: ``python tests/hostile.py OUTDIR``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+BLOCK = 512
+MTIME = 1_700_000_000
+MANIFEST = (b"name: hostile\nversion: 1.0.0\ndescription: a hostile test runtime\n"
+            b"mounts:\n  - {source: isolated, target: /, readonly: true}\n")
+
+
+def _octal(value: int, width: int) -> bytes:
+    return f"{value:0{width - 1}o}".encode() + b"\0"
+
+
+def header(name: bytes, *, type: bytes = b"0", size: int = 0, mode: int = 0o644, uid: int = 0,
+           gid: int = 0, mtime: int = MTIME, linkname: bytes = b"", magic: bytes = b"ustar\x00",
+           version: bytes = b"00", prefix: bytes = b"", devmajor: int = 0, devminor: int = 0,
+           chksum_delta: int = 0, size_field: bytes | None = None) -> bytes:
+    """One 512-byte ustar header, checksum computed (then off by ``chksum_delta``)."""
+    h = bytearray(BLOCK)
+    h[0:len(name[:100])] = name[:100]
+    h[100:108] = _octal(mode, 8)
+    h[108:116] = _octal(uid, 8)
+    h[116:124] = _octal(gid, 8)
+    h[124:136] = size_field if size_field is not None else _octal(size, 12)
+    h[136:148] = _octal(mtime, 12)
+    h[148:156] = b" " * 8
+    h[156:157] = type
+    h[157:157 + len(linkname[:100])] = linkname[:100]
+    h[257:263] = magic
+    h[263:265] = version
+    h[329:337] = _octal(devmajor, 8)
+    h[337:345] = _octal(devminor, 8)
+    h[345:345 + len(prefix)] = prefix
+    chk = sum(h) + chksum_delta
+    h[148:156] = f"{chk:06o}".encode() + b"\0 "
+    return bytes(h)
+
+
+def pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % BLOCK)
+
+
+def file(name: bytes, data: bytes, **kw: object) -> bytes:
+    return header(name, size=len(data), **kw) + pad(data)  # type: ignore[arg-type]
+
+
+def directory(name: bytes, **kw: object) -> bytes:
+    kw.setdefault("mode", 0o755)
+    return header(name, type=b"5", **kw)  # type: ignore[arg-type]
+
+
+def symlink(name: bytes, target: bytes) -> bytes:
+    return header(name, type=b"2", mode=0o777, linkname=target)
+
+
+def hardlink(name: bytes, target: bytes) -> bytes:
+    return header(name, type=b"1", linkname=target)
+
+
+def pax(records: dict[bytes, bytes]) -> bytes:
+    body = b""
+    for k, v in records.items():
+        rec = b" " + k + b"=" + v + b"\n"
+        n = len(rec) + 1
+        while len(str(n).encode()) + len(rec) != n:
+            n += 1
+        body += str(n).encode() + rec
+    return header(b"././@PaxHeader", type=b"x", size=len(body)) + pad(body)
+
+
+def gnu_long(name: bytes, type: bytes = b"L") -> bytes:
+    data = name + b"\0"
+    return header(b"././@LongLink", type=type, size=len(data), magic=b"ustar ",
+                  version=b" \0") + pad(data)
+
+
+END = bytes(2 * BLOCK)
+
+
+def runtime(*extra: bytes, top: bytes = b"") -> bytes:
+    """A valid tiny runtime's members (no end marker), then ``extra`` members."""
+    return (file(top + b"runtime.yml", MANIFEST) + directory(top + b"isolated/")
+            + directory(top + b"isolated/bin/")
+            + file(top + b"isolated/bin/hello", b"#!/bin/sh\necho hello\n", mode=0o755)
+            + b"".join(extra))
+
+
+def tar(*extra: bytes) -> bytes:
+    """A complete plain tar: runtime + extra members + end marker + record padding."""
+    data = runtime(*extra) + END
+    return data + bytes(-len(data) % 10240)
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def zst(data: bytes, **params: int) -> bytes:
+    if params:
+        cp = zstandard.ZstdCompressionParameters.from_level(3, **params)
+        c = zstandard.ZstdCompressor(compression_params=cp)
+        out = io.BytesIO()
+        with c.stream_writer(out, closefd=False) as w:  # streamed: no content size, full window
+            w.write(data)
+        return out.getvalue()
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+
+
+@dataclass(frozen=True)
+class Case:
+    data: bytes
+    reason: str
+    member: str | None = None
+    rc: int = 6
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def _cases() -> dict[str, Case]:
+    good = tar()
+    c: dict[str, Case] = {}
+    # --- paths
+    c["dotdot"] = Case(tar(file(b"isolated/../../etc/cron.d/evil", b"x")), "contains '..'",
+                       "isolated/../../etc/cron.d/evil")
+    c["dotdot_pax"] = Case(tar(pax({b"path": b"../../root/.ssh/authorized_keys"}),
+                               file(b"innocent", b"key")), "contains '..'",
+                           "../../root/.ssh/authorized_keys")
+    c["absolute"] = Case(tar(file(b"/etc/passwd", b"root::0:0::/:/bin/sh\n")),
+                         "absolute member path", "/etc/passwd")
+    c["under_symlink"] = Case(tar(symlink(b"isolated/etc", b"/etc"),
+                                  file(b"isolated/etc/passwd", b"x")),
+                              "member under a symlink", "isolated/etc/passwd")
+    c["under_file"] = Case(tar(file(b"isolated/f", b"x"), file(b"isolated/f/g", b"y")),
+                           "member under a non-directory", "isolated/f/g")
+    c["hardlink_missing"] = Case(tar(hardlink(b"isolated/shadow", b"etc/shadow")),
+                                 "not an earlier regular file", "isolated/shadow")
+    c["hardlink_outside"] = Case(tar(hardlink(b"isolated/shadow", b"../../etc/shadow")),
+                                 "contains '..'", "../../etc/shadow")
+    c["hardlink_absolute"] = Case(tar(hardlink(b"isolated/shadow", b"/etc/shadow")),
+                                  "absolute hardlink target path", "/etc/shadow")
+    c["hardlink_later"] = Case(tar(hardlink(b"isolated/a", b"isolated/b"),
+                                   file(b"isolated/b", b"b")),
+                               "not an earlier regular file", "isolated/a")
+    c["hardlink_dir"] = Case(tar(hardlink(b"isolated/d", b"isolated/bin")),
+                             "not an earlier regular file", "isolated/d")
+    c["hardlink_symlink"] = Case(tar(symlink(b"isolated/s", b"/etc/shadow"),
+                                     hardlink(b"isolated/h", b"isolated/s")),
+                                 "not an earlier regular file", "isolated/h")
+    c["duplicate"] = Case(tar(file(b"isolated/bin/hello", b"#!/bin/sh\nrm -rf /\n")),
+                          "duplicate path", "isolated/bin/hello")
+    c["duplicate_dir_file"] = Case(tar(file(b"isolated/bin", b"x")), "duplicate path",
+                                   "isolated/bin")
+    c["non_utf8"] = Case(tar(file(b"isolated/caf\xe9", b"x")), "not valid UTF-8",
+                         "isolated/caf\\xe9")
+    c["control_newline"] = Case(tar(file(b"isolated/a\nb", b"x")), "control character",
+                                "isolated/a\nb")
+    c["control_escape"] = Case(tar(file(b"isolated/\x1b[2Jevil", b"x")), "control character",
+                               "isolated/\x1b[2Jevil")
+    long_comp = b"isolated/" + b"n" * 256
+    c["long_component"] = Case(tar(pax({b"path": long_comp}), file(b"x", b"x")),
+                               "component longer than 255", long_comp.decode())
+    long_path = b"isolated/" + b"/".join([b"d" * 200] * 21)
+    c["long_path"] = Case(tar(gnu_long(long_path), file(b"x", b"x")), "longer than 4096",
+                          long_path.decode())
+    # --- types
+    c["unknown_type"] = Case(tar(header(b"isolated/weird", type=b"Z")),
+                             "unknown member type 'Z'", "isolated/weird")
+    c["sparse"] = Case(tar(header(b"isolated/sparse", type=b"S", magic=b"ustar ",
+                                  version=b" \0")), "sparse files are not supported",
+                       "isolated/sparse")
+    c["runtime_yml_symlink"] = Case(_with_manifest_symlink(),
+                                    "runtime.yml is not a regular file", "runtime.yml")
+    c["no_manifest"] = Case(_no_manifest(), "no runtime.yml at the archive root")
+    c["mount_escape"] = Case(_manifest(b"name: x\nversion: 1.0.0\nmounts:\n"
+                                       b"  - {source: ../../etc, target: /etc}\n"),
+                             "mount source leaves the runtime", "../../etc")
+    c["mount_target_relative"] = Case(_manifest(b"name: x\nversion: 1.0.0\nmounts:\n"
+                                                b"  - {source: isolated, target: usr}\n"),
+                                      "mount target must be an absolute path", "usr")
+    # --- the container
+    body = runtime()
+    c["no_end_marker"] = Case(body, "truncated (no end-of-archive marker)")
+    c["one_zero_block"] = Case(body + bytes(BLOCK), "corrupt end of archive")
+    c["truncated_member"] = Case(runtime(file(b"isolated/big", b"z" * 5000))[:-4096],
+                                 "truncated inside member", "isolated/big")
+    c["bad_checksum"] = Case(tar(header(b"isolated/x", chksum_delta=1)),
+                             "bad tar header checksum")
+    c["not_tar"] = Case(b"PK\x03\x04" + bytes(2000), "bad tar header checksum")
+    c["trailing_garbage"] = Case(good + b"#!/bin/sh\nevil\n", "trailing data or a second archive")
+    c["second_archive"] = Case(good + tar(), "trailing data or a second archive")
+    c["second_gzip_member"] = Case(gz(good) + gz(tar()), "trailing data or a second archive")
+    c["gzip_trailing"] = Case(gz(good) + b"garbage", "trailing data after the gzip stream")
+    c["gzip_truncated"] = Case(gz(good)[:-20], "truncated gzip stream")
+    gzd = gz(good)
+    c["gzip_corrupt"] = Case(_flip(gzd, len(gzd) // 2), "corrupt gzip stream")
+    c["gzip_bad_crc"] = Case(_flip(gzd, len(gzd) - 6), "corrupt gzip stream")
+    c["zstd_trailing"] = Case(zst(good) + b"garbage!", "trailing data after the zstd stream")
+    c["zstd_truncated"] = Case(zst(good)[:-7], "truncated zstd stream")
+    zd = zst(good)
+    c["zstd_corrupt"] = Case(_flip(zd, len(zd) - 2), "corrupt zstd stream")
+    # --- limits (these use the CLI's limit options; see test_hostile.py)
+    c["zstd_window"] = Case(zst(tar(file(b"isolated/r", bytes(range(256)) * 4096)),
+                                window_log=28), "zstd window")
+    c["bomb_zstd"] = Case(zst(tar(file(b"isolated/zeros", bytes(16 << 20)))),
+                          "expands more than 1000:1")
+    return c
+
+
+def _with_manifest_symlink() -> bytes:
+    data = (symlink(b"runtime.yml", b"/etc/passwd") + directory(b"isolated/") + END)
+    return data + bytes(-len(data) % 10240)
+
+
+def _no_manifest() -> bytes:
+    data = directory(b"isolated/") + file(b"isolated/x", b"x") + END
+    return data + bytes(-len(data) % 10240)
+
+
+def _manifest(text: bytes) -> bytes:
+    data = file(b"runtime.yml", text) + directory(b"isolated/") + END
+    return data + bytes(-len(data) % 10240)
+
+
+# Archives jbl accepts, neutralising one thing with a warning: (data, warning fragment, member)
+def _neutralised() -> dict[str, tuple[bytes, str, str]]:
+    return {
+        "setuid": (tar(file(b"isolated/bin/su", b"\x7fELF", mode=0o4755)),
+                   "setuid/setgid bits cleared", "isolated/bin/su"),
+        "setgid_dir": (tar(directory(b"isolated/var/", mode=0o2775)),
+                       "setuid/setgid bits cleared", "isolated/var"),
+        "char_device": (tar(header(b"isolated/dev-null", type=b"3", mode=0o666, devmajor=1,
+                                   devminor=3)), "char device dropped", "isolated/dev-null"),
+        "block_device": (tar(header(b"isolated/sda", type=b"4", mode=0o660, devmajor=8)),
+                         "block device dropped", "isolated/sda"),
+        "fifo": (tar(header(b"isolated/pipe", type=b"6", mode=0o644)), "fifo dropped",
+                 "isolated/pipe"),
+    }
+
+
+CASES = _cases()
+NEUTRALISED = _neutralised()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, case in CASES.items():
+        (out / f"{name}.tar").write_bytes(case.data)
+    for name, (data, _w, _m) in NEUTRALISED.items():
+        (out / f"ok-{name}.tar").write_bytes(data)
+    print(f"{len(CASES)} hostile + {len(NEUTRALISED)} neutralised archives in {out}")
