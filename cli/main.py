@@ -13,12 +13,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from jbl.store.errors import ExitCode, JblError
+from jbl.store.errors import ExitCode, JblError, UsageError
 
 from . import options
 
 # Command-group modules, in the order `jbl --help` lists them. Each owns its subcommands.
+# COMMANDS maps a top-level command to its module, so `jbl run` imports only what it needs
+# (importing every module costs ~100 ms of start-up: httpx, yaml, rich).
+COMMANDS = {"store": "jbl.cli.store_cmd", "pack": "jbl.cli.pack_cmd",
+            "registry": "jbl.cli.pack_cmd", "mount": "jbl.cli.mount_cmd",
+            "umount": "jbl.cli.mount_cmd", "run": "jbl.cli.run_cmd", "setup": "jbl.cli.setup_cmd"}
 COMMAND_MODULES = [
     "jbl.cli.store_cmd",     # jbl store install/import/available/list/info/rm/df/gc/verify/pin
     "jbl.cli.pack_cmd",      # jbl pack, jbl registry add
@@ -28,16 +34,38 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``jbl: error: …``) and exit 2, not a
+    usage dump: sub-parsers inherit this class through ``add_subparsers``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _chosen_modules(argv: Sequence[str]) -> list[str]:
+    """The one module owning the command in ``argv``, or all of them (help, typos)."""
+    takes_value = {"--store"}
+    it = iter(argv)
+    for tok in it:
+        if tok in takes_value:
+            next(it, None)
+        elif tok.startswith("--store="):
+            continue
+        elif not tok.startswith("-"):
+            return [COMMANDS[tok]] if tok in COMMANDS else COMMAND_MODULES
+    return COMMAND_MODULES
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     import importlib
 
     common = options.common_parser()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jbl", parents=[common],
         description="Runtime store and job runner for shared Linux servers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for modname in COMMAND_MODULES:
+    for modname in _chosen_modules(argv):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
@@ -54,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="jbl: %(levelname)s: %(message)s")
     try:
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         options.finish(args)
         return int(args.func(args))

@@ -1,0 +1,204 @@
+"""``jbl run``: parse the job's options into a ``JobRequest``, find the runtime, run, report.
+
+Values are taken as strings and checked here (sizes and durations only through
+``jbl.store.units``), so a malformed option is one ``UsageError`` line and exit 2. The runtime
+comes from the store (``Store.resolve_installed`` + ``view_root``), or, bypassing the store,
+from ``--runtime-dir`` (hidden; for tests and benchmarks). The exit status is the job's
+(128+N for a signal; 124 timeout; 138 out of memory); ``--json`` adds a final record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from jbl.store.errors import UsageError
+
+CORES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MIN_MEMORY = 4 << 20  # below this the sandbox helper itself cannot start
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run", parents=parents, help="run a command in a runtime, isolated and limited",
+        description="Run CMD in its own namespaces with the runtime read-only as its root.",
+        usage="jbl run --runtime NAME[@VERSION] [options] [--] CMD [ARGS...]")
+    p.add_argument("--runtime", metavar="NAME[@VERSION]",
+                   help="installed runtime; no version or @latest = highest release, "
+                        "@1.3 = highest 1.3.x")
+    p.add_argument("--runtime-dir", metavar="DIR", help=argparse.SUPPRESS)
+    g = p.add_argument_group("limits")
+    g.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M, 2G")
+    g.add_argument("--cpu", metavar="PERCENT", help="CPU limit in percent (100 = one core)")
+    g.add_argument("--cpu-cores", metavar="LIST", help="run only on these cores, e.g. 0-1,3")
+    g.add_argument("--pids", metavar="N", help="at most N processes/threads")
+    g.add_argument("--timeout", metavar="DURATION", help="kill the job after e.g. 90s, 10m, 2h")
+    g.add_argument("--kill-after", metavar="DURATION", default="5s",
+                   help="grace between SIGTERM and SIGKILL on timeout/interrupt (default 5s)")
+    g.add_argument("--require-limits", action="store_true",
+                   help="fail instead of warning when a limit cannot be enforced "
+                        "(env JBL_REQUIRE_LIMITS=1)")
+    j = p.add_argument_group("job")
+    j.add_argument("--network", metavar="none|host", default="none",
+                   help="none (default: loopback only) or host")
+    j.add_argument("--upload", metavar="PATH", action="append", default=[],
+                   help="copy a file or directory into the work directory (repeatable)")
+    j.add_argument("--workdir", metavar="DIR", default="/work",
+                   help="working directory inside the job (default /work)")
+    j.add_argument("--env", metavar="K=V", action="append", default=[],
+                   help="environment variable, on top of runtime.yml's (repeatable)")
+    j.add_argument("--volume", metavar="HOST:JOB[:ro]", action="append", default=[],
+                   help="share a host directory with the job (repeatable)")
+    j.add_argument("--user", metavar="NAME", help="run the job as this user (root only)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
+    p.set_defaults(func=run)
+
+
+# ---- option parsing (each a one-line UsageError) ------------------------------------------
+
+def _positive(text: str | None, what: str, kind: type[int] | type[float]) -> Any:
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: expected a positive number") from None
+    if value <= 0:
+        raise UsageError(f"invalid {what} {text!r}: must be greater than 0")
+    return value
+
+
+def parse_limits(args: argparse.Namespace) -> Any:
+    from jbl.runner.plan import Limits
+    from jbl.store.units import parse_size
+
+    memory = None
+    if args.memory is not None:
+        memory = parse_size(args.memory, what="--memory")
+        if memory < MIN_MEMORY:
+            raise UsageError(f"invalid --memory {args.memory!r}: at least 4M")
+    if args.cpu_cores is not None and not CORES_RE.match(args.cpu_cores):
+        raise UsageError(f"invalid --cpu-cores {args.cpu_cores!r}: expected a list like 0-1,3")
+    return Limits(memory=memory, cpu_percent=_positive(args.cpu, "--cpu", float),
+                  cpu_cores=args.cpu_cores, pids=_positive(args.pids, "--pids", int))
+
+
+def parse_env(items: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not ENV_KEY_RE.match(k):
+            raise UsageError(f"invalid --env {item!r}: expected NAME=VALUE")
+        out.append((k, v))
+    return tuple(out)
+
+
+def parse_volumes(items: list[str]) -> tuple[Any, ...]:
+    from jbl.runner.plan import Volume, clean_job_path
+
+    out = []
+    for item in items:
+        parts = item.split(":")
+        mode = "rw"
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            mode = parts.pop()
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise UsageError(f"invalid --volume {item!r}: expected HOST:JOB[:ro]")
+        host = Path(os.path.realpath(parts[0]))
+        if not host.exists():
+            raise UsageError(f"invalid --volume {item!r}: {parts[0]}: no such file or directory")
+        out.append(Volume(host, clean_job_path(parts[1], "--volume target"), mode == "ro"))
+    return tuple(out)
+
+
+def build_request(args: argparse.Namespace, runtime_dir: Path, label: str) -> Any:
+    from jbl.runner.plan import JobRequest, clean_job_path
+    from jbl.store.units import parse_duration
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
+    if args.network not in ("none", "host"):
+        raise UsageError(f"invalid --network {args.network!r}: expected none or host")
+    timeout = None
+    if args.timeout is not None:
+        timeout = parse_duration(args.timeout, what="--timeout")
+        if timeout <= 0:
+            raise UsageError(f"invalid --timeout {args.timeout!r}: must be greater than 0")
+    kill_after = parse_duration(args.kill_after, what="--kill-after")
+    for up in args.upload:
+        if not os.path.lexists(up):
+            raise UsageError(f"invalid --upload {up!r}: no such file or directory")
+    if args.user is not None and os.geteuid() != 0:
+        raise UsageError("--user needs root (without it, jobs run as you)")
+    return JobRequest(
+        runtime_dir=runtime_dir, argv=tuple(cmd), env=parse_env(args.env),
+        workdir=clean_job_path(args.workdir, "--workdir"), network=args.network,
+        uploads=tuple(Path(u) for u in args.upload), volumes=parse_volumes(args.volume),
+        limits=parse_limits(args), timeout=timeout, kill_after=kill_after, user=args.user,
+        require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
+        runtime_label=label)
+
+
+# ---- the command --------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from jbl.runner.supervise import TERMINATE, load_manifest, run_job
+
+    if bool(args.runtime) == bool(args.runtime_dir):
+        raise UsageError("jbl run needs --runtime NAME[@VERSION]")
+    # Block job-control signals before any helper thread (a private FUSE mount) starts, so
+    # only the supervisor's sigtimedwait takes them; run_job forwards them to the job.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATE)
+    try:
+        with ExitStack() as stack:
+            if args.runtime_dir:
+                runtime_dir = Path(args.runtime_dir)
+                build_request(args, runtime_dir, "")  # options first: one line, exit 2
+                m = load_manifest(Path(os.path.realpath(runtime_dir)))
+                label = f"{m.name}@{m.version}"
+            else:
+                from jbl.fusefs.mount import view_root
+                from jbl.store.store import Store
+
+                build_request(args, Path("."), "")
+                from jbl.store.access import can_admin
+
+                # A job is a gc root (a lease row) when its user may write the index; an
+                # ordinary user's job is covered by the shared mount's own lease instead.
+                writable = can_admin(args.store) and os.access(
+                    Path(args.store) / "index.db", os.W_OK)
+                store = stack.enter_context(Store.open(args.store, readonly=not writable))
+                info = store.resolve_installed(args.runtime)
+                if writable:
+                    stack.enter_context(store.lease(info.id, kind="job"))
+                root = stack.enter_context(view_root(args.store))
+                runtime_dir = Path(root) / info.name / info.version
+                label = f"{info.name}@{info.version}"
+            req = build_request(args, runtime_dir, label)
+            quiet = bool(getattr(args, "quiet", False))
+            result = run_job(req, note=None if quiet else _note)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if result.message:
+        print(f"jbl: {result.message}", file=sys.stderr)
+    if args.json:
+        from jbl.cli.output import print_json
+
+        rec = result.record()
+        rec["version"] = label.rpartition("@")[2]
+        print_json(rec)
+    return int(result.exit_status)
+
+
+def _note(text: str) -> None:
+    print(f"jbl: note: {text}", file=sys.stderr)

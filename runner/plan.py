@@ -1,0 +1,384 @@
+"""A job request and the plan that carries it out: pure data, no system calls.
+
+``build_plan(req, manifest, rootfs_entries, ids)`` turns a :class:`JobRequest` into a
+:class:`Plan`: a tuple of small frozen steps in bubblewrap's fixed order ::
+
+    NoNewPrivs, JoinCgroup, Unshare, IdMap,          (helper, in the host PID namespace)
+    ForkInit,                                          (-> PID 1 of the new PID namespace)
+    RootTmpfs, Bind/BindRO/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
+    ProtectProc, RootReadonly, PivotRoot, Hostname,
+    ForkJob,                                           (-> the job's process)
+    SetUser (drops the bounding set first), DropCaps, Env, Chdir, Exec
+
+Paths in steps: ``source`` is a host path, ``target`` a path inside the job. The plan goes
+to the sandbox helper as ``marshal`` data (``Plan.to_wire``); the helper (``sandbox.py``)
+interprets it with the standard library only. Everything here is pure and thread-safe, so
+it is tested without root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from jbl.store.errors import UsageError
+from jbl.store.manifest import Manifest
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+# Top-level names of a runtime's rootfs that a job always gets fresh (never the runtime's).
+JOB_OWNED = frozenset({"proc", "dev", "tmp"})
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+# /proc files a uid-0 job could write without any capability; bound read-only (as runc does).
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus")
+
+
+def new_job_id() -> str:
+    """A short id that is also a valid hostname."""
+    return "job-" + secrets.token_hex(4)
+
+
+@dataclass(frozen=True)
+class Volume:
+    source: Path  # absolute host path (resolved)
+    target: str  # clean absolute path in the job
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits; None means "not limited". Applied through cgroups by the supervisor."""
+
+    memory: int | None = None  # bytes
+    cpu_percent: float | None = None  # 100 = one core
+    cpu_cores: str | None = None  # cpuset list, e.g. "0-1,3"
+    pids: int | None = None
+
+    def requested(self) -> list[str]:
+        names = {"memory": self.memory, "cpu": self.cpu_percent,
+                 "cpu-cores": self.cpu_cores, "pids": self.pids}
+        return [k for k, v in names.items() if v is not None]
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    runtime_dir: Path  # the version directory: runtime.yml + isolated/
+    argv: tuple[str, ...]
+    job_id: str = field(default_factory=new_job_id)
+    env: tuple[tuple[str, str], ...] = ()  # --env, on top of runtime.yml's environment
+    workdir: str = "/work"
+    network: Literal["none", "host"] = "none"
+    uploads: tuple[Path, ...] = ()
+    volumes: tuple[Volume, ...] = ()
+    limits: Limits = Limits()
+    timeout: float | None = None  # seconds
+    kill_after: float = 5.0  # grace between SIGTERM and SIGKILL of the cgroup
+    user: str | None = None  # root only: run the job as this user
+    require_limits: bool = False  # unenforceable limits are an error instead of a note
+    runtime_label: str = ""  # "name@version" for messages and --json
+
+
+@dataclass(frozen=True)
+class Ids:
+    """Who runs the helper and who the job is: decided by the caller from the host."""
+
+    euid: int
+    egid: int
+    userns: bool  # non-root: map euid/egid to themselves in a user namespace
+    job_uid: int | None = None  # root --user: drop to this uid/gid/groups before exec
+    job_gid: int | None = None
+    job_groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RootfsEntry:
+    """A top-level entry of a rootfs mounted at ``/``: kind is 'dir', 'file' or 'symlink'."""
+
+    name: str
+    kind: Literal["dir", "file", "symlink"]
+    link: str = ""
+
+
+# ---- steps -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    op: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"op": self.op}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+
+@dataclass(frozen=True)
+class NoNewPrivs(Step):
+    op = "no_new_privs"
+
+
+@dataclass(frozen=True)
+class JoinCgroup(Step):
+    op = "join_cgroup"
+    procs_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Unshare(Step):
+    op = "unshare"
+    user: bool = False
+    net: bool = True
+
+
+@dataclass(frozen=True)
+class IdMap(Step):
+    op = "id_map"
+    uid: int = 0  # mapped to itself
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class ForkInit(Step):
+    op = "fork_init"
+
+
+@dataclass(frozen=True)
+class RootTmpfs(Step):
+    op = "root_tmpfs"
+
+
+@dataclass(frozen=True)
+class BindRO(Step):
+    op = "bind_ro"
+    source: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Bind(Step):
+    op = "bind"
+    source: str = ""
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Tmpfs(Step):
+    op = "tmpfs"
+    target: str = ""
+    mode: int = 0o755
+    uid: int = -1  # chown the new tmpfs root (root --user); -1 leaves it
+    gid: int = -1
+
+
+@dataclass(frozen=True)
+class Proc(Step):
+    op = "proc"
+    target: str = "/proc"
+
+
+@dataclass(frozen=True)
+class DevNodes(Step):
+    op = "dev"
+    target: str = "/dev"
+    nodes: tuple[str, ...] = DEV_NODES
+
+
+@dataclass(frozen=True)
+class Symlink(Step):
+    op = "symlink"
+    link: str = ""  # what the link points to
+    target: str = ""  # where the link is created
+
+
+@dataclass(frozen=True)
+class Mkdir(Step):
+    op = "mkdir"
+    target: str = ""
+    mode: int = 0o755
+
+
+@dataclass(frozen=True)
+class CopyIn(Step):
+    op = "copy_in"
+    source: str = ""
+    target: str = ""
+    uid: int = -1  # chown the copy (root --user); -1 keeps the copier's identity
+    gid: int = -1
+
+
+@dataclass(frozen=True)
+class LoopbackUp(Step):
+    op = "loopback_up"
+
+
+@dataclass(frozen=True)
+class ProtectProc(Step):
+    op = "protect_proc"
+    paths: tuple[str, ...] = PROC_READONLY
+
+
+@dataclass(frozen=True)
+class RootReadonly(Step):
+    op = "root_readonly"
+
+
+@dataclass(frozen=True)
+class PivotRoot(Step):
+    op = "pivot_root"
+
+
+@dataclass(frozen=True)
+class Hostname(Step):
+    op = "hostname"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ForkJob(Step):
+    op = "fork_job"
+
+
+@dataclass(frozen=True)
+class SetUser(Step):
+    op = "set_user"
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DropCaps(Step):
+    op = "drop_caps"
+
+
+@dataclass(frozen=True)
+class Env(Step):
+    op = "env"
+    vars: tuple[tuple[str, str], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "vars": [list(kv) for kv in self.vars]}
+
+
+@dataclass(frozen=True)
+class Chdir(Step):
+    op = "chdir"
+    target: str = "/"
+
+
+@dataclass(frozen=True)
+class Exec(Step):
+    op = "exec"
+    argv: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    limits: Limits
+    job_id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "steps": [s.to_wire() for s in self.steps]}
+
+    def with_cgroup(self, procs_files: Sequence[str]) -> Plan:
+        """Fill in the JoinCgroup step once the supervisor has created the cgroup."""
+        steps = tuple(JoinCgroup(tuple(procs_files)) if isinstance(s, JoinCgroup) else s
+                      for s in self.steps)
+        return dataclasses.replace(self, steps=steps)
+
+    def find(self, kind: type[Step]) -> list[Step]:
+        return [s for s in self.steps if isinstance(s, kind)]
+
+
+# ---- the planner -------------------------------------------------------------------------
+
+def clean_job_path(path: str, what: str) -> str:
+    """An absolute, normalised path inside the job; '..' and relative paths are refused."""
+    if not path.startswith("/") or "\0" in path:
+        raise UsageError(f"invalid {what} {path!r}: must be an absolute path inside the job")
+    if any(p == ".." for p in path.split("/")):
+        raise UsageError(f"invalid {what} {path!r}: '..' is not allowed")
+    return posixpath.normpath(path).replace("//", "/")
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def build_plan(req: JobRequest, manifest: Manifest,
+               rootfs_entries: Mapping[str, Sequence[RootfsEntry]], ids: Ids,
+               host_env: Mapping[str, str] | None = None) -> Plan:
+    """The whole setup of one job. ``rootfs_entries`` maps each manifest mount source whose
+    target is ``/`` to its top-level entries (the caller lists the directory)."""
+    if not req.argv:
+        raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
+    workdir = clean_job_path(req.workdir, "--workdir")
+    if workdir == "/" or any(_under(workdir, "/" + n) for n in JOB_OWNED):
+        raise UsageError(f"invalid --workdir {workdir!r}: must not be /, /proc, /dev or /tmp")
+    rt = Path(req.runtime_dir)
+    steps: list[Step] = [NoNewPrivs(), JoinCgroup(),
+                         Unshare(user=ids.userns, net=req.network == "none")]
+    if ids.userns:
+        steps.append(IdMap(ids.euid, ids.egid))
+    steps += [ForkInit(), RootTmpfs()]
+
+    volume_targets = {clean_job_path(v.target, "--volume target") for v in req.volumes}
+    own_tops = {"/" + n for n in JOB_OWNED} | {"/" + workdir.split("/")[1]}
+    own_tops |= {"/" + t.split("/")[1] for t in volume_targets}
+    for m in manifest.default_mounts():
+        src = str(rt / m.source)
+        bind: type[BindRO] | type[Bind] = BindRO if m.readonly else Bind
+        if m.target == "/":
+            for e in rootfs_entries.get(m.source, ()):
+                target = "/" + e.name
+                if e.name in JOB_OWNED or (target in own_tops and e.kind != "symlink"):
+                    continue
+                if e.kind == "symlink":
+                    steps.append(Symlink(e.link, target))
+                else:
+                    steps.append(bind(f"{src}/{e.name}", target))
+        elif not any(_under(m.target, "/" + n) for n in JOB_OWNED):
+            steps.append(bind(src, m.target))
+
+    steps += [Proc(), DevNodes(), Tmpfs("/tmp", 0o1777)]
+    if workdir not in volume_targets:
+        steps.append(Tmpfs(workdir, 0o755, -1 if ids.job_uid is None else ids.job_uid,
+                           -1 if ids.job_gid is None else ids.job_gid))
+    for v in sorted(req.volumes, key=lambda v: v.target.count("/")):
+        target = clean_job_path(v.target, "--volume target")
+        if target == "/" or any(_under(target, "/" + n) for n in ("proc", "dev")):
+            raise UsageError(f"invalid --volume target {target!r}")
+        steps.append((BindRO if v.readonly else Bind)(str(v.source), target))
+    for up in req.uploads:
+        steps.append(CopyIn(str(up), posixpath.join(workdir, Path(up).name),
+                            -1 if ids.job_uid is None else ids.job_uid,
+                            -1 if ids.job_gid is None else ids.job_gid))
+    if req.network == "none":
+        steps.append(LoopbackUp())
+    if not ids.userns:
+        steps.append(ProtectProc())
+    steps += [RootReadonly(), PivotRoot(), Hostname(req.job_id), ForkJob()]
+    if ids.job_uid is not None:  # before DropCaps: setuid needs CAP_SETUID
+        steps.append(SetUser(ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid,
+                             ids.job_groups))
+    steps += [DropCaps(), Env(job_env(req, manifest, workdir, host_env)), Chdir(workdir),
+              Exec(tuple(req.argv))]
+    return Plan(tuple(steps), req.limits, req.job_id)
+
+
+def job_env(req: JobRequest, manifest: Manifest, workdir: str,
+            host_env: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """A clean environment: defaults, then runtime.yml's ``environment``, then ``--env``."""
+    env: dict[str, str] = {"PATH": DEFAULT_PATH, "HOME": workdir, "HOSTNAME": req.job_id,
+                           "JBL_JOB_ID": req.job_id}
+    if host_env and host_env.get("TERM"):
+        env["TERM"] = host_env["TERM"]
+    env.update(manifest.environment)
+    env.update(dict(req.env))
+    return tuple(env.items())

@@ -1,0 +1,427 @@
+"""The sandbox helper: carries a plan out with system calls, in its own exec'd process.
+
+Run as ``python -I -S sandbox.py PLAN_FD STATUS_FD PARENT_PID`` by ``supervise.py``; it reads
+the plan (``marshal`` data, see ``plan.Plan.to_wire``) from PLAN_FD and executes its steps in
+order. Three processes come out of it::
+
+    helper (host PID ns) --ForkInit--> init (PID 1: mounts, pivot_root) --ForkJob--> job (exec)
+
+The helper and init stay behind as relays: they forward signals that did not come from the
+terminal (``si_code != SI_KERNEL``: the job, in the same foreground process group, already got
+those) and exit with the status of their child (128+N for a signal). Both die with their
+parent (``PR_SET_PDEATHSIG``); when init dies the kernel kills everything in the PID namespace.
+
+A failing step writes one line ``<step>: <strerror>`` to STATUS_FD and exits with status 12;
+STATUS_FD is close-on-exec, so a successful ``execve`` of the job closes it with nothing written.
+
+This module uses the standard library only and nothing that starts slowly (no ``json``,
+``signal``, ``socket``, ``re``): its start-up is on every job's critical path. Not importable
+for use in a threaded process; it forks.
+"""
+
+from __future__ import annotations
+
+import _signal
+import ctypes
+import fcntl
+import marshal
+import os
+import sys
+from typing import Any, NoReturn
+
+SETUP_FAILED = 12  # jbl.store.errors.ExitCode.JOB_SETUP (not imported: stdlib only here)
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
+MS_REC, MS_PRIVATE, MS_SLAVE, MS_RELATIME = 0x4000, 1 << 18, 1 << 19, 1 << 21
+MNT_DETACH = 2
+# statvfs f_flag bits -> mount flags that must be kept on a bind remount (locked in a userns)
+ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+            (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+PR_SET_PDEATHSIG, PR_CAPBSET_READ, PR_CAPBSET_DROP = 1, 23, 24
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+SYS_CAPSET, SYS_PIVOT_ROOT, SYS_CLOSE_RANGE = 126, 155, 436  # x86_64
+CLOSE_RANGE_CLOEXEC = 4
+SI_KERNEL = 0x80
+SIGCHLD, SIGKILL, SIGPIPE, SIGXFSZ = _signal.SIGCHLD, _signal.SIGKILL, _signal.SIGPIPE, 25
+FORWARD = {_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGUSR1,
+           _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGWINCH}
+OLD, NEW = "/oldroot", "/newroot"
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_char_p]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong]
+
+
+class StepFailed(Exception):
+    pass
+
+
+def check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise StepFailed(f"{what}: {os.strerror(ctypes.get_errno())}")
+    return ret
+
+
+def mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str | None,
+          what: str) -> None:
+    def b(s: str | None) -> bytes | None:
+        return None if s is None else os.fsencode(s)
+    check(libc.mount(b(src), b(dst), b(fstype), flags, b(data)), what)
+
+
+def prctl(option: int, arg: int, what: str) -> int:
+    return check(libc.prctl(option, arg, 0, 0, 0), what)
+
+
+def J(path: str) -> str:
+    """A job path, seen from the helper's staging root."""
+    return NEW + path if path != "/" else NEW
+
+
+def H(path: str) -> str:
+    """A host path, seen from the helper's staging root."""
+    return OLD + path
+
+
+def make_target(path: str, what: str, kind: str = "dir") -> str:
+    """Create the mount point ``path`` (a job path) without following any symlink."""
+    cur = NEW
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        cur = cur + "/" + part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            try:
+                if i == len(parts) - 1 and kind == "file":
+                    os.close(os.open(cur, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+                else:
+                    os.mkdir(cur, 0o755)
+            except OSError as e:
+                raise StepFailed(f"{what}: mkdir {path}: {e.strerror}") from None
+            continue
+        if (st.st_mode & 0o170000) == 0o120000:
+            shown = "/" + "/".join(parts[:i + 1])
+            raise StepFailed(f"{what}: {shown}: a path component is a symlink")
+    return cur
+
+
+def mount_flags(path: str) -> int:
+    f = os.statvfs(path).f_flag
+    return sum(ms for st, ms in ST_TO_MS if f & st)
+
+
+def submounts(top: str) -> list[str]:
+    """Mount points at or below ``top`` (from mountinfo), for a recursive read-only remount."""
+    out = []
+    with open(H("/proc/self/mountinfo"), "rb") as fh:  # host procfs: ours is not up yet
+        for line in fh:
+            mp = unescape(line.split(b" ")[4])
+            if mp == top or mp.startswith(top + "/"):
+                out.append(mp)
+    return out
+
+
+def unescape(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal ``\\ooo``."""
+    for esc, ch in ((b"\\040", b" "), (b"\\011", b"\t"), (b"\\012", b"\n"),
+                    (b"\\134", b"\\")):
+        field = field.replace(esc, ch)
+    return os.fsdecode(field)
+
+
+def bind(src: str, dst: str, readonly: bool, what: str, remount: bool = True) -> None:
+    try:
+        is_dir = os.path.isdir(H(src))
+        os.stat(H(src))
+    except OSError as e:
+        raise StepFailed(f"{what}: {src}: {e.strerror}") from None
+    target = make_target(dst, what, "dir" if is_dir else "file")
+    mount(H(src), target, None, MS_BIND | MS_REC, None, what)
+    if not remount:
+        return
+    extra = (MS_RDONLY if readonly else 0) | MS_NOSUID | MS_NODEV
+    for mp in submounts(target) if readonly else [target]:
+        mount(None, mp, None, MS_BIND | MS_REMOUNT | mount_flags(mp) | extra, None,
+              f"{what}: remount {mp[len(NEW):] or '/'}")
+
+
+# ---- steps --------------------------------------------------------------------------------
+
+class Sandbox:
+    def __init__(self, status_fd: int, job_id: str) -> None:
+        self.status_fd = status_fd
+        self.job_id = job_id
+        self.env: dict[str, str] = {}
+        self.cwd = "/"
+
+    def run(self, steps: list[dict[str, Any]]) -> NoReturn:
+        # Nothing may be imported lazily once the host root is gone (after root_tmpfs):
+        if any(s["op"] == "copy_in" for s in steps):
+            import shutil  # noqa: F401
+        op = "setup"
+        try:
+            for step in steps:
+                op = step.pop("op")
+                getattr(self, "op_" + op)(**step)
+        except StepFailed as e:
+            self.fail(str(e))
+        except OSError as e:  # a step that did not name itself: name the call
+            self.fail(f"{op}: {e.filename or ''}: {e.strerror}")
+        except Exception as e:  # a bug in the helper: still one line, still named
+            self.fail(f"{op}: internal error: {type(e).__name__}: {e}")
+        self.fail("plan ended without exec")
+
+    def fail(self, message: str) -> NoReturn:
+        try:
+            os.write(self.status_fd, message.encode("utf-8", "replace") + b"\n")
+        finally:
+            os._exit(SETUP_FAILED)
+
+    def op_no_new_privs(self) -> None:
+        prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+
+    def op_join_cgroup(self, procs_files: list[str]) -> None:
+        pid = str(os.getpid()).encode()
+        for f in procs_files:
+            try:
+                fd = os.open(f, os.O_WRONLY)
+                try:
+                    os.write(fd, pid)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise StepFailed(f"join cgroup {f}: {e.strerror}") from None
+
+    def op_unshare(self, user: bool, net: bool) -> None:
+        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+        flags |= (CLONE_NEWUSER if user else 0) | (CLONE_NEWNET if net else 0)
+        check(libc.unshare(flags), "unshare")
+
+    def op_id_map(self, uid: int, gid: int) -> None:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
+                           ("gid_map", f"{gid} {gid} 1\n")):
+            try:
+                with open(f"/proc/self/{name}", "w") as fh:
+                    fh.write(text)
+            except OSError as e:
+                raise StepFailed(f"write /proc/self/{name}: {e.strerror}") from None
+
+    def op_fork_init(self) -> None:
+        pid = os.fork()
+        if pid:
+            os.close(self.status_fd)
+            relay(pid)
+        prctl(PR_SET_PDEATHSIG, SIGKILL, "init: set parent-death signal")
+
+    def op_root_tmpfs(self) -> None:
+        mount(None, "/", None, MS_REC | MS_SLAVE, None, "make / a slave mount")
+        base = "/tmp"
+        mount("tmpfs", base, "tmpfs", MS_NODEV | MS_NOSUID, "mode=0755", "mount staging tmpfs")
+        os.chdir(base)
+        os.mkdir("newroot", 0o755)
+        os.mkdir("oldroot", 0o755)
+        check(libc.syscall(SYS_PIVOT_ROOT, b".", b"oldroot"), "pivot_root to staging root")
+        os.chdir("/")
+        mount("tmpfs", NEW, "tmpfs", MS_NODEV | MS_NOSUID, "mode=0755", "mount root tmpfs")
+
+    def op_bind_ro(self, source: str, target: str) -> None:
+        bind(source, target, True, f"bind {target} (read-only)")
+
+    def op_bind(self, source: str, target: str) -> None:
+        bind(source, target, False, f"bind {target}")
+
+    def op_tmpfs(self, target: str, mode: int, uid: int, gid: int) -> None:
+        path = make_target(target, f"mount tmpfs {target}")
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode:o}",
+              f"mount tmpfs {target}")
+        if uid >= 0:
+            os.chown(path, uid, gid)
+
+    def op_proc(self, target: str) -> None:
+        mount("proc", make_target(target, f"mount {target}"), "proc",
+              MS_NOSUID | MS_NODEV | MS_NOEXEC, None, f"mount {target}")
+
+    def op_protect_proc(self, paths: list[str]) -> None:
+        for p in paths:
+            path = J("/proc/" + p)
+            if os.path.exists(path):
+                mount(path, path, None, MS_BIND | MS_REC, None, f"bind /proc/{p}")
+                mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(path),
+                      None, f"remount /proc/{p} read-only")
+
+    def op_dev(self, target: str, nodes: list[str]) -> None:
+        dev = make_target(target, f"mount {target}")
+        mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755", f"mount {target}")
+        for n in nodes:
+            bind(f"/dev/{n}", f"{target}/{n}", False, f"bind {target}/{n}", remount=False)
+        for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("ptmx", "pts/ptmx")):
+            os.symlink(to, f"{dev}/{name}")
+        os.mkdir(f"{dev}/shm")
+        mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777",
+              f"mount {target}/shm")
+        os.mkdir(f"{dev}/pts")
+        mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=620", f"mount {target}/pts")
+
+    def op_symlink(self, link: str, target: str) -> None:
+        try:
+            os.symlink(link, J(target))
+        except OSError as e:
+            raise StepFailed(f"symlink {target}: {e.strerror}") from None
+
+    def op_mkdir(self, target: str, mode: int) -> None:
+        os.chmod(make_target(target, f"mkdir {target}"), mode)
+
+    def op_copy_in(self, source: str, target: str, uid: int, gid: int) -> None:
+        import shutil  # only jobs with uploads pay for it
+
+        dst = J(target)
+        try:
+            if os.path.isdir(H(source)):
+                shutil.copytree(H(source), dst, symlinks=True)
+            else:
+                shutil.copy2(H(source), dst)
+            if uid >= 0:
+                os.lchown(dst, uid, gid)
+                for root, dirs, files in os.walk(dst):
+                    for n in dirs + files:
+                        os.lchown(os.path.join(root, n), uid, gid)
+        except OSError as e:
+            raise StepFailed(f"upload {source}: {e.strerror or e}") from None
+        except shutil.Error as e:
+            raise StepFailed(f"upload {source}: {e.args[0][0][2]}") from None
+
+    def op_loopback_up(self) -> None:
+        fd = check(libc.socket(2, 2 | os.O_CLOEXEC, 0), "bring up lo: socket")
+        try:
+            ifr = bytearray(40)
+            ifr[0:2] = b"lo"
+            fcntl.ioctl(fd, 0x8913, ifr)  # SIOCGIFFLAGS
+            flags = int.from_bytes(ifr[16:18], "little") | 1  # IFF_UP
+            ifr[16:18] = flags.to_bytes(2, "little")
+            fcntl.ioctl(fd, 0x8914, ifr)  # SIOCSIFFLAGS
+        except OSError as e:
+            raise StepFailed(f"bring up lo: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+    def op_root_readonly(self) -> None:
+        mount(None, NEW, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(NEW), None,
+              "remount / read-only")
+
+    def op_pivot_root(self) -> None:
+        mount(None, OLD, None, MS_REC | MS_PRIVATE, None, "make old root private")
+        check(libc.umount2(OLD.encode(), MNT_DETACH), "detach old root")
+        os.chdir(NEW)
+        check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+        check(libc.umount2(b".", MNT_DETACH), "detach staging root")
+        os.chdir("/")
+
+    def op_hostname(self, name: str) -> None:
+        raw = name.encode()
+        check(libc.sethostname(raw, len(raw)), "sethostname")
+
+    def op_fork_job(self) -> None:
+        pid = os.fork()
+        if pid:
+            os.close(self.status_fd)
+            relay(pid)
+
+    def op_set_user(self, uid: int, gid: int, groups: list[int]) -> None:
+        drop_bounding_set()
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            raise StepFailed(f"set user {uid}:{gid}: {e.strerror}") from None
+
+    def op_drop_caps(self) -> None:
+        drop_bounding_set()
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+        data = (ctypes.c_uint32 * 6)()
+        check(libc.syscall(SYS_CAPSET, header, data), "capset")
+
+    def op_env(self, vars: list[list[str]]) -> None:
+        self.env = {k: v for k, v in vars}
+
+    def op_chdir(self, target: str) -> None:
+        try:
+            os.chdir(target)
+        except OSError as e:
+            raise StepFailed(f"chdir {target}: {e.strerror}") from None
+
+    def op_exec(self, argv: list[str]) -> None:
+        # every fd >= 3 (STATUS_FD included) closes at exec; the status pipe reports failure
+        check(libc.syscall(SYS_CLOSE_RANGE, 3, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC), "close fds")
+        for sig in (SIGPIPE, SIGXFSZ):  # Python ignores these; the job must not inherit that
+            _signal.signal(sig, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+        try:
+            os.execvpe(argv[0], argv, self.env)
+        except OSError as e:
+            raise StepFailed(f"exec {argv[0]}: {e.strerror}") from None
+
+
+def drop_bounding_set() -> None:
+    cap = 0
+    while True:
+        have = libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0)
+        if have < 0:
+            return  # EINVAL: past the last capability
+        if have:
+            prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap}")
+        cap += 1
+
+
+def relay(child: int) -> NoReturn:
+    """Forward signals to ``child``, reap every child, exit with ``child``'s status."""
+    while True:
+        info = _signal.sigwaitinfo(FORWARD | {SIGCHLD})
+        if info.si_signo == SIGCHLD:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    os._exit(SETUP_FAILED)
+                if pid == 0:
+                    break
+                if pid == child:
+                    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
+                             else 128 + os.WTERMSIG(status))
+        elif info.si_code != SI_KERNEL:  # the terminal signalled the job's group itself
+            try:  # noqa: SIM105 (contextlib would cost start-up time here)
+                os.kill(child, info.si_signo)
+            except ProcessLookupError:
+                pass
+
+
+def main(argv: list[str]) -> NoReturn:
+    plan_fd, status_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
+    os.set_inheritable(status_fd, False)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, FORWARD | {SIGCHLD})
+    for sig in FORWARD:  # a handler (not SIG_DFL) so PID 1 is not immune from the parent ns
+        _signal.signal(sig, lambda *_: None)
+    box = Sandbox(status_fd, "")
+    if libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 or os.getppid() != parent:
+        box.fail("helper: parent went away")
+    chunks = []
+    while chunk := os.read(plan_fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(plan_fd)
+    plan = marshal.loads(b"".join(chunks))
+    box.job_id = plan["job_id"]
+    box.run(plan["steps"])
+
+
+if __name__ == "__main__":
+    main(sys.argv)

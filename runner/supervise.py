@@ -1,0 +1,264 @@
+"""Run one job: prepare its plan, create its cgroup, spawn the sandbox helper, wait, clean up.
+
+``run_job(req) -> JobResult`` is the runner's API. It blocks the job-control signals in the
+calling thread for the job's lifetime and takes them with ``sigtimedwait`` (so call it from
+the main thread, before starting other threads, which inherit the mask): SIGTERM, SIGHUP and
+a SIGINT that did not come from the terminal are forwarded to the job (a terminal's Ctrl-C
+reaches the job directly: it shares our foreground process group). The first such signal
+starts the grace period (``req.kill_after``); when it runs out, or at a second signal, the
+whole cgroup is killed. A timeout sends SIGTERM, then the same grace and kill.
+
+Teardown (cgroup killed and removed, pipes closed) is in ``finally``, so it also runs when
+``jbl`` is interrupted; if ``jbl`` itself is SIGKILLed, the helper's parent-death signal
+takes the PID namespace down and the next job sweeps the empty cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import marshal
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jbl.store.errors import ExitCode, UsageError
+from jbl.store.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from jbl.store.units import format_duration, format_size
+
+from . import sandbox as _sandbox_module
+from .cgroups import JobCgroup
+from .errors import CgroupError, LimitsNotEnforced, SandboxSetupError
+from .plan import Ids, JobRequest, Plan, RootfsEntry, build_plan
+
+SANDBOX = os.path.abspath(_sandbox_module.__file__)
+SI_KERNEL = 0x80
+TERMINATE = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+PASS_ON = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT}
+WAITED = TERMINATE | PASS_ON | {signal.SIGCHLD}
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    runtime: str
+    exit_status: int  # what `jbl run` exits with
+    job_status: int  # the job's own status (128+N for signal N)
+    reason: str  # exited | signaled | timeout | oom | interrupted
+    wall_time: float
+    peak_memory: int | None
+    message: str = ""  # one line for timeout/oom, empty otherwise
+    unenforced: tuple[str, ...] = field(default=())
+
+    def record(self) -> dict[str, object]:
+        return {"job_id": self.job_id, "runtime": self.runtime, "exit_status": self.exit_status,
+                "job_status": self.job_status, "reason": self.reason,
+                "wall_time": round(self.wall_time, 4), "peak_memory": self.peak_memory,
+                "unenforced_limits": list(self.unenforced), "message": self.message}
+
+
+# ---- preparing ----------------------------------------------------------------------------
+
+def load_manifest(runtime_dir: Path) -> Manifest:
+    try:
+        data = (runtime_dir / MANIFEST_NAME).read_bytes()
+    except OSError as e:
+        raise UsageError(f"{runtime_dir}: not a runtime directory ({MANIFEST_NAME}: "
+                         f"{e.strerror})") from None
+    return parse_manifest(data, source=str(runtime_dir / MANIFEST_NAME))
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def list_rootfs(src: Path) -> list[RootfsEntry]:
+    out = []
+    for e in sorted(os.scandir(src), key=lambda e: e.name):
+        if e.is_symlink():
+            out.append(RootfsEntry(e.name, "symlink", os.readlink(e.path)))
+        elif e.is_dir():
+            out.append(RootfsEntry(e.name, "dir"))
+        else:
+            out.append(RootfsEntry(e.name, "file"))
+    return out
+
+
+def job_ids(req: JobRequest) -> Ids:
+    euid, egid = os.geteuid(), os.getegid()
+    if req.user is None:
+        return Ids(euid, egid, userns=euid != 0)
+    if euid != 0:
+        raise UsageError("--user needs root (without it, jobs run as you)")
+    try:
+        pw = pwd.getpwnam(req.user)
+    except KeyError:
+        raise UsageError(f"--user {req.user!r}: no such user") from None
+    groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    return Ids(0, 0, userns=False, job_uid=pw.pw_uid, job_gid=pw.pw_gid, job_groups=groups)
+
+
+def prepare(req: JobRequest) -> Plan:
+    """Read the runtime directory and the host facts the pure planner needs."""
+    rt = Path(os.path.realpath(req.runtime_dir))
+    manifest = load_manifest(rt)
+    entries: dict[str, list[RootfsEntry]] = {}
+    for m in manifest.default_mounts():
+        src = os.path.realpath(rt / m.source)
+        if not _inside(src, str(rt)):  # a symlink in the runtime must not reach the host
+            raise SandboxSetupError(f"runtime mount {m.source}: leaves the runtime directory")
+        if not os.path.exists(src):
+            raise SandboxSetupError(f"runtime mount {m.source}: no such file or directory")
+        if m.target == "/":
+            entries[m.source] = list_rootfs(Path(src))
+    for up in req.uploads:
+        if not os.path.lexists(up):
+            raise UsageError(f"--upload {up}: no such file or directory")
+    for v in req.volumes:
+        if not os.path.isabs(v.source) or not os.path.exists(v.source):
+            raise UsageError(f"--volume {v.source}: no such file or directory")
+    req2 = dataclasses.replace(req, runtime_dir=rt,
+                               uploads=tuple(Path(os.path.abspath(u)) for u in req.uploads))
+    return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ)
+
+
+# ---- running ------------------------------------------------------------------------------
+
+def run_job(req: JobRequest, note: Callable[[str], None] | None = None) -> JobResult:
+    """Run ``req`` to its end. Setup failures raise JobError subclasses (one line)."""
+    plan = prepare(req)
+    try:
+        cg = JobCgroup.create(plan.job_id, plan.limits)
+    except OSError as e:
+        raise CgroupError(f"create cgroup for {plan.job_id}: {e.strerror} ({e.filename})") from None
+    try:
+        if cg.unenforced:
+            text = (f"limits not enforced: {', '.join(cg.unenforced)} ({cg.why})")
+            if req.require_limits:
+                raise LimitsNotEnforced(text, hint="run without --require-limits to accept")
+            if note:
+                note(text + "; running anyway")
+        return _run(req, plan.with_cgroup(cg.procs_files), cg)
+    finally:
+        cg.remove()
+
+
+def _run(req: JobRequest, plan: Plan, cg: JobCgroup) -> JobResult:
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+    plan_r, plan_w = os.pipe()
+    status_r, status_w = os.pipe()
+    proc: subprocess.Popen[bytes] | None = None
+    start = time.monotonic()
+    try:
+        if signal.sigpending() & TERMINATE:  # interrupted while preparing: do not start
+            signal.sigtimedwait(TERMINATE, 0)  # consume it, or it fires when unblocked
+            raise KeyboardInterrupt
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", SANDBOX, str(plan_r), str(status_w), str(os.getpid())],
+            pass_fds=(plan_r, status_w))
+        os.close(plan_r)
+        os.close(status_w)
+        plan_r = status_w = -1
+        try:
+            with os.fdopen(plan_w, "wb") as fh:
+                plan_w = -1
+                fh.write(marshal.dumps(plan.to_wire()))
+        except BrokenPipeError:
+            pass  # the helper died early; its status says why
+        status, reason = _wait(proc.pid, req, cg, start)
+        proc.returncode = status  # reaped here; keeps Popen.__del__ quiet
+        wall = time.monotonic() - start
+        message = _read_status(status_r)
+        if message and status == ExitCode.JOB_SETUP:
+            raise SandboxSetupError(message)
+        peak = cg.peak_memory()
+        label = req.runtime_label or str(req.runtime_dir)
+        base = dict(job_id=plan.job_id, runtime=label, job_status=status, wall_time=wall,
+                    peak_memory=peak, unenforced=tuple(cg.unenforced))
+        if reason == "timeout":
+            return JobResult(exit_status=ExitCode.JOB_TIMEOUT, reason="timeout",
+                             message=f"job {plan.job_id} timed out after "
+                                     f"{format_duration(req.timeout or 0)} and was killed",
+                             **base)  # type: ignore[arg-type]
+        if status >= 128 and cg.oom_kills() > 0:
+            limit = format_size(plan.limits.memory) if plan.limits.memory else "?"
+            return JobResult(exit_status=ExitCode.JOB_OOM, reason="oom",
+                             message=f"job {plan.job_id} was killed: out of memory "
+                                     f"(limit {limit})", **base)  # type: ignore[arg-type]
+        if reason is None:
+            reason = "signaled" if status > 128 else "exited"
+        return JobResult(exit_status=status, reason=reason, **base)  # type: ignore[arg-type]
+    finally:
+        if proc is not None and proc.returncode is None:
+            cg.kill()
+            os.kill(proc.pid, signal.SIGKILL)
+            os.waitpid(proc.pid, 0)
+            proc.returncode = -9
+        for fd in (plan_r, plan_w, status_r, status_w):
+            if fd >= 0:
+                os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _wait(pid: int, req: JobRequest, cg: JobCgroup, start: float) -> tuple[int, str | None]:
+    """Wait for the helper; forward signals; enforce the timeout. Returns (status, reason)."""
+    deadline = start + req.timeout if req.timeout else None
+    kill_at: float | None = None
+    reason: str | None = None
+    fg = _foreground()
+    while True:
+        done, wstatus = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(wstatus)
+            return (code if code >= 0 else 128 - code), reason
+        now = time.monotonic()
+        if kill_at is not None and now >= kill_at:
+            cg.kill()
+            _kill(pid, signal.SIGKILL)  # without a cgroup: init dies with it, and its PID ns
+            kill_at = now + 3600
+        if deadline is not None and now >= deadline and reason != "timeout":
+            reason, deadline = "timeout", None
+            _kill(pid, signal.SIGTERM)
+            kill_at = min(kill_at or now + req.kill_after, now + req.kill_after)
+        waits = [t - now for t in (deadline, kill_at) if t is not None]
+        info = (signal.sigtimedwait(WAITED, max(0.0, min(waits))) if waits
+                else signal.sigwaitinfo(WAITED))
+        if info is None or info.si_signo == signal.SIGCHLD:
+            continue
+        sig = signal.Signals(info.si_signo)
+        from_tty = info.si_code == SI_KERNEL and fg
+        if sig in TERMINATE:
+            reason = reason or "interrupted"
+            now = time.monotonic()
+            kill_at = now if kill_at is not None else now + req.kill_after
+        if not from_tty:
+            _kill(pid, sig)
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _foreground() -> bool:
+    """Are we in the terminal's foreground process group (so Ctrl-C reaches the job too)?"""
+    try:
+        return os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def _read_status(fd: int) -> str:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return ""
+    return data.decode("utf-8", "replace").strip().splitlines()[-1] if data.strip() else ""
