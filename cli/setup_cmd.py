@@ -1,0 +1,369 @@
+"""``jbl setup --system``: make this machine a shared jbl server, idempotently.
+
+What it puts in place (docs/shared-server.md explains each choice):
+
+    admin group      G (default jbl-admin): its members may install, remove and gc
+    STORE            root:G 2775; index.db (+ -wal, -shm kept) root:G 0664; lock 0664;
+                     blobs/ and its 256 shard dirs root:G 2770 (users read runtimes only through
+                     the mount); cache/, run/ root:G 2775. Nothing in it is writable by others.
+    /etc/fuse.conf   ``user_allow_other``
+    units            /etc/systemd/system/jbl-mount.service (jbl mount --foreground --allow-other
+                     MOUNTPOINT), jbl-gc.service + jbl-gc.timer (daily ``jbl store gc``)
+    alias            /opt/joblet/runtimes -> MOUNTPOINT (with --joblet-alias)
+
+Every step checks first and only changes what differs, so a second run changes nothing and
+says so. ``--dry-run`` changes nothing and prints what it would do. When systemd is not
+running (containers, CI) the unit files are still written and the output says how to start
+the mount by hand. ``--root DIR`` writes the fixed system files (fuse.conf, units, alias)
+under DIR instead of ``/`` (for building images, and for tests); the store and mountpoint are
+used as given.
+
+Thread-safety: a command handler; runs once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jbl.store.access import DEFAULT_ADMIN_GROUP, configured_group
+from jbl.store.errors import JblError, PermissionDenied, UsageError
+
+from .output import print_json, table
+
+DEFAULT_MOUNTPOINT = Path("/run/jbl/runtimes")
+JOBLET_ALIAS = Path("opt/joblet/runtimes")
+UNIT_DIR = Path("etc/systemd/system")
+FUSE_CONF = Path("etc/fuse.conf")
+_GROUP_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}\$?$")
+
+DIR_MODE = 0o2775     # setgid: files made by any admin stay in the admin group
+BLOB_DIR_MODE = 0o2770  # no access for others: runtimes are read through the mount only
+FILE_MODE = 0o664     # index, lock: admins write, everyone reads (list/info/df)
+
+
+@dataclass
+class Plan:
+    """Carries out (or, dry, only records) idempotent steps; one row per step."""
+
+    dry: bool
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def step(self, what: str, path: str | Path, needed: bool, action: str,
+             do: Any = None) -> bool:
+        if not needed:
+            self.rows.append({"step": what, "path": str(path), "result": "ok"})
+            return False
+        if not self.dry and do is not None:
+            do()
+        done = _PAST.get(action, action + "d")
+        self.rows.append({"step": what, "path": str(path),
+                          "result": f"would {action}" if self.dry else done})
+        return True
+
+
+_PAST = {"run": "ran", "change": "changed"}
+
+
+def _jbl_exe() -> str:
+    me = Path(sys.argv[0])
+    if me.name == "jbl" and me.is_file():
+        return str(me.absolute())
+    cand = Path(sys.executable).with_name("jbl")
+    return str(cand) if cand.exists() else (shutil.which("jbl") or "jbl")
+
+
+# --- steps ----------------------------------------------------------------------------------
+def ensure_group(plan: Plan, name: str) -> int | None:
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        pass
+    else:
+        plan.step("admin group", name, False, "create")
+        return gid
+    plan.step("admin group", name, True, "create",
+              lambda: subprocess.run(["groupadd", "--system", name], check=True,
+                                     capture_output=True))
+    return None if plan.dry else grp.getgrnam(name).gr_gid
+
+
+def _fix(plan: Plan, what: str, path: Path, mode: int, gid: int | None,
+         uid: int | None = 0) -> None:
+    """Make ``path`` have exactly ``mode`` and owner uid:gid (None = leave)."""
+    st = path.lstat()
+    want_uid = st.st_uid if uid is None else uid
+    want_gid = st.st_gid if gid is None else gid
+    needed = stat.S_IMODE(st.st_mode) != mode or (st.st_uid, st.st_gid) != (want_uid, want_gid)
+
+    def do() -> None:
+        os.chown(path, want_uid, want_gid)
+        os.chmod(path, mode)  # after chown: chown clears setgid
+    plan.step(what, path, needed, "change", do)
+
+
+def _mkdir(plan: Plan, what: str, path: Path, mode: int, gid: int | None) -> None:
+    if not path.is_dir():
+        def do() -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, 0, -1 if gid is None else gid)
+            os.chmod(path, mode)
+        plan.step(what, path, True, "create", do)
+        return
+    _fix(plan, what, path, mode, gid)
+
+
+def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
+    from jbl.store.db import INDEX_NAME
+    from jbl.store.store import Store
+
+    _mkdir(plan, "store directory", store, DIR_MODE, gid)
+    index = store / INDEX_NAME
+    if not index.exists():
+        def create() -> None:
+            old = os.umask(0o022)  # SQLite creates the index with mode & ~umask
+            try:
+                Store.open(store, create=True).close()
+            finally:
+                os.umask(old)
+        plan.step("store index", index, True, "create", create)
+    elif not plan.dry:
+        # Opening read-write once migrates an old index and, with db.py's persistent WAL,
+        # (re)creates -wal and -shm so non-admin readers can open it.
+        Store.open(store).close()
+    for name in (INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-shm", "lock"):
+        p = store / name
+        if not p.exists():
+            if name != "lock" or plan.dry:
+                continue
+            p.touch(0o664)
+        _fix(plan, "store file", p, FILE_MODE, gid)
+    for sub in ("cache", "run"):
+        _mkdir(plan, "store directory", store / sub, DIR_MODE, gid)
+    blobs = store / "blobs"
+    _mkdir(plan, "blob directory", blobs, BLOB_DIR_MODE, gid)
+    # Pre-create every shard: a directory an admin's `mkdir` made with umask 022 would not be
+    # writable by the other admins (setgid gives the group, not the group's write bit).
+    shards = [f"{i:02x}" for i in range(256)] + ["tmp"]
+    todo = 0
+    for s in shards:
+        d = blobs / s
+        if plan.dry:
+            todo += not d.is_dir()
+            continue
+        if not d.is_dir():
+            d.mkdir(exist_ok=True)
+            todo += 1
+        st = d.stat()
+        if stat.S_IMODE(st.st_mode) != BLOB_DIR_MODE or (gid is not None and st.st_gid != gid):
+            os.chown(d, 0, st.st_gid if gid is None else gid)
+            os.chmod(d, BLOB_DIR_MODE)
+            todo += 1
+        if gid is not None:  # blobs written before setup: same group, so admins can gc them
+            for f in os.scandir(d):
+                if f.stat(follow_symlinks=False).st_gid != gid:
+                    os.chown(f.path, -1, gid, follow_symlinks=False)
+                    todo += 1
+    plan.step("blob shards", blobs / "00..ff", bool(todo), "normalise")
+
+
+def ensure_fuse_conf(plan: Plan, path: Path) -> None:
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()
+    if any(ln.strip() == "user_allow_other" for ln in lines):
+        plan.step("fuse.conf user_allow_other", path, False, "enable")
+        return
+    if "#user_allow_other" in [ln.strip() for ln in lines]:
+        lines = ["user_allow_other" if ln.strip() == "#user_allow_other" else ln
+                 for ln in lines]
+    else:
+        lines.append("user_allow_other")
+    plan.step("fuse.conf user_allow_other", path, True, "enable",
+              lambda: _write_atomic(path, "\n".join(lines) + "\n", 0o644))
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.jbl-tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def unit_texts(jbl: str, store: Path, mountpoint: Path) -> dict[str, str]:
+    head = "# Written by `jbl setup --system`; rerun it rather than editing this file.\n"
+    return {
+        "jbl-mount.service": head + f"""[Unit]
+Description=jbl: every installed runtime, read-only, at {mountpoint}
+Documentation=file://{Path(__file__).resolve().parents[1]}/docs/shared-server.md
+After=local-fs.target
+
+[Service]
+Type=simple
+ExecStartPre=/bin/mkdir -p {mountpoint}
+# a mount left by a crashed daemon would make the next mount fail
+ExecStartPre=-{jbl} umount {mountpoint}
+ExecStart={jbl} --store {store} mount --foreground --allow-other {mountpoint}
+ExecStopPost=-{jbl} umount {mountpoint}
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+""",
+        "jbl-gc.service": head + f"""[Unit]
+Description=jbl: collect runtimes and blobs nothing needs (policy: /etc/jbl/config.yaml)
+
+[Service]
+Type=oneshot
+ExecStart={jbl} --store {store} store gc --quiet
+Nice=10
+IOSchedulingClass=idle
+""",
+        "jbl-gc.timer": head + """[Unit]
+Description=jbl: daily garbage collection of the runtime store
+
+[Timer]
+OnCalendar=daily
+RandomizedDelaySec=1h
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+""",
+    }
+
+
+def ensure_units(plan: Plan, unit_dir: Path, units: dict[str, str]) -> bool:
+    changed = False
+    for name, text in units.items():
+        p = unit_dir / name
+        old = p.read_text() if p.exists() else None
+        changed |= plan.step("systemd unit", p, old != text,
+                             "create" if old is None else "update",
+                             lambda p=p, text=text: _write_atomic(p, text, 0o644))
+    return changed
+
+
+def ensure_alias(plan: Plan, alias: Path, mountpoint: Path) -> None:
+    if alias.is_symlink():
+        if Path(os.readlink(alias)) == mountpoint:
+            plan.step("joblet alias", alias, False, "create")
+            return
+
+        def relink() -> None:
+            alias.unlink()
+            alias.symlink_to(mountpoint)
+        plan.step("joblet alias", alias, True, "update", relink)
+        return
+    if alias.exists():
+        raise JblError(f"{alias} exists and is not a symlink (a Joblet install?)",
+                       hint="move it aside, then run jbl setup --system --joblet-alias again")
+
+    def link() -> None:
+        alias.parent.mkdir(parents=True, exist_ok=True)
+        alias.symlink_to(mountpoint)
+    plan.step("joblet alias", alias, True, "create", link)
+
+
+def unreachable_for_others(path: str) -> str | None:
+    """The first of ``path`` (resolved) and its directories that other users cannot reach."""
+    real = Path(os.path.realpath(path))
+    for p in [*reversed(real.parents), real]:
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            return str(p)
+        if not mode & stat.S_IXOTH:
+            return str(p)
+    return None
+
+
+# --- the command ----------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    if not args.system:
+        raise UsageError("say what to set up: jbl setup --system (a shared server)")
+    group: str = args.group or configured_group()
+    if not _GROUP_RE.match(group):
+        raise UsageError(f"bad group name {group!r}")
+    mountpoint = Path(args.mountpoint)
+    if not mountpoint.is_absolute():
+        raise UsageError(f"--mountpoint must be an absolute path, not {args.mountpoint!r}")
+    if os.geteuid() != 0 and not args.dry_run:
+        raise PermissionDenied("setup --system needs root", hint="try --dry-run to see the plan")
+    root = Path(args.root)
+    store = Path(args.store).absolute()
+    plan = Plan(dry=args.dry_run)
+    jbl = _jbl_exe()
+
+    gid = ensure_group(plan, group)
+    ensure_store(plan, store, gid)
+    ensure_fuse_conf(plan, root / FUSE_CONF)
+    if not mountpoint.is_mount():  # a live mount's root mode is the filesystem's, not ours
+        _mkdir(plan, "mountpoint", mountpoint, 0o755, None)
+    units_changed = ensure_units(plan, root / UNIT_DIR, unit_texts(jbl, store, mountpoint))
+    if args.joblet_alias:
+        ensure_alias(plan, root / JOBLET_ALIAS, mountpoint)
+
+    nxt: list[str] = []
+    systemd_up = root == Path("/") and Path("/run/systemd/system").is_dir()
+    services = ["jbl-mount.service", "jbl-gc.timer"]
+    if systemd_up:
+        cmds = ([["systemctl", "daemon-reload"]] if units_changed else []) + \
+            [["systemctl", "enable", "--now", *services]]
+        for cmd in cmds:
+            plan.step("systemd", " ".join(cmd), True, "run",
+                      lambda cmd=cmd: subprocess.run(cmd, check=True, capture_output=True))
+    else:
+        nxt.append("systemd is not running here: the unit files are written but not started.")
+        nxt.append(f"  start the mount now:  {jbl} --store {store} mount --allow-other "
+                   f"{mountpoint}")
+        nxt.append("  once systemd runs:    systemctl daemon-reload && "
+                   f"systemctl enable --now {' '.join(services)}")
+    bad = unreachable_for_others(jbl) or unreachable_for_others(os.path.realpath(sys.executable))
+    if bad:
+        nxt.append(f"warning: other users cannot run jbl: {bad} is not reachable by them "
+                   "(install jbl where everyone can execute it, e.g. a venv under /opt)")
+    nxt.append(f"admins: usermod -aG {group} NAME (then log in again) to let NAME install, "
+               "remove and gc")
+
+    if args.json:
+        print_json({"dry_run": plan.dry, "group": group, "store": str(store),
+                    "mountpoint": str(mountpoint), "systemd": systemd_up,
+                    "steps": plan.rows, "next": nxt})
+    else:
+        table(plan.rows, [("result", "RESULT"), ("step", "STEP"), ("path", "PATH")])
+        if not args.quiet:
+            print()
+            print("\n".join(nxt))
+    return 0
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "setup", parents=parents, help="set this machine up as a shared jbl server",
+        description="Set up a shared server: the store (default /var/lib/jbl) owned by root "
+                    "and writable by an admin group, user_allow_other in /etc/fuse.conf, "
+                    "systemd units that keep `jbl mount --allow-other` serving and run gc "
+                    "daily. Idempotent; prints what it did.")
+    p.add_argument("--system", action="store_true", help="set up the shared server (required)")
+    p.add_argument("--mountpoint", default=str(DEFAULT_MOUNTPOINT), metavar="DIR",
+                   help=f"where every user sees the runtimes (default {DEFAULT_MOUNTPOINT})")
+    p.add_argument("--joblet-alias", action="store_true",
+                   help="also link /opt/joblet/runtimes to the mountpoint")
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help=f"admin group whose members may install/rm/gc (default "
+                        f"admin_group from /etc/jbl/config.yaml, else {DEFAULT_ADMIN_GROUP})")
+    p.add_argument("--dry-run", action="store_true", help="change nothing; print the plan")
+    p.add_argument("--root", default="/", metavar="DIR",
+                   help="write /etc and /opt files under DIR instead of / (images, tests)")
+    p.set_defaults(func=run)

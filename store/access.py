@@ -1,0 +1,165 @@
+"""Who may change a store: root, or a member of the store's admin group.
+
+The rule (docs/shared-server.md):
+
+* Reading a store (list, info, df, mount, run) needs no check here: the index and the mount
+  are readable by everyone; the kernel decides the rest.
+* Changing a store (install, import, rm, gc, pin, verify --repair) is allowed to
+    - root (euid 0), always;
+    - the owner of the store directory, when it is not the system store: a user's own
+      ``$XDG_DATA_HOME/jbl`` store keeps working for that user with no setup at all;
+    - a member of the store's **admin group**: the group that owns the store directory when
+      that directory is group-writable (``jbl setup --system`` makes it ``root:jbl-admin``,
+      mode 2775). Membership means the real/effective gid or a supplementary group.
+  Everyone else gets ``PermissionDenied("install needs root or membership in group G")``
+  (exit 8) *before* anything is opened for writing, so nothing is half-changed.
+* A store that is not group-writable has no admin group: only root (or its owner) may change
+  it, and the message names the configured group (``admin_group`` in /etc/jbl/config.yaml,
+  default ``jbl-admin``) and says how to make one (``jbl setup --system``).
+
+This check is the friendly front door, not the lock: jbl is not setuid, so the enforcement is
+the file permissions ``jbl setup --system`` puts on the store (index 0664 root:G, blobs 2770,
+nothing writable by others). The check is written to agree with them exactly, so a user who
+passes it can really write and a user who fails it could not have.
+
+Thread-safety: pure functions over the filesystem and the group database; safe anywhere.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+
+from .errors import PermissionDenied
+
+SYSTEM_STORE = Path("/var/lib/jbl")
+DEFAULT_ADMIN_GROUP = "jbl-admin"
+SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
+
+
+def configured_group() -> str:
+    """The admin group named in the system config (``admin_group:``), else ``jbl-admin``.
+
+    Only the system file is read: a user's own config must not be able to name the group
+    that the error message (and ``jbl setup``) treats as the admins.
+    """
+    try:
+        import yaml
+
+        data = yaml.safe_load(SYSTEM_CONFIG.read_text())
+    except (OSError, ValueError, ImportError):
+        return DEFAULT_ADMIN_GROUP
+    except Exception:  # a malformed YAML file: its owner (an admin) sees it elsewhere
+        return DEFAULT_ADMIN_GROUP
+    name = data.get("admin_group") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and name else DEFAULT_ADMIN_GROUP
+
+
+def _system_store() -> Path:
+    return SYSTEM_STORE.resolve()
+
+
+def is_system_store(store_dir: Path) -> bool:
+    return Path(store_dir).resolve() == _system_store()
+
+
+def _existing(path: Path) -> Path | None:
+    """``path`` itself if it exists, else its nearest existing ancestor (for a new store)."""
+    p = Path(path).absolute()
+    for cand in (p, *p.parents):
+        if cand.exists():
+            return cand
+    return None
+
+
+def store_admin_group(store_dir: Path) -> str | None:
+    """The group whose members administer ``store_dir``: its owning group if group-writable."""
+    try:
+        st = os.stat(store_dir)
+    except OSError:
+        return None
+    if not st.st_mode & stat.S_IWGRP:
+        return None
+    try:
+        return grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        return str(st.st_gid)
+
+
+def in_group(group: str) -> bool:
+    """Is the calling process a member of ``group`` (primary or supplementary)?"""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        if not group.isdigit():
+            return False
+        gid = int(group)
+    return gid in {os.getegid(), os.getgid(), *os.getgroups()}
+
+
+def can_admin(store_dir: Path | str | None = None) -> bool:
+    """May the caller change ``store_dir`` (default: the system store)? See the module rule."""
+    if os.geteuid() == 0:
+        return True
+    store = Path(store_dir) if store_dir is not None else SYSTEM_STORE
+    if not is_system_store(store):
+        anchor = _existing(store)
+        # A store that does not exist yet is created by whoever may write its parent: that
+        # is the user's own (e.g. a fresh ~/.local/share/jbl).
+        if anchor is not None and anchor != store.absolute():
+            return os.access(anchor, os.W_OK)
+        if anchor is not None and anchor.stat().st_uid == os.geteuid():
+            return True
+    group = store_admin_group(store)
+    return group is not None and in_group(group)
+
+
+def command_action(argv: list[str] | None = None) -> str:
+    """What the running ``jbl`` command does, for the error message: ``jbl store install X``
+    -> ``"install"``, ``jbl store gc`` -> ``"gc"``; ``"changing the store"`` otherwise."""
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).name != "jbl":
+        return "changing the store"
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    # skip the value of a global --store DIR given before the command
+    if "--store" in argv[1:]:
+        i = argv.index("--store")
+        if i + 1 < len(argv) and argv[i + 1] in words:
+            words.remove(argv[i + 1])
+    if len(words) >= 2 and words[0] == "store":
+        return words[1]
+    return words[0] if words else "changing the store"
+
+
+def require_admin(action: str | None = None, store_dir: Path | str | None = None) -> None:
+    """Raise PermissionDenied (exit 8) unless the caller may ``action`` on ``store_dir``.
+
+    ``action`` names the change in the message ("install", "rm", "gc"); by default it is
+    taken from the running command line (``command_action``).
+    """
+    if can_admin(store_dir):
+        return
+    action = action or command_action()
+    store = Path(store_dir) if store_dir is not None else SYSTEM_STORE
+    group = store_admin_group(store)
+    if group is not None:
+        raise PermissionDenied(f"{action} needs root or membership in group {group}",
+                               hint=f"store {store}; an admin can add you with "
+                                    f"`usermod -aG {group} {_whoami()}`, then log in again")
+    group = configured_group()
+    raise PermissionDenied(f"{action} needs root or membership in group {group}",
+                           hint=f"store {store} has no admin group yet; an admin can create "
+                                f"one with: jbl setup --system --group {group}")
+
+
+def _whoami() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
