@@ -19,7 +19,6 @@ Thread-safety: stateless apart from the directory; safe from any thread and proc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -38,7 +37,7 @@ ZSTD_LEVEL = 3
 MIN_SAVING = 0.05
 MAX_WINDOW_LOG = 23  # 8 MiB: our own frames never need more; refuse bigger on decode
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library forks ldconfig
 
 
 def _syncfs(fd: int) -> None:

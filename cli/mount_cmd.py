@@ -1,0 +1,113 @@
+"""``jbl mount MOUNTPOINT`` / ``jbl mount --status`` / ``jbl umount MOUNTPOINT``.
+
+Argument parsing and output only; the lifecycle is fusefs/mount.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jbl.store.errors import MountError, UsageError
+
+from . import output
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "mount", parents=parents, help="browse every installed runtime version read-only",
+        description="Serve the store read-only at MOUNTPOINT: MOUNTPOINT/<name>/<version>/ is "
+                    "each installed version, MOUNTPOINT/<name>/latest the highest release. "
+                    "Returns once the mount is ready; the daemon logs to STORE/run/mount.log.")
+    p.add_argument("mountpoint", nargs="?", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in front; Ctrl-C or SIGTERM unmounts")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let every user read the trees (file modes enforced); needs root "
+                        "or user_allow_other in /etc/fuse.conf")
+    p.add_argument("--status", action="store_true", help="list what is mounted where")
+    p.add_argument("--engine", choices=("raw", "pyfuse3"), default=None,
+                   help="raw: speak /dev/fuse directly (default; kernel-cached opens and "
+                        "listings); pyfuse3: the libfuse-based engine. Default from "
+                        "JBL_MOUNT_ENGINE, else raw")
+    p.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", parents=parents, help="unmount a jbl mount (also a stale one)",
+                       description="Stop the mount daemon serving MOUNTPOINT, or detach the "
+                                   "mount if its daemon died.")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.set_defaults(func=cmd_umount)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from jbl.fusefs import mount
+
+    if args.status:
+        if args.mountpoint is not None:
+            raise UsageError("--status takes no MOUNTPOINT")
+        return _status(args)
+    if args.mountpoint is None:
+        raise UsageError("jbl mount needs a MOUNTPOINT (or --status)")
+    mp = Path(os.path.realpath(args.mountpoint))
+    # a stale mount (its daemon died) answers ENOTCONN to stat: spawn() recovers it
+    if not mount.is_stale(mp) and not os.path.isdir(mp):
+        raise MountError(f"mountpoint {args.mountpoint} does not exist or is not a directory",
+                         hint=f"create it: mkdir -p {args.mountpoint}")
+    if args.allow_other and os.geteuid() != 0 and not _user_allow_other():
+        raise MountError("--allow-other needs root or 'user_allow_other' in /etc/fuse.conf")
+    engine = args.engine or os.environ.get("JBL_MOUNT_ENGINE") or mount.DEFAULT_ENGINE
+    if engine not in mount.ENGINES:
+        raise UsageError(f"JBL_MOUNT_ENGINE={engine!r}: use raw or pyfuse3")
+    if args.foreground:
+        logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+        with contextlib.suppress(KeyboardInterrupt):
+            mount.serve(args.store, mp, allow_other=args.allow_other, engine=engine)
+        return 0
+    proc = mount.spawn(args.store, mp, allow_other=args.allow_other, engine=engine)
+    proc.returncode = 0  # detached on purpose: it outlives us (and Popen must not warn)
+    output.note(args, f"mounted {args.store} on {mp} (pid {proc.pid}, {engine} engine; "
+                      f"log {mount.log_path(args.store)})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from jbl.fusefs import mount
+
+    rows = []
+    for st in mount.status(args.store):
+        rows.append({"mountpoint": st.mountpoint, "store": st.store, "pid": st.pid,
+                     "since": dt.datetime.fromtimestamp(st.since).isoformat(timespec="seconds"),
+                     "alive": st.alive, "state": st.state, "allow_other": st.allow_other,
+                     "private": st.private, "engine": st.engine})
+    output.emit(args, rows, [("mountpoint", "MOUNTPOINT"), ("pid", "PID"), ("since", "SINCE"),
+                             ("state", "STATE"), ("allow_other", "ALLOW_OTHER"),
+                             ("private", "PRIVATE"), ("engine", "ENGINE")],
+                empty=f"nothing of {args.store} is mounted")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from jbl.fusefs import mount
+
+    done = mount.unmount(args.mountpoint, args.store)
+    output.note(args, f"{os.path.realpath(args.mountpoint)}: {done}")
+    return 0
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: jbl mount")

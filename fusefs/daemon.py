@@ -1,0 +1,75 @@
+"""The mount daemon's entry point: ``python -m jbl.fusefs.daemon --store S --mountpoint M``.
+
+Started by ``mount.spawn`` in a new session with stdout/stderr on ``STORE/run/mount.log``. It
+reports readiness on ``--ready-fd`` (one line: ``ready`` or ``error <reason>``) and then
+serves until SIGTERM/SIGINT, an unmount, or (``--parent-pid``) the death of its parent.
+Exit status: 0 after a clean unmount, the MountError exit code if mounting failed.
+
+Thread-safety: a process of its own; see fusefs/mount.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from jbl.store.errors import ExitCode, JblError
+
+from . import mount
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jbl-mount-daemon")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--mountpoint", required=True, type=Path)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--engine", choices=mount.ENGINES, default=mount.DEFAULT_ENGINE)
+    a = p.parse_args(argv)
+    # `jbl run` blocks job-control signals before starting a private view (so only its
+    # supervisor takes them), and a child inherits the mask across exec: unblock, or the
+    # daemon would ignore the SIGTERM that asks it to unmount and be SIGKILLed 10 s later.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s jbl-mount[{os.getpid()}] %(levelname)s %(message)s")
+    logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+    def ready(reason: str | None) -> None:
+        if a.ready_fd is None:
+            return
+        line = "ready\n" if reason is None else f"error {reason}\n"
+        try:
+            os.write(a.ready_fd, line.encode())
+            os.close(a.ready_fd)
+        except OSError:
+            pass
+        a.ready_fd = None
+
+    try:
+        mount.serve(a.store, a.mountpoint, allow_other=a.allow_other, ready=ready,
+                    private=a.private, parent_pid=a.parent_pid, engine=a.engine)
+    except JblError as e:
+        ready(str(e))
+        logging.error("%s", e)
+        return int(e.exit_code)
+    except Exception as e:
+        ready(f"{type(e).__name__}: {e}")
+        logging.exception("mount daemon failed")
+        return int(ExitCode.MOUNT)
+    finally:
+        if a.private:
+            with contextlib.suppress(OSError):
+                a.mountpoint.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Leases the mount holds on versions in use (gc roots): ``LeaseKeeper`` for the pyfuse3
+engine (open handles), ``ThreadLeaseKeeper`` for the raw engine (held top inodes).
+
+While any handle into a version is open, the daemon holds ``store.lease(version_id,
+"mount")``, so gc keeps that version's rows and blobs even if it is removed meanwhile. The
+lease is taken on the first open and dropped ``LINGER`` seconds after the last release, so
+the open/close churn of a Python import (hundreds of files) costs one SQLite write per
+version per linger period, not one per file. The lease also records the version's last use.
+
+Writes go through a separate read-write Store used only from worker threads, one at a time
+(a CapacityLimiter of 1): the event loop never waits on SQLite's write lock. The first open
+of a version does wait for its lease (so gc cannot slip in between the open and the lease);
+a failure to take it is logged and the open goes ahead (serving beats protecting).
+
+Thread-safety: the public methods run on the trio thread; the Store belongs to the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from jbl.store.store import Store
+
+log = logging.getLogger("jbl.fusefs")
+
+LINGER = 30.0  # seconds a lease outlives the last handle into its version
+
+
+class LeaseKeeper:
+    def __init__(self, store_dir: Path, linger: float = LINGER) -> None:
+        self.store_dir = store_dir
+        self.linger = linger
+        self.counts: dict[int, int] = {}
+        self._held: dict[int, contextlib.ExitStack] = {}
+        self._pending: dict[int, trio.Event] = {}
+        self._store: Store | None = None
+        self._limiter = trio.CapacityLimiter(1)
+        self._nursery: trio.Nursery | None = None
+        self._failed: dict[int, float] = {}  # version -> when taking its lease last failed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the linger timers; on exit (cancelled) drop every lease."""
+        try:
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                for vid in list(self._held):
+                    await self._drop(vid)
+                if self._store is not None:
+                    await trio.to_thread.run_sync(self._store.close, limiter=self._limiter)
+
+    def held(self) -> list[int]:
+        return sorted(self._held)
+
+    async def acquire(self, version_id: int) -> None:
+        self.counts[version_id] = self.counts.get(version_id, 0) + 1
+        if version_id in self._held:
+            return
+        if trio.current_time() - self._failed.get(version_id, -1e9) < self.linger:
+            return  # do not retry (and wait on SQLite) for every open after a failure
+        ev = self._pending.get(version_id)
+        if ev is not None:
+            await ev.wait()
+            return
+        ev = self._pending[version_id] = trio.Event()
+        try:
+            stack = await trio.to_thread.run_sync(self._enter, version_id, limiter=self._limiter)
+            if stack is not None:
+                self._held[version_id] = stack
+            else:
+                self._failed[version_id] = trio.current_time()
+        finally:
+            del self._pending[version_id]
+            ev.set()
+
+    def release(self, version_id: int) -> None:
+        n = self.counts.get(version_id, 0) - 1
+        if n > 0:
+            self.counts[version_id] = n
+            return
+        self.counts.pop(version_id, None)
+        if version_id in self._held and self._nursery is not None:
+            self._nursery.start_soon(self._linger, version_id)
+
+    async def _linger(self, version_id: int) -> None:
+        await trio.sleep(self.linger)
+        if self.counts.get(version_id, 0) == 0 and version_id in self._held:
+            await self._drop(version_id)
+
+    async def _drop(self, version_id: int) -> None:
+        stack = self._held.pop(version_id, None)
+        if stack is not None:
+            try:
+                await trio.to_thread.run_sync(stack.close, limiter=self._limiter)
+            except Exception as e:  # the row stays; a dead pid's lease is ignored by gc
+                log.warning("could not drop the mount lease on version %d: %s", version_id, e)
+
+    def _enter(self, version_id: int) -> contextlib.ExitStack | None:
+        """Worker thread: take the lease. None (logged) if the store would not let us."""
+        try:
+            if self._store is None:
+                self._store = Store.open(self.store_dir)
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._store.lease(version_id, "mount"))
+            return stack
+        except Exception as e:
+            log.warning("could not take a mount lease on version %d: %s", version_id, e)
+            return None
+
+
+class ThreadLeaseKeeper:
+    """The raw engine's leases (fusefs/rawfs.py): one lease per version whose top directory
+    the kernel holds (taken at the LOOKUP/READDIRPLUS that hands the inode out, dropped
+    ``linger`` seconds after the FORGET that ends it). With no-open the daemon never sees
+    opens, so "the kernel still holds the version's top inode" is the only use it can see.
+
+    One worker thread owns a read-write Store and does every lease write; the request loop
+    only posts to its queue. ``acquire(vid, then)`` runs ``then()`` on the worker once the
+    lease is committed (or failed, logged: serving beats protecting): the caller defers its
+    reply into ``then`` so gc cannot slip in between the lookup and the lease.
+
+    Thread-safety: ``acquire``/``release``/``stop`` from any thread (a queue); the Store and
+    the held leases belong to the worker.
+    """
+
+    def __init__(self, store_dir: Path, linger: float = LINGER) -> None:
+        import queue
+        import threading
+
+        self.store_dir = store_dir
+        self.linger = linger
+        self._q: queue.Queue[tuple[str, int, object]] = queue.Queue()
+        self._held: dict[int, contextlib.ExitStack] = {}
+        self._drop_at: dict[int, float] = {}
+        self._failed: dict[int, float] = {}
+        self._store: Store | None = None
+        self._thread = threading.Thread(target=self._run, name="jbl-leases", daemon=True)
+        self._thread.start()
+
+    def acquire(self, version_id: int, then: Callable[[], None]) -> None:
+        self._q.put(("acquire", version_id, then))
+
+    def release(self, version_id: int) -> None:
+        self._q.put(("release", version_id, None))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drop every lease and close the Store (waits for the worker)."""
+        self._q.put(("stop", 0, None))
+        self._thread.join(timeout)
+
+    def held(self) -> list[int]:
+        return sorted(self._held)
+
+    def _run(self) -> None:
+        import queue
+        import time
+
+        while True:
+            now = time.monotonic()
+            wait = min(self._drop_at.values(), default=now + 3600) - now
+            try:
+                op, vid, then = self._q.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                for v, at in list(self._drop_at.items()):
+                    if at <= time.monotonic():
+                        del self._drop_at[v]
+                        self._drop(v)
+                continue
+            if op == "stop":
+                for v in list(self._held):
+                    self._drop(v)
+                if self._store is not None:
+                    self._store.close()
+                return
+            if op == "release":
+                if vid in self._held:
+                    self._drop_at[vid] = time.monotonic() + self.linger
+                continue
+            self._drop_at.pop(vid, None)
+            if (vid not in self._held
+                    and time.monotonic() - self._failed.get(vid, -1e9) >= self.linger):
+                stack = self._enter(vid)
+                if stack is None:
+                    self._failed[vid] = time.monotonic()
+                else:
+                    self._held[vid] = stack
+            try:
+                then()  # type: ignore[operator]
+            except Exception:
+                log.exception("replying after the lease on version %d", vid)
+
+    def _enter(self, version_id: int) -> contextlib.ExitStack | None:
+        try:
+            if self._store is None:
+                self._store = Store.open(self.store_dir)
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._store.lease(version_id, "mount"))
+            return stack
+        except Exception as e:
+            log.warning("could not take a mount lease on version %d: %s", version_id, e)
+            return None
+
+    def _drop(self, version_id: int) -> None:
+        stack = self._held.pop(version_id, None)
+        if stack is not None:
+            try:
+                stack.close()
+            except Exception as e:  # the row stays; a dead pid's lease is ignored by gc
+                log.warning("could not drop the mount lease on version %d: %s", version_id, e)

@@ -1,0 +1,581 @@
+"""The raw FUSE engine: the store's read-only tree served by reading /dev/fuse directly.
+
+Same tree, inode scheme and errno rules as the pyfuse3 engine (``ops.py``; docs/mount.md),
+but speaking the kernel protocol itself (``kernel.py``) so it can use what pyfuse3 hides:
+
+* **no-open / no-opendir**: OPEN and OPENDIR answer ENOSYS once; from then on the kernel
+  opens files and directories without asking (every request carries its nodeid, so READ
+  and READDIR need no handle) and gives each such file ``FOPEN_KEEP_CACHE`` and each such
+  directory ``FOPEN_CACHE_DIR`` (fs/fuse/file.c ``fuse_file_open``): page cache kept AND
+  directory listings cached in the kernel. No RELEASE/RELEASEDIR follow either.
+* long entry/attr timeouts and cached negative lookups below a version (immutable content);
+  1 s for the top two levels, which are also invalidated when the index changes
+  (INVAL_ENTRY for names that came or went, INVAL_INODE for the listing that changed).
+* READs up to 1 MiB (``max_pages`` 256), READDIRPLUS (attributes with the names),
+  cached symlinks.
+
+Structure: ONE request thread (``serve_forever``) reads requests and runs every handler
+synchronously: SQLite (``View``'s connection) and the inode table live on it, no locks.
+Handlers return the reply payload, raise ``Errno`` for an expected error, or return
+``DEFERRED`` when someone else will reply: a READ that must wait for the disk or decode a
+big chunk goes to the read pool (its worker writes the reply), a LOOKUP/READDIRPLUS that
+hands out a version's top directory waits for the lease worker. Writing a reply is one
+``writev`` on /dev/fuse, which is atomic, so any thread may do it. Notifications go through
+their own thread: written from the request thread they could deadlock (the kernel takes the
+parent directory's lock, which a LOOKUP waiting for this very thread may hold).
+
+Errors: nothing escapes a handler: ``Errno`` is answered as is, anything else through
+``errors.logged_errno`` (store errors by table, IntegrityError = EIO + a log line naming the
+blob, surprises = EIO + traceback); every modifying opcode is EROFS, unknown ones ENOSYS.
+
+Thread-safety: see above; ``View.read_piece`` is the only thing the read pool runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import queue
+import select
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from jbl.store import versions as versions_mod
+from jbl.store.errors import IntegrityError
+from jbl.store.view import ChunkRef, Entry, Piece, VersionRoot, View
+
+from . import kernel as K
+from .errors import logged_errno
+from .inodes import ENTRY, LATEST, NAME_DIR, ROOT, ROOT_INODE, InodeTable, Node, entry_key
+from .leases import ThreadLeaseKeeper
+
+log = logging.getLogger("jbl.fusefs")
+
+TIMEOUT = 86400     # entries/attrs below a version: immutable content
+TOP_TIMEOUT = 1     # the top two levels' attrs, `latest`, and their negative entries
+WATCH_PERIOD = 1.0  # how often the index is checked for installs/removals
+READ_THREADS = 4
+BUFSIZE = (K.MAX_PAGES_WANTED << 12) + 65536  # the largest request (a WRITE) + headers
+DEFERRED = None     # a handler's "the reply is on its way from another thread"
+_HDR = K.IN_HEADER.size
+
+
+class Errno(Exception):
+    """An expected error answer (no log line)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _attr(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, size: int,
+          mtime_ns: int) -> tuple[int, ...]:
+    sec, nsec = divmod(mtime_ns, 1_000_000_000)
+    sec &= (1 << 64) - 1  # before 1970: the kernel reads the u64 back as s64
+    return (ino, size, (size + 511) // 512, sec, sec, sec, nsec, nsec, nsec,
+            kind | (mode & 0o7777), nlink, uid, gid, 0, 4096, 0)
+
+
+def _replies(attr: tuple[int, ...], attr_timeout: int, entry_timeout: int
+             ) -> tuple[bytes, bytes]:
+    """(fuse_entry_out, fuse_attr_out) for a node, packed once."""
+    return (K.ENTRY_OUT.pack(attr[0], 0, entry_timeout, attr_timeout, 0, 0, *attr),
+            K.ATTR_OUT.pack(attr_timeout, 0, 0, *attr))
+
+
+def _negative(timeout: int) -> bytes:
+    return K.ENTRY_OUT.pack(0, 0, timeout, 0, 0, 0, *([0] * 16))
+
+
+class RawFS:
+    def __init__(self, view: View, fd: int, leases: ThreadLeaseKeeper | None = None,
+                 read_threads: int = READ_THREADS) -> None:
+        self.view = view
+        self.fd = fd
+        self.leases = leases
+        self.table = InodeTable()
+        self.pool = ThreadPoolExecutor(read_threads, thread_name_prefix="jbl-read")
+        self.top: dict[str, dict[str, VersionRoot]] = {}
+        self.latest: dict[str, str] = {}
+        self.leased: dict[int, int] = {}  # inode of a version's top dir -> version id
+        self.stats: dict[str, int] = {}
+        self.stopping = False
+        self.initialized = False
+        self.tick: Callable[[], None] | None = None  # extra periodic work (parent watch)
+        self._notes: queue.Queue[bytes | None] = queue.Queue()
+        self._notifier = threading.Thread(target=self._notify_loop, name="jbl-notify",
+                                          daemon=True)
+        root = Node(ROOT_INODE, ROOT, stat.S_IFDIR, None, nlookup=1)
+        self.table.add(("root", None), root)
+        self._refresh_top(force=True)
+        h = self._handlers = {
+            K.INIT: self.op_init, K.LOOKUP: self.op_lookup, K.FORGET: self.op_forget,
+            K.BATCH_FORGET: self.op_batch_forget, K.GETATTR: self.op_getattr,
+            K.READLINK: self.op_readlink, K.READ: self.op_read, K.READDIR: self.op_readdir,
+            K.READDIRPLUS: self.op_readdirplus, K.STATFS: self.op_statfs,
+            K.RELEASE: self.op_ok, K.RELEASEDIR: self.op_ok, K.INTERRUPT: self.op_interrupt,
+            K.DESTROY: self.op_destroy,
+        }
+        # ENOSYS makes the kernel stop sending these: OPEN/OPENDIR (no-open: see the module
+        # docstring), FLUSH, FSYNC, GETXATTR/LISTXATTR (EOPNOTSUPP to callers), ACCESS
+        # (default_permissions decides), LSEEK, STATX... -- the default for unknown opcodes.
+        for op in K.MODIFYING:
+            h[op] = self.op_erofs
+        # Answered at once without a handler: IOCTL reaches us for every isatty() on a file
+        # (Python's open() asks), and the kernel never caches its ENOSYS (fs/fuse/ioctl.c
+        # turns it into ENOTTY per call), so it gets the cheapest path there is.
+        self._quick = {K.IOCTL: errno.ENOTTY, K.OPEN: errno.ENOSYS, K.OPENDIR: errno.ENOSYS}
+        self._names = K.OPCODE_NAMES
+
+    # --- the request loop ---------------------------------------------------------------
+    def serve_forever(self, wakeup_fd: int | None = None) -> None:
+        """Serve until unmounted (ENODEV), DESTROY, or ``stopping`` (checked between
+        requests and when ``wakeup_fd`` — a signal wakeup pipe — becomes readable)."""
+        os.set_blocking(self.fd, False)
+        self._notifier.start()
+        buf = bytearray(BUFSIZE)
+        mv = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        if wakeup_fd is not None:
+            poller.register(wakeup_fd, select.POLLIN)
+        next_tick = time.monotonic() + WATCH_PERIOD
+        try:
+            while not self.stopping:
+                try:
+                    n = os.readv(self.fd, [buf])
+                except BlockingIOError:
+                    left = next_tick - time.monotonic()
+                    if left > 0:
+                        for fd, _ev in poller.poll(left * 1000):
+                            if fd == wakeup_fd:
+                                os.read(wakeup_fd, 512)
+                    n = 0
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOENT:  # the request was interrupted and is gone
+                        continue
+                    if e.errno == errno.ENODEV:  # unmounted
+                        log.info("the kernel closed the connection (unmounted)")
+                        return
+                    raise
+                if n:
+                    self.dispatch(mv[:n])
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + WATCH_PERIOD
+                    self._tick()
+        finally:
+            self._notes.put(None)
+            self.pool.shutdown(wait=True, cancel_futures=False)
+
+    def dispatch(self, req: memoryview) -> None:
+        length, op, unique, nodeid, _uid, _gid, _pid, _ext, _pad = K.IN_HEADER.unpack_from(req)
+        name = self._names.get(op, str(op))
+        self.stats[name] = self.stats.get(name, 0) + 1
+        quick = self._quick.get(op)
+        if quick is not None:
+            self._write([K.OUT_HEADER.pack(K.OUT_HEADER.size, -quick, unique)])
+            return
+        handler = self._handlers.get(op)
+        try:
+            if handler is None:
+                if op in K.NO_REPLY:
+                    return
+                raise Errno(errno.ENOSYS)
+            out = handler(unique, nodeid, req[_HDR:length])
+        except Errno as e:
+            self.reply_error(unique, e.code)
+            return
+        except Exception as e:
+            self.reply_error(unique, logged_errno(e, name))
+            return
+        if out is not None:
+            self.reply(unique, out)
+
+    def reply(self, unique: int, *parts: bytes) -> None:
+        size = K.OUT_HEADER.size + sum(len(p) for p in parts)
+        self._write([K.OUT_HEADER.pack(size, 0, unique), *parts])
+
+    def reply_error(self, unique: int, code: int) -> None:
+        self._write([K.OUT_HEADER.pack(K.OUT_HEADER.size, -code, unique)])
+
+    def _write(self, iov: list[bytes]) -> None:
+        try:
+            os.writev(self.fd, iov)
+        except OSError as e:
+            # ENOENT: the request was interrupted/aborted meanwhile; ENODEV: unmounted.
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("writing a reply to /dev/fuse: %s", e)
+
+    def _tick(self) -> None:
+        try:
+            self._refresh_top()
+        except Exception as e:
+            log.warning("checking the index for changes: %s", e)
+        if self.tick is not None:
+            self.tick()
+
+    # --- notifications (own thread: see the module docstring) ---------------------------
+    def _notify_loop(self) -> None:
+        while (msg := self._notes.get()) is not None:
+            try:
+                os.write(self.fd, msg)
+            except OSError as e:  # ENOENT: the kernel had nothing cached under that name
+                if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                    log.warning("notifying the kernel: %s", e)
+
+    def _inval_entry(self, parent: int, name: str) -> None:
+        raw = name.encode("utf-8", "surrogateescape")
+        body = K.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(raw), 0) + raw + b"\0"
+        self._notes.put(K.OUT_HEADER.pack(K.OUT_HEADER.size + len(body),
+                                          K.NOTIFY_INVAL_ENTRY, 0) + body)
+
+    def _inval_inode(self, ino: int) -> None:
+        body = K.NOTIFY_INVAL_INODE_OUT.pack(ino, 0, 0)  # attrs + every cached page/listing
+        self._notes.put(K.OUT_HEADER.pack(K.OUT_HEADER.size + len(body),
+                                          K.NOTIFY_INVAL_INODE, 0) + body)
+
+    # --- the top two levels -------------------------------------------------------------
+    def _refresh_top(self, force: bool = False) -> None:
+        """Re-read installed versions if the index changed; invalidate what moved."""
+        if not self.view.changed() and not force:
+            return
+        old, old_latest = self.top, self.latest
+        self.top = self.view.installed()
+        self.latest = {n: lt for n, vs in self.top.items()
+                       if (lt := versions_mod.latest(vs)) is not None and "latest" not in vs}
+        root = self.table.nodes[ROOT_INODE]
+        root.attr = _replies(_attr(ROOT_INODE, stat.S_IFDIR, 0o755, 2 + len(self.top), 0, 0, 0,
+                                   time.time_ns()), TOP_TIMEOUT, TOP_TIMEOUT)
+        for name, vs in self.top.items():
+            node = self.table.find(("name", name))
+            if node is not None:
+                node.attr = self._name_attr(node.inode, vs)
+        if not self.initialized:
+            return
+        if set(old) != set(self.top):
+            self._inval_inode(ROOT_INODE)
+        for name in set(old) ^ set(self.top):
+            self._inval_entry(ROOT_INODE, name)
+        for name in set(old) & set(self.top):
+            node = self.table.find(("name", name))
+            if node is None:
+                continue
+            moved = {v for v in set(old[name]) | set(self.top[name])
+                     if old[name].get(v) != self.top[name].get(v)}
+            if old_latest.get(name) != self.latest.get(name):
+                moved.add("latest")
+            for ver in moved:
+                self._inval_entry(node.inode, ver)
+            if moved:
+                self._inval_inode(node.inode)
+
+    def _name_attr(self, ino: int, vs: dict[str, VersionRoot]) -> tuple[bytes, bytes]:
+        mtime = max((v.installed_at for v in vs.values()), default=0.0)
+        return _replies(_attr(ino, stat.S_IFDIR, 0o755, 2 + len(vs), 0, 0, 0, int(mtime * 1e9)),
+                        TOP_TIMEOUT, TIMEOUT)
+
+    def _name_node(self, name: str) -> Node:
+        key = ("name", name)
+        node = self.table.find(key)
+        if node is None:
+            ino = self.table.number(key)
+            node = self.table.add(key, Node(ino, NAME_DIR, stat.S_IFDIR,
+                                            self._name_attr(ino, self.top.get(name, {})),
+                                            name=name))
+        return node
+
+    def _latest_node(self, name: str, target: str) -> Node:
+        key = ("latest", (name, target))
+        node = self.table.find(key)
+        if node is None:
+            ino = self.table.number(key)
+            at = self.top.get(name, {}).get(target)
+            t = target.encode()
+            attr = _attr(ino, stat.S_IFLNK, 0o777, 1, 0, 0, len(t),
+                         int((at.installed_at if at else 0) * 1e9))
+            node = self.table.add(key, Node(ino, LATEST, stat.S_IFLNK,
+                                            _replies(attr, TOP_TIMEOUT, TOP_TIMEOUT),
+                                            name=name, target=t))
+        return node
+
+    def _version_node(self, name: str, version: str) -> Node | None:
+        vr = self.top.get(name, {}).get(version)
+        if vr is None:
+            return None
+        e = self.view.entry(vr.root_id)
+        return None if e is None else self._entry_node(e)
+
+    def _entry_node(self, e: Entry) -> Node:
+        key = entry_key(e)
+        node = self.table.find(key)
+        if node is not None:
+            node.entry = e
+            return node
+        ino = self.table.number(key)
+        size = len(e.target or b"") if e.kind == stat.S_IFLNK else e.size
+        attr = _attr(ino, e.kind, e.mode, e.nlink, e.uid, e.gid, size, e.mtime_ns)
+        return self.table.add(key, Node(ino, ENTRY, e.kind, _replies(attr, TIMEOUT, TIMEOUT),
+                                        entry=e))
+
+    def _node(self, nodeid: int) -> Node:
+        node = self.table.get(nodeid)
+        if node is None:
+            raise Errno(errno.ENOENT)  # an inode the kernel should have forgotten
+        return node
+
+    def _listing(self, node: Node) -> list[tuple[bytes, Callable[[], Node | None]]]:
+        """The top-level directory ``node``'s children, in a stable order."""
+        if node.role == ROOT:
+            return [(n.encode("utf-8", "surrogateescape"), functools.partial(self._name_node, n))
+                    for n in sorted(self.top)]
+        vs = self.top.get(node.name, {})
+        out: list[tuple[bytes, Callable[[], Node | None]]] = [
+            (v.encode("utf-8", "surrogateescape"),
+             functools.partial(self._version_node, node.name, v))
+            for v in versions_mod.sort_versions(vs)]
+        lt = self.latest.get(node.name)
+        if lt is not None:
+            out.append((b"latest", lambda: self._latest_node(node.name, lt)))
+        return out
+
+    # --- leases: a version's top directory held by the kernel -------------------------
+    def _needs_lease(self, node: Node) -> int | None:
+        """The version id to lease before handing ``node`` out, if it is a version's top
+        directory not yet leased."""
+        e = node.entry
+        if (self.leases is None or e is None or e.parent_id is not None
+                or node.inode in self.leased):
+            return None
+        vid: int = e.version_id
+        self.leased[node.inode] = vid
+        return vid
+
+    def _dropped(self, node: Node | None) -> None:
+        if node is not None and self.leases is not None:
+            vid = self.leased.pop(node.inode, None)
+            if vid is not None:
+                self.leases.release(vid)
+
+    def _after_leases(self, unique: int, vids: list[int], payload: bytes) -> None:
+        """Reply ``payload`` once the lease worker holds every version in ``vids``."""
+        assert self.leases is not None
+        for vid in vids[:-1]:
+            self.leases.acquire(vid, lambda: None)
+        self.leases.acquire(vids[-1], lambda: self.reply(unique, payload))
+
+    # --- handlers -----------------------------------------------------------------------
+    def op_init(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        major, minor, readahead, flags, flags2 = K.INIT_IN.unpack_from(body)
+        if major != K.KERNEL_VERSION:
+            # A newer major: answer with ours and the kernel retries (or gives up).
+            log.warning("kernel speaks FUSE %d.%d; we speak %d", major, minor, K.KERNEL_VERSION)
+            return K.INIT_OUT.pack(K.KERNEL_VERSION, K.OUR_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                   *([0] * 7))
+        offered = flags | ((flags2 << 32) if flags & K.INIT_EXT else 0)
+        ours = offered & K.WANTED
+        if offered & K.INIT_EXT:
+            ours |= K.INIT_EXT
+        missing = K.WANTED & ~offered
+        log.info("kernel FUSE %d.%d (we speak 7.%d), max_readahead %d, flags %#x; granted "
+                 "%#x%s", major, minor, K.OUR_MINOR, readahead, offered, ours,
+                 f", kernel lacks {missing:#x}" if missing else "")
+        self.initialized = True
+        return K.INIT_OUT.pack(K.KERNEL_VERSION, min(minor, K.OUR_MINOR), readahead,
+                               ours & 0xFFFFFFFF, 64, 48, 128 << 10, 1, K.MAX_PAGES_WANTED,
+                               0, ours >> 32, *([0] * 7))
+
+    def op_lookup(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
+        name = bytes(body[:len(body) - 1]) if body[-1] == 0 else bytes(body)
+        parent = self._node(nodeid)
+        node: Node | None
+        if parent.role == ENTRY:
+            if parent.kind != stat.S_IFDIR:
+                raise Errno(errno.ENOTDIR)
+            assert parent.entry is not None
+            e = self.view.lookup(parent.entry.id, name)
+            if e is None:
+                return _negative(TIMEOUT)
+            node = self._entry_node(e)
+        else:
+            self._refresh_top()
+            text = name.decode("utf-8", "surrogateescape")
+            if parent.role == ROOT:
+                node = self._name_node(text) if text in self.top else None
+            elif text == "latest" and parent.name in self.latest:
+                node = self._latest_node(parent.name, self.latest[parent.name])
+            else:
+                node = self._version_node(parent.name, text)
+            if node is None:
+                return _negative(TOP_TIMEOUT)
+        node.nlookup += 1
+        vid = self._needs_lease(node)
+        if vid is not None:
+            self._after_leases(unique, [vid], node.attr[0])  # type: ignore[index]
+            return DEFERRED
+        return node.attr[0]  # type: ignore[index,no-any-return]
+
+    def op_forget(self, unique: int, nodeid: int, body: memoryview) -> None:
+        (n,) = K.FORGET_IN.unpack_from(body)
+        self._dropped(self.table.forget(nodeid, n))
+
+    def op_batch_forget(self, unique: int, nodeid: int, body: memoryview) -> None:
+        (count, _) = K.BATCH_FORGET_IN.unpack_from(body)
+        off = K.BATCH_FORGET_IN.size
+        for _ in range(count):
+            ino, n = K.FORGET_ONE.unpack_from(body, off)
+            off += K.FORGET_ONE.size
+            self._dropped(self.table.forget(ino, n))
+
+    def op_getattr(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        return self._node(nodeid).attr[1]  # type: ignore[index,no-any-return]
+
+    def op_readlink(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        node = self._node(nodeid)
+        if node.kind != stat.S_IFLNK:
+            raise Errno(errno.EINVAL)
+        if node.role == LATEST:
+            return node.target
+        assert node.entry is not None
+        return bytes(View.readlink(node.entry))
+
+    def op_statfs(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        size, files = self.view.totals()
+        # read-only: nothing free; 255-byte names
+        return K.KSTATFS.pack((size + 4095) // 4096, 0, 0, files, 0, 4096, 255, 4096, 0,
+                              *([0] * 6))
+
+    def op_ok(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        return b""
+
+    def op_erofs(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        raise Errno(errno.EROFS)
+
+    def op_interrupt(self, unique: int, nodeid: int, body: memoryview) -> None:
+        return None  # every request finishes promptly; the kernel waits for its reply
+
+    def op_destroy(self, unique: int, nodeid: int, body: memoryview) -> bytes:
+        self.stopping = True
+        return b""
+
+    # --- files --------------------------------------------------------------------------
+    def _refs(self, node: Node) -> tuple[ChunkRef, ...]:
+        if node.refs is None:
+            e = node.entry
+            if node.kind != stat.S_IFREG or e is None:
+                raise Errno(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
+            refs = self.view.chunks(e.content_id) if e.content_id is not None else ()
+            cs = self.view.chunk_size
+            if len(refs) != (e.size + cs - 1) // cs:
+                if self.view.entry(e.id) is None:  # its version was removed (and purged)
+                    raise Errno(errno.ENOENT)
+                raise IntegrityError(f"entry {e.id} ({e.name!r}): {len(refs)} chunks in the "
+                                     f"index for {e.size} bytes")
+            node.refs = refs
+        return node.refs
+
+    def op_read(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
+        _fh, off, size, *_ = K.READ_IN.unpack_from(body)
+        node = self._node(nodeid)
+        refs = self._refs(node)
+        assert node.entry is not None
+        pieces = self.view.plan_read(refs, node.entry.size, off, size)
+        out: list[bytes | None] = [self.view.read_piece_nowait(p) for p in pieces]
+        if None not in out:
+            self.reply(unique, *out)  # type: ignore[arg-type]
+            return DEFERRED  # (already answered, without joining the pieces)
+        self.stats["read_thread"] = self.stats.get("read_thread", 0) + 1
+        self.pool.submit(self._read_slow, unique, pieces, out)
+        return DEFERRED
+
+    def _read_slow(self, unique: int, pieces: list[Piece], got: list[bytes | None]) -> None:
+        """Read pool: the pieces the request thread could not have without waiting."""
+        try:
+            data = [g if g is not None else self.view.read_piece(p)
+                    for p, g in zip(pieces, got, strict=True)]
+        except Exception as e:
+            self.reply_error(unique, logged_errno(e, "read"))
+            return
+        self.reply(unique, *data)
+
+    # --- directories --------------------------------------------------------------------
+    def op_readdir(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
+        return self._readdir(unique, nodeid, body, plus=False)
+
+    def op_readdirplus(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
+        return self._readdir(unique, nodeid, body, plus=True)
+
+    def _readdir(self, unique: int, nodeid: int, body: memoryview, plus: bool
+                 ) -> bytes | None:
+        _fh, off, size, *_ = K.READ_IN.unpack_from(body)
+        node = self._node(nodeid)
+        if node.kind != stat.S_IFDIR:
+            raise Errno(errno.ENOTDIR)
+        out: list[bytes] = []
+        room = size
+        vids: list[int] = []
+
+        def add(name: bytes, child: Node | None, kind: int, ino: int, next_off: int) -> bool:
+            nonlocal room
+            need = K.dirent_size(len(name), plus)
+            if need > room:
+                if child is not None:
+                    self.table.maybe_drop(child)
+                return False
+            room -= need
+            pad = b"\0" * (-(K.DIRENT.size + len(name)) % 8)
+            if plus:
+                assert child is not None
+                child.nlookup += 1  # the kernel now holds a reference (it will FORGET it)
+                vid = self._needs_lease(child)
+                if vid is not None:
+                    vids.append(vid)
+                out.append(child.attr[0])  # type: ignore[index]
+            out.append(K.DIRENT.pack(ino, next_off, len(name), kind >> 12) + name + pad)
+            return True
+
+        if node.role == ENTRY:
+            assert node.entry is not None
+            after = off
+            per = K.dirent_size(16, plus)
+            while True:
+                batch = self.view.readdir(node.entry.id, after, room // per + 2)
+                for e in batch:
+                    if plus:
+                        child: Node | None = self._entry_node(e)
+                        ino = child.inode  # type: ignore[union-attr]
+                    else:
+                        child, ino = None, self.table.peek(entry_key(e))
+                    if not add(e.name, child, e.kind, ino, e.id):
+                        break
+                else:
+                    if batch:
+                        after = batch[-1].id
+                        continue
+                break
+        else:
+            self._refresh_top()
+            for i, (name, make) in enumerate(self._listing(node)):
+                if i < off:
+                    continue
+                try:
+                    child = make()
+                except Errno:
+                    child = None
+                if child is None:
+                    continue  # removed since the listing was read
+                if not add(name, child if plus else None, child.kind, child.inode, i + 1):
+                    break
+                if not plus:
+                    self.table.maybe_drop(child)
+        payload = b"".join(out)
+        if vids:
+            self._after_leases(unique, vids, payload)
+            return DEFERRED
+        return payload
