@@ -42,13 +42,13 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def sh(*argv: str | Path) -> None:
+def sh(*argv: str | Path, check: bool = True) -> None:
     """Echo a command as a user would type it, then run it; stop the demo if it fails."""
     args = [str(a) for a in argv]
-    shown = ["jbl" if a == JBL else a for a in args]
+    shown = ["jbl" if a == str(JBL) else a for a in args]
     print("$ " + shlex.join(shown), flush=True)
     rc = subprocess.run(args).returncode
-    if rc != 0:
+    if rc != 0 and check:
         print(f"demo: the command above failed (exit {rc})", file=sys.stderr)
         raise SystemExit(rc)
 
@@ -99,11 +99,42 @@ def main() -> int:
     sh(JBL, "--store", store, "store", "info", f"{NAME}@1.1.0")
     sh(JBL, "--store", store, "store", "df")
 
-    # ---- JOB STEP (issue 4) ---------------------------------------------------------------
-    # `jbl run` goes here: a job in each version, showing the probe module answer differently:
-    #   sh(JBL, "--store", store, "run", "--runtime", f"{NAME}@1.0.0", "--",
-    #      "python3", "-c", "import jblprobe; print(jblprobe.VERSION)")
-    # ----------------------------------------------------------------------------------------
+    step("4. run a job in each version, side by side (namespaces, read-only runtime root)")
+    script = DEMO / "hello.py"
+    script.write_text(
+        "import jblprobe, os, platform, sys\n"
+        "print(f'{jblprobe.VERSION}: python {platform.python_version()} as pid {os.getpid()} '\n"
+        "      f'on {platform.node()}, cwd {os.getcwd()}')\n"
+        "try:\n"
+        "    open('/usr/lib/python3.11/os.py', 'a')\n"
+        "except OSError as e:\n"
+        "    print('  the runtime is read-only:', e.strerror)\n"
+        "open('/tmp/scratch', 'w').write('private /tmp')\n"
+        "sys.exit(3)\n")
+    jobs = []
+    for version in VERSIONS:
+        argv = [str(JBL), "--store", str(store), "run", "--runtime", f"{NAME}@{version}",
+                "--memory", "256M", "--pids", "64", "--timeout", "1m", "--upload", str(script),
+                "--", "python3", "hello.py"]
+        print("$ " + shlex.join(["jbl"] + argv[1:]) + " &", flush=True)
+        jobs.append(subprocess.Popen(argv))
+    for job in jobs:
+        print(f"  (job exited with status {job.wait()}: the script's own exit code)")
+
+    step("5. browse every installed version through the read-only FUSE view")
+    mnt = DEMO / "mnt"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run([str(JBL), "umount", str(mnt)], capture_output=True)  # a leftover, if any
+    sh(JBL, "--store", store, "mount", mnt)
+    try:
+        sh("ls", "-l", mnt / NAME)
+        sh("diff", "-r", "-q", mnt / NAME / "1.0.0", mnt / NAME / "1.1.0", check=False)
+    finally:
+        sh(JBL, "umount", mnt)
+
+    step("6. check the store and collect garbage")
+    sh(JBL, "--store", store, "store", "verify")
+    sh(JBL, "--store", store, "store", "gc", "--dry-run", "--keep-latest", "1")
 
     print(f"\ndemo done: store {store}, registry {registry} "
           f"(try: {shlex.join(['jbl', '--store', str(store), 'store', 'list'])})")

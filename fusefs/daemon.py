@@ -1,6 +1,9 @@
 """The mount daemon's entry point: ``python -m jbl.fusefs.daemon --store S --mountpoint M``.
 
-Started by ``mount.spawn`` in a new session with stdout/stderr on ``STORE/run/mount.log``. It
+Started by ``mount.spawn`` in a new session with stdout/stderr on its log (``--log``:
+``STORE/run/mount.log``, or the user's own directory when the store's is not writable; see
+fusefs/mounttab.py). Log lines go through ``BoundedLog``, which rotates the file at
+``mounttab.LOG_MAX`` so it never grows without bound. It
 reports readiness on ``--ready-fd`` (one line: ``ready`` or ``error <reason>``) and then
 serves until SIGTERM/SIGINT, an unmount, or (``--parent-pid``) the death of its parent.
 Exit status: 0 after a clean unmount, the MountError exit code if mounting failed.
@@ -21,6 +24,32 @@ from pathlib import Path
 from jbl.store.errors import ExitCode, JblError
 
 from . import mount
+from .mounttab import open_log, rotate_log
+
+
+class BoundedLog(logging.Handler):
+    """Appends each line to ``path`` (O_APPEND: several daemons share a store's log),
+    rotating at LOG_MAX. After a rotation, stdout/stderr (tracebacks that bypass logging)
+    are pointed at the new file too."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode(errors="replace")
+            rotated = rotate_log(self.path)
+            fd = open_log(self.path)
+            try:
+                os.write(fd, line)
+                if rotated:
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+            finally:
+                os.close(fd)
+        except Exception:
+            self.handleError(record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--debug", action="store_true")
     p.add_argument("--engine", choices=mount.ENGINES, default=mount.DEFAULT_ENGINE)
+    p.add_argument("--log", type=Path, help="log file (default: stderr)")
     a = p.parse_args(argv)
     # `jbl run` blocks job-control signals before starting a private view (so only its
     # supervisor takes them), and a child inherits the mask across exec: unblock, or the
     # daemon would ignore the SIGTERM that asks it to unmount and be SIGKILLed 10 s later.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, stream=sys.stderr,
+    handler: logging.Handler = (BoundedLog(a.log) if a.log is not None
+                                else logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, handlers=[handler],
                         format=f"%(asctime)s jbl-mount[{os.getpid()}] %(levelname)s %(message)s")
     logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
