@@ -24,14 +24,18 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "mount", parents=parents, help="browse every installed runtime version read-only",
         description="Serve the store read-only at MOUNTPOINT: MOUNTPOINT/<name>/<version>/ is "
                     "each installed version, MOUNTPOINT/<name>/latest the highest release. "
-                    "Returns once the mount is ready; the daemon logs to STORE/run/mount.log.")
+                    "Returns once the mount is ready; the daemon logs to STORE/run/mount.log "
+                    "(or, if that is not writable, beside your mount records).")
     p.add_argument("mountpoint", nargs="?", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in front; Ctrl-C or SIGTERM unmounts")
     p.add_argument("--allow-other", action="store_true",
                    help="let every user read the trees (file modes enforced); needs root "
                         "or user_allow_other in /etc/fuse.conf")
-    p.add_argument("--status", action="store_true", help="list what is mounted where")
+    p.add_argument("--status", action="store_true",
+                   help="list the live or stale mounts of the store, and where")
+    p.add_argument("--all", action="store_true",
+                   help="with --status: the jbl mounts of every store on this host")
     p.add_argument("--engine", choices=("raw", "pyfuse3"), default=None,
                    help="raw: speak /dev/fuse directly (default; kernel-cached opens and "
                         "listings); pyfuse3: the libfuse-based engine. Default from "
@@ -40,7 +44,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     u = sub.add_parser("umount", parents=parents, help="unmount a jbl mount (also a stale one)",
                        description="Stop the mount daemon serving MOUNTPOINT, or detach the "
-                                   "mount if its daemon died.")
+                                   "mount if its daemon died. MOUNTPOINT alone is enough: "
+                                   "no --store needed.")
     u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     u.set_defaults(func=cmd_umount)
 
@@ -52,6 +57,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if args.mountpoint is not None:
             raise UsageError("--status takes no MOUNTPOINT")
         return _status(args)
+    if args.all:
+        raise UsageError("--all goes with --status")
     if args.mountpoint is None:
         raise UsageError("jbl mount needs a MOUNTPOINT (or --status)")
     mp = Path(os.path.realpath(args.mountpoint))
@@ -78,25 +85,31 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from jbl.fusefs import mount
+    from jbl.fusefs import mount, mounttab
 
+    found = (mounttab.records() + mounttab.unrecorded()) if args.all else \
+        mount.status(args.store)
     rows = []
-    for st in mount.status(args.store):
-        rows.append({"mountpoint": st.mountpoint, "store": st.store, "pid": st.pid,
-                     "since": dt.datetime.fromtimestamp(st.since).isoformat(timespec="seconds"),
-                     "alive": st.alive, "state": st.state, "allow_other": st.allow_other,
-                     "private": st.private, "engine": st.engine})
-    output.emit(args, rows, [("mountpoint", "MOUNTPOINT"), ("pid", "PID"), ("since", "SINCE"),
-                             ("state", "STATE"), ("allow_other", "ALLOW_OTHER"),
-                             ("private", "PRIVATE"), ("engine", "ENGINE")],
-                empty=f"nothing of {args.store} is mounted")
+    for st in found:
+        since = (dt.datetime.fromtimestamp(st.since).isoformat(timespec="seconds")
+                 if st.since else "?")
+        rows.append({"mountpoint": st.mountpoint, "store": st.store, "pid": st.pid or None,
+                     "since": since, "alive": st.alive, "state": st.state,
+                     "allow_other": st.allow_other, "private": st.private,
+                     "engine": st.engine})
+    output.emit(args, rows, [("mountpoint", "MOUNTPOINT"), ("store", "STORE"), ("pid", "PID"),
+                             ("since", "SINCE"), ("state", "STATE"),
+                             ("allow_other", "ALLOW_OTHER"), ("private", "PRIVATE"),
+                             ("engine", "ENGINE")],
+                empty="no jbl mounts" if args.all else
+                f"nothing of {args.store} is mounted (--all: every store)")
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from jbl.fusefs import mount
 
-    done = mount.unmount(args.mountpoint, args.store)
+    done = mount.unmount(args.mountpoint)
     output.note(args, f"{os.path.realpath(args.mountpoint)}: {done}")
     return 0
 

@@ -17,7 +17,7 @@ A ``Node`` carries everything a handler needs (attributes, the entry, the chunk 
 opened), so a version removed while the kernel still holds its inodes keeps working from
 memory. Nodes live while the kernel's lookup count or an open handle refers to them.
 
-Thread-safety: trio thread only (no locks).
+Thread-safety: the engine's request thread only (pyfuse3: the trio thread); no locks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import stat
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import NewType, cast
 
 from jbl.store.view import ChunkRef, Entry
 
@@ -91,7 +91,7 @@ class InodeTable:
             return ino
         tag, val = key
         if tag == "e":
-            ino = Inode(ENTRY_BASE + int(val))  # type: ignore[call-overload]
+            ino = Inode(ENTRY_BASE + cast(int, val))
         elif tag == "c":
             h = int.from_bytes(hashlib.blake2b(repr(val).encode(), digest_size=8).digest(),
                                "little")
@@ -116,7 +116,7 @@ class InodeTable:
             return ino
         tag, val = key
         if tag == "e":
-            return ENTRY_BASE + int(val)  # type: ignore[call-overload]
+            return ENTRY_BASE + cast(int, val)
         if tag == "c":
             h = int.from_bytes(hashlib.blake2b(repr(val).encode(), digest_size=8).digest(),
                                "little")

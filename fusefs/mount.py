@@ -1,16 +1,18 @@
 """Mount lifecycle: serve a store on a mountpoint, start it as a daemon, find, stop, recover.
 
-    serve(...)          in this process: mount, run the trio loop, unmount on SIGTERM/SIGINT
-    spawn(...)          start ``python -m jbl.fusefs.daemon`` detached; return once the mount
+    serve(...)          in this process: mount, run the loop, unmount on SIGTERM/SIGINT
+    spawn(...)          start the daemon (fusefs/daemon.py) detached; return once the mount
                         is ready (a line on a pipe), or raise MountError with the reason
-    status(store_dir)   every mount recorded under STORE/run/ (pid, since, alive)
+    status(store_dir)   the live or stale mounts of one store (pid, since, state)
     unmount(mp)         stop the daemon (SIGTERM) or, if it died, detach the stale mount
     view_root(store)    a directory with <name>/<version>/ for the runner: a live `jbl mount`
                         of that store, or a private daemon mounted for the caller's lifetime
 
-Status files: ``STORE/run/mount-<hash of mountpoint>.json``, written after the mount is up,
-removed at clean exit. A file whose pid is gone, or whose mountpoint answers ENOTCONN, is a
-stale mount: ``jbl umount`` or the next ``jbl mount`` on that mountpoint cleans it.
+Which daemon serves which mountpoint is the per-host mount table (fusefs/mounttab.py): each
+daemon records itself in its user's own directory (root: /run/jbl/mounts) once the mount is
+up and removes the record at clean exit, so a mountpoint alone finds its daemon. A record
+whose daemon is dead while the mount is still there is a stale mount: ``jbl umount`` or the
+next ``jbl mount`` on that mountpoint cleans it; a record with neither is deleted when read.
 
 Thread-safety: functions here run in the CLI's (or the runner's) main thread; ``serve`` owns
 its process (pyfuse3 allows one mount per process).
@@ -19,8 +21,6 @@ its process (pyfuse3 allows one mount per process).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -31,150 +31,46 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jbl.store.errors import MountError
 from jbl.store.store import pid_alive, proc_starttime
 
+# re-exported: the names callers (the CLI, the runner, tests) use from the lifecycle module
+from .mounttab import FSTYPE as FSTYPE
+from .mounttab import MountStatus as MountStatus
+from .mounttab import _mount_at, open_log
+from .mounttab import answers as answers
+from .mounttab import find as find_record
+from .mounttab import force_unmount as force_unmount
+from .mounttab import is_stale as is_stale
+from .mounttab import jbl_mounts as jbl_mounts
+from .mounttab import log_path as log_path
+from .mounttab import mount_fstype as mount_fstype
+from .mounttab import records as all_records
+from .mounttab import write_record as _write_record
+
 log = logging.getLogger("jbl.fusefs")
 
-FSTYPE = "fuse.jbl"
 ENGINES = ("raw", "pyfuse3")
 DEFAULT_ENGINE = "raw"  # docs/mount.md: measured, passes every mount test
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-MNT_DETACH = 2
 
 
-@dataclass
-class MountStatus:
-    mountpoint: str
-    store: str
-    pid: int
-    pid_start: int
-    since: float
-    allow_other: bool
-    private: bool
-    engine: str = "pyfuse3"
-    alive: bool = False      # daemon running AND the mount answers
-    state: str = "unknown"   # 'mounted' | 'stale' (daemon gone or not answering) | 'gone'
+def status(store_dir: Path | str) -> list[MountStatus]:
+    """The live or stale mounts serving ``store_dir`` (dead ones are pruned on the way)."""
+    real = os.path.realpath(store_dir)
+    return [s for s in all_records() if os.path.realpath(s.store) == real]
 
 
-# --- where things are -------------------------------------------------------------------
-def run_dir(store_dir: Path) -> Path:
-    return Path(store_dir) / "run"
-
-
-def log_path(store_dir: Path) -> Path:
-    return run_dir(store_dir) / "mount.log"
-
-
-def status_path(store_dir: Path, mountpoint: Path, *, resolved: bool = False) -> Path:
-    # ``resolved``: the path is already real; do not stat it (our own mount may not be
-    # serving yet, and a stat would wait for it forever).
-    mp = os.fspath(mountpoint) if resolved else os.path.realpath(mountpoint)
-    h = hashlib.sha256(os.fsencode(mp)).hexdigest()[:16]
-    return run_dir(store_dir) / f"mount-{h}.json"
-
-
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo octal-escapes space, tab, newline and backslash
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, ch)
-    return field
-
-
-def _mount_at(mountpoint: Path | str) -> tuple[str, str] | None:
-    """(fstype, major:minor) of the topmost mount exactly at ``mountpoint``. Reads only
-    /proc/self/mountinfo: never touches the mount itself (which may hang or be stale)."""
-    target = os.fspath(mountpoint)
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if _unescape(fields[4]) == target:
-                    found = (right.split()[0], fields[2])
-    except OSError:
-        return None
-    return found
-
-
-def mount_fstype(mountpoint: Path | str) -> str | None:
-    """The fstype mounted exactly at ``mountpoint`` (topmost), None if nothing is."""
-    m = _mount_at(mountpoint)
-    return None if m is None else m[0]
-
-
-def jbl_mounts() -> list[str]:
-    """Every fuse.jbl mountpoint in this mount namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] == FSTYPE:
-                out.append(_unescape(left.split()[4]))
-    return out
-
-
-def answers(mountpoint: Path | str) -> bool:
-    """True if the mount responds (a dead daemon's mount gives ENOTCONN)."""
-    try:
-        os.stat(mountpoint)
-        return True
-    except OSError:
-        return False
-
-
-def is_stale(mountpoint: Path | str) -> bool:
-    return mount_fstype(mountpoint) == FSTYPE and not answers(mountpoint)
-
-
-def force_unmount(mountpoint: Path | str) -> None:
-    """Detach a (possibly stale) FUSE mount: fusermount3 -u -z, else umount2(MNT_DETACH)."""
-    mp = os.fspath(mountpoint)
-    r = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
-    if r.returncode == 0 or mount_fstype(mp) is None:
-        return
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library forks ldconfig
-    if libc.umount2(os.fsencode(mp), MNT_DETACH) != 0:
-        e = ctypes.get_errno()
-        raise MountError(f"cannot unmount {mp}: {r.stderr.strip() or os.strerror(e)}",
-                         hint="run as root or as the user who mounted it")
-
-
-# --- status files -----------------------------------------------------------------------
-def _read_status(path: Path) -> MountStatus | None:
-    try:
-        st = MountStatus(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-    running = pid_alive(st.pid, st.pid_start)
-    mounted = mount_fstype(st.mountpoint) == FSTYPE
-    st.alive = running and mounted and answers(st.mountpoint)
-    st.state = "mounted" if st.alive else ("stale" if mounted else "gone")
-    return st
-
-
-def status(store_dir: Path) -> list[MountStatus]:
-    d = run_dir(store_dir)
-    if not d.is_dir():
-        return []
-    out = [s for p in sorted(d.glob("mount-*.json")) if (s := _read_status(p)) is not None]
-    return sorted(out, key=lambda s: s.since)
-
-
-def _write_status(store_dir: Path, st: MountStatus) -> Path:
-    path = status_path(store_dir, Path(st.mountpoint), resolved=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    d = asdict(st)
-    del d["alive"], d["state"]
-    tmp.write_text(json.dumps(d, indent=1))
-    os.replace(tmp, path)
-    return path
+def _record(store_dir: Path, mountpoint: Path, allow_other: bool, private: bool,
+            engine: str) -> Path:
+    pid = os.getpid()
+    st = MountStatus(str(mountpoint), str(store_dir), pid, proc_starttime(pid) or 0,
+                     time.time(), allow_other, private, engine,
+                     (_mount_at(mountpoint) or ("", ""))[1], os.geteuid())
+    return _write_record(st)
 
 
 # --- serving ----------------------------------------------------------------------------
@@ -233,15 +129,13 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         pyfuse3.init(ops, str(mountpoint), opts)
     except Exception as e:
         store.close()
-        reason = f"cannot mount {mountpoint}: {e} (see {log_path(store_dir)})"
+        reason = f"cannot mount {mountpoint}: {e}"
         if ready:
             ready(reason)
         raise MountError(reason) from None
     ops.mounted = True
     our_dev = (_mount_at(mountpoint) or ("", ""))[1]
-    st = MountStatus(str(mountpoint), str(store_dir), os.getpid(),
-                     proc_starttime(os.getpid()) or 0, time.time(), allow_other, private)
-    status_file = _write_status(store_dir, st)
+    status_file = _record(store_dir, mountpoint, allow_other, private, "pyfuse3")
     log.info("mounted %s on %s (pid %d)", store_dir, mountpoint, os.getpid())
 
     async def main() -> None:
@@ -298,10 +192,7 @@ def _serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     store = _open_store(store_dir, mountpoint, ready)
 
     def started() -> Callable[[], None]:
-        st = MountStatus(str(mountpoint), str(store_dir), os.getpid(),
-                         proc_starttime(os.getpid()) or 0, time.time(), allow_other, private,
-                         "raw")
-        path = _write_status(store_dir, st)
+        path = _record(store_dir, mountpoint, allow_other, private, "raw")
         return lambda: path.unlink(missing_ok=True)
 
     serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready, private=private,
@@ -329,26 +220,41 @@ async def _until_parent_dies(parent_pid: int, scope: object) -> None:
 
 
 # --- the daemon, from the caller's side -------------------------------------------------
+# The daemon imports jbl the way its parent did: a parent started through a wrapper that added
+# site directories (another user running the venv's jbl with the system python) passes them
+# on, since ``python -m`` in a fresh interpreter would not find them.
+_BOOT = ("import json, site, sys; [site.addsitedir(d) for d in json.loads(sys.argv.pop(1))]; "
+         "from jbl.fusefs.daemon import main; sys.exit(main())")
+
+
 def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
           private: bool = False, timeout: float = READY_TIMEOUT,
           engine: str = DEFAULT_ENGINE) -> subprocess.Popen[bytes]:
     """Start a detached daemon serving ``store_dir`` on ``mountpoint``; return it once the
-    mount is ready. Its output goes to STORE/run/mount.log, never this terminal. A caller that
-    outlives the daemon should ``wait()`` for it (it is our child until we exit)."""
+    mount is ready. Its output goes to ``log_path(store_dir)``, never this terminal. A caller
+    that outlives the daemon should ``wait()`` for it (it is our child until we exit)."""
     store_dir = Path(os.path.realpath(store_dir))
     mountpoint = Path(os.path.realpath(mountpoint))
     check_mountpoint(mountpoint)  # fail fast, in the user's terminal, with the reason
-    run_dir(store_dir).mkdir(parents=True, exist_ok=True)
+    logp = log_path(store_dir)
+    try:
+        logfd = open_log(logp)
+    except OSError as e:
+        raise MountError(f"cannot write the mount log {logp}: {e.strerror}") from None
+    sites = json.dumps([p for p in sys.path if p.endswith(("site-packages", "dist-packages"))])
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "jbl.fusefs.daemon", "--store", str(store_dir),
-            "--mountpoint", str(mountpoint), "--ready-fd", str(w), "--engine", engine]
+    argv = [sys.executable, "-c", _BOOT, sites, "--store", str(store_dir),
+            "--mountpoint", str(mountpoint), "--ready-fd", str(w), "--engine", engine,
+            "--log", str(logp)]
     if allow_other:
         argv.append("--allow-other")
     if private:
         argv += ["--private", "--parent-pid", str(os.getpid())]
-    with open(log_path(store_dir), "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
                                 pass_fds=(w,), start_new_session=True, cwd="/")
+    finally:
+        os.close(logfd)
     os.close(w)
     try:
         msg = _read_line(r, timeout)
@@ -358,9 +264,9 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         return proc
     if proc.poll() is None and not msg:
         proc.terminate()
-    reason = msg.removeprefix("error ") if msg else _log_tail(store_dir)
+    reason = msg.removeprefix("error ") if msg else _log_tail(logp)
     raise MountError(reason or f"the mount daemon exited with status {proc.wait()}",
-                     hint=f"see {log_path(store_dir)}")
+                     hint=f"see {logp}")
 
 
 def _read_line(fd: int, timeout: float) -> str:
@@ -377,9 +283,9 @@ def _read_line(fd: int, timeout: float) -> str:
     return buf.decode(errors="replace").strip()
 
 
-def _log_tail(store_dir: Path) -> str:
+def _log_tail(path: Path) -> str:
     try:
-        lines = log_path(store_dir).read_text(errors="replace").strip().splitlines()
+        lines = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
     return lines[-1] if lines else ""
@@ -387,28 +293,43 @@ def _log_tail(store_dir: Path) -> str:
 
 def unmount(mountpoint: Path, store_dir: Path | None = None,
             timeout: float = STOP_TIMEOUT) -> str:
-    """Unmount ``mountpoint``; returns what was done ('stopped', 'detached stale mount')."""
+    """Unmount ``mountpoint``, found from the mountpoint alone (``store_dir`` is not needed;
+    kept for callers that have it). Returns what was done, for the user."""
     mp = Path(os.path.realpath(mountpoint))
-    st = _read_status(status_path(store_dir, mp)) if store_dir is not None else None
-    mounted = mount_fstype(mp) == FSTYPE
-    if not mounted and st is None:
-        if mount_fstype(mp) is not None:
-            raise MountError(f"{mp} is not a jbl mount ({mount_fstype(mp)})")
+    fstype = mount_fstype(mp)
+    found = find_record(mp)
+    if fstype != FSTYPE and found is None:
+        if fstype is not None:
+            raise MountError(f"{mp} is not a jbl mount ({fstype})")
         raise MountError(f"{mp} is not mounted")
-    done = "nothing to do"
-    if st is not None and pid_alive(st.pid, st.pid_start):
-        os.kill(st.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(st.pid, st.pid_start) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        done = "stopped"
+    done = ""
+    if found is not None:
+        path, st = found
+        if st.state != "stale":  # its daemon runs: ask it to unmount and exit
+            try:
+                os.kill(st.pid, signal.SIGTERM)
+            except PermissionError:
+                raise MountError(f"{mp} is served by pid {st.pid} of another user",
+                                 hint="run as root or as the user who mounted it") from None
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while pid_alive(st.pid, st.pid_start) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            done = f"stopped (pid {st.pid})"
+            if pid_alive(st.pid, st.pid_start):
+                done = f"detached; pid {st.pid} did not stop within {timeout:.0f} s"
+        else:
+            done = f"detached stale mount (its daemon, pid {st.pid}, is dead)"
     if mount_fstype(mp) == FSTYPE:
+        if not done:  # nobody recorded this mount: the kernel alone tells dead from alive
+            done = ("detached stale mount (its daemon is dead)" if is_stale(mp) else
+                    "detached (no record of its daemon; it exits once unmounted)")
         force_unmount(mp)
-        done = "detached stale mount" if done == "nothing to do" else "stopped (detached)"
-    if store_dir is not None:
+    if found is not None:
         with contextlib.suppress(OSError):
-            status_path(store_dir, mp).unlink()
-    return done
+            found[0].unlink()
+    return done or "nothing to do"
 
 
 @contextlib.contextmanager

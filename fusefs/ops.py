@@ -1,9 +1,8 @@
 """pyfuse3 Operations over ``store.view``: a thin, read-only adapter. No SQL here.
 
-    MOUNT/                      ROOT: one directory per installed runtime name
-    MOUNT/<name>/               NAME_DIR: one directory per installed version + ``latest``
-    MOUNT/<name>/<version>/     the version's root entry: the tree as its tarball held it
-    MOUNT/<name>/latest         LATEST: symlink to the highest release (versions.latest)
+The tree itself (the top two levels, inodes, lookups, listings, chunk lists) is
+``fusefs/tree.py``, shared with the raw engine; this module is the pyfuse3 protocol: prebuilt
+``EntryAttributes``, file handles, leases per open handle, invalidations, the trio loop.
 
 Speed (docs/mount.md): entries and attributes are immutable, so the kernel may cache them for
 a day (``TIMEOUT``) and negative lookups below a version are cached as long; the top two
@@ -26,47 +25,33 @@ import errno
 import logging
 import os
 import stat
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import pyfuse3
 import trio
-from jbl.store import versions as versions_mod
-from jbl.store.errors import IntegrityError
-from jbl.store.view import ChunkRef, Entry, VersionRoot, View
+from jbl.store.view import View
 
 from .errors import erofs, guarded
-from .inodes import (
-    ENTRY,
-    LATEST,
-    NAME_DIR,
-    ROOT,
-    ROOT_INODE,
-    Inode,
-    InodeTable,
-    Node,
-    entry_key,
-)
+from .inodes import ENTRY, Inode, Node
 from .leases import LeaseKeeper
+from .tree import WATCH_PERIOD, Listing, Tree
 
 log = logging.getLogger("jbl.fusefs")
 
-TIMEOUT = 86400.0    # entries/attrs below a version: immutable content
-TOP_TIMEOUT = 1.0    # the top two levels' attrs, `latest`, and their negative entries
-WATCH_PERIOD = 1.0   # how often the index is checked for installs/removals
 READDIR_BATCH = 32  # a READDIRPLUS reply holds ~25 entries (4 KiB): fetch about that many
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 def make_attr(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, size: int,
-              mtime_ns: int, timeout: float, entry_timeout: float | None = None
-              ) -> pyfuse3.EntryAttributes:
+              mtime_ns: int, attr_timeout: int, entry_timeout: int) -> pyfuse3.EntryAttributes:
+    """The tree's ``AttrMaker`` for this engine: built once per node."""
     a = pyfuse3.EntryAttributes()
-    a.st_ino = ino
+    a.st_ino = Inode(ino)
     a.generation = 0
-    a.entry_timeout = timeout if entry_timeout is None else entry_timeout
-    a.attr_timeout = timeout
+    a.entry_timeout = entry_timeout
+    a.attr_timeout = attr_timeout
     a.st_mode = kind | (mode & 0o7777)
     a.st_nlink = nlink
     a.st_uid = uid
@@ -83,7 +68,7 @@ def make_attr(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, si
 class Handle:
     node: Node
     version_id: int | None
-    listing: list[tuple[bytes, Callable[[], Node]]] | None = None  # top-level dirs
+    listing: Listing | None = None  # top-level dirs: the children when opened
 
 
 class JblOperations(pyfuse3.Operations):
@@ -92,50 +77,24 @@ class JblOperations(pyfuse3.Operations):
         super().__init__()
         self.view = view
         self.leases = leases
-        self.table = InodeTable()
+        self.tree = Tree(view, make_attr)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_limiter = trio.CapacityLimiter(read_threads)
         self.mounted = False  # True once serving a kernel: then invalidations are sent
-        self.top: dict[str, dict[str, VersionRoot]] = {}
-        self.latest: dict[str, str] = {}
         self.stats = {"lookup": 0, "open": 0, "read": 0, "read_thread": 0, "readdir": 0}
-        root = Node(ROOT_INODE, ROOT, stat.S_IFDIR, None, nlookup=1)
-        self.table.add(("root", None), root)
-        self._refresh_top(force=True)
 
     # --- the top two levels -------------------------------------------------------------
-    def _refresh_top(self, force: bool = False) -> None:
+    def _refresh_top(self) -> None:
         """Re-read installed versions if the index changed; invalidate what moved."""
-        if not self.view.changed() and not force:
+        change = self.tree.refresh_top()
+        if change is None or not self.mounted:
             return
-        old, old_latest = self.top, self.latest
-        self.top = self.view.installed()
-        self.latest = {n: lt for n, vs in self.top.items()
-                       if (lt := versions_mod.latest(vs)) is not None and "latest" not in vs}
-        now_ns = time.time_ns()
-        root = self.table.nodes[ROOT_INODE]
-        root.attr = make_attr(ROOT_INODE, stat.S_IFDIR, 0o755, 2 + len(self.top), 0, 0, 0,
-                              now_ns, TOP_TIMEOUT)
-        for name, vs in self.top.items():
-            node = self.table.find(("name", name))
-            if node is not None:
-                node.attr = self._name_attr(node.inode, vs)
-        if not self.mounted:
-            return
-        for name in set(old) ^ set(self.top):
-            self._invalidate(ROOT_INODE, name)
-        for name in set(old) & set(self.top):
-            node = self.table.find(("name", name))
-            if node is None:
-                continue
-            for ver in set(old[name]) ^ set(self.top[name]):
-                self._invalidate(node.inode, ver)
-            for ver in set(old[name]) & set(self.top[name]):
-                if old[name][ver] != self.top[name][ver]:  # removed and re-imported
-                    self._invalidate(node.inode, ver)
-            if old_latest.get(name) != self.latest.get(name):
-                self._invalidate(node.inode, "latest")
+        for name in change.names:
+            self._invalidate(pyfuse3.ROOT_INODE, name)
+        for ino, moved in change.moved.items():
+            for ver in moved:
+                self._invalidate(ino, ver)
 
     def _invalidate(self, parent: int, name: str) -> None:
         try:
@@ -153,135 +112,44 @@ class JblOperations(pyfuse3.Operations):
                 log.warning("checking the index for changes: %s", e)
 
     @staticmethod
-    def _name_attr(ino: int, vs: dict[str, VersionRoot]) -> pyfuse3.EntryAttributes:
-        mtime = max((v.installed_at for v in vs.values()), default=0.0)
-        return make_attr(ino, stat.S_IFDIR, 0o755, 2 + len(vs), 0, 0, 0, int(mtime * 1e9),
-                         TOP_TIMEOUT, TIMEOUT)
-
-    def _name_node(self, name: str) -> Node:
-        key = ("name", name)
-        node = self.table.find(key)
-        if node is None:
-            ino = self.table.number(key)
-            node = self.table.add(key, Node(ino, NAME_DIR, stat.S_IFDIR,
-                                            self._name_attr(ino, self.top.get(name, {})),
-                                            name=name))
-        return node
-
-    def _latest_node(self, name: str, target: str) -> Node:
-        key = ("latest", (name, target))
-        node = self.table.find(key)
-        if node is None:
-            ino = self.table.number(key)
-            at = self.top.get(name, {}).get(target)
-            mtime = int((at.installed_at if at else 0) * 1e9)
-            t = target.encode()
-            node = self.table.add(key, Node(
-                ino, LATEST, stat.S_IFLNK,
-                make_attr(ino, stat.S_IFLNK, 0o777, 1, 0, 0, len(t), mtime, TOP_TIMEOUT),
-                name=name, target=t))
-        return node
-
-    def _version_node(self, name: str, version: str) -> Node | None:
-        vr = self.top.get(name, {}).get(version)
-        if vr is None:
-            return None
-        e = self.view.entry(vr.root_id)
-        return None if e is None else self._entry_node(e)
-
-    def _entry_node(self, e: Entry) -> Node:
-        key = entry_key(e)
-        node = self.table.find(key)
-        if node is not None:
-            node.entry = e  # the most recently seen version holding it (for its lease)
-            return node
-        ino = self.table.number(key)
-        size = len(e.target or b"") if e.kind == stat.S_IFLNK else e.size
-        attr = make_attr(ino, e.kind, e.mode, e.nlink, e.uid, e.gid, size, e.mtime_ns, TIMEOUT)
-        return self.table.add(key, Node(ino, ENTRY, e.kind, attr, entry=e))
-
-    def _node(self, inode: int) -> Node:
-        node = self.table.get(inode)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)  # an inode the kernel should have forgotten
-        return node
+    def _attr(node: Node) -> pyfuse3.EntryAttributes:
+        return cast(pyfuse3.EntryAttributes, node.attr)
 
     @staticmethod
-    def _negative(timeout: float) -> pyfuse3.EntryAttributes:
+    def _negative(timeout: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = 0  # a negative entry the kernel caches for entry_timeout
+        a.st_ino = Inode(0)  # a negative entry the kernel caches for entry_timeout
         a.entry_timeout = timeout
         return a
 
-    def _listing(self, node: Node) -> list[tuple[bytes, Callable[[], Node]]]:
-        self._refresh_top()
-        if node.role == ROOT:
-            return [(n.encode(), lambda n=n: self._name_node(n)) for n in sorted(self.top)]
-        vs = self.top.get(node.name, {})
-        out: list[tuple[bytes, Callable[[], Node]]] = []
-        for ver in versions_mod.sort_versions(vs):
-            vr = vs[ver]
-
-            def make(vr: VersionRoot = vr) -> Node:
-                e = self.view.entry(vr.root_id)
-                if e is None:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                return self._entry_node(e)
-            out.append((ver.encode(), make))
-        lt = self.latest.get(node.name)
-        if lt is not None:
-            out.append((b"latest", lambda lt=lt: self._latest_node(node.name, lt)))
-        return out
-
     # --- lookups and attributes ---------------------------------------------------------
     @guarded
-    async def lookup(self, parent_inode: int, name: bytes, ctx: object = None
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         self.stats["lookup"] += 1
-        parent = self._node(parent_inode)
-        node: Node | None
-        if parent.role == ENTRY:
-            if parent.kind != stat.S_IFDIR:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            assert parent.entry is not None
-            e = self.view.lookup(parent.entry.id, name)
-            if e is None:
-                return self._negative(TIMEOUT)
-            node = self._entry_node(e)
-        else:
+        parent = self.tree.node(parent_inode)
+        if parent.role != ENTRY:
             self._refresh_top()
-            text = name.decode("utf-8", "surrogateescape")
-            if parent.role == ROOT:
-                node = self._name_node(text) if text in self.top else None
-            elif text == "latest" and parent.name in self.latest:
-                node = self._latest_node(parent.name, self.latest[parent.name])
-            else:
-                node = self._version_node(parent.name, text)
-            if node is None:
-                return self._negative(TOP_TIMEOUT)
-        node.nlookup += 1
-        return node.attr  # type: ignore[return-value]
+        node = self.tree.lookup(parent, name)
+        if node is None:
+            return self._negative(self.tree.negative_timeout(parent))
+        return self._attr(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:  # cannot fail; must not raise
-            self.table.forget(inode, n)
+            self.tree.table.forget(inode, n)
 
     @guarded
-    async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
-        return self._node(inode).attr  # type: ignore[return-value]
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attr(self.tree.node(inode))
 
     @guarded
-    async def readlink(self, inode: int, ctx: object = None) -> bytes:
-        node = self._node(inode)
-        if node.kind != stat.S_IFLNK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        if node.role == LATEST:
-            return node.target
-        assert node.entry is not None
-        return View.readlink(node.entry)
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.tree.readlink(self.tree.node(inode))
 
     @guarded
-    async def statfs(self, ctx: object = None) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         size, files = self.view.totals()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
@@ -294,11 +162,14 @@ class JblOperations(pyfuse3.Operations):
 
     # --- directories --------------------------------------------------------------------
     @guarded
-    async def opendir(self, inode: int, ctx: object = None) -> int:
-        node = self._node(inode)
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        node = self.tree.node(inode)
         if node.kind != stat.S_IFDIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        listing = None if node.role == ENTRY else self._listing(node)
+        listing = None
+        if node.role != ENTRY:
+            self._refresh_top()
+            listing = self.tree.listing(node)
         return await self._open_handle(Handle(node, node.version_id, listing))
 
     @guarded
@@ -310,9 +181,8 @@ class JblOperations(pyfuse3.Operations):
         if h.listing is not None:
             for i in range(start_id, len(h.listing)):
                 name, make = h.listing[i]
-                try:
-                    node = make()
-                except pyfuse3.FUSEError:
+                node = make()
+                if node is None:
                     continue  # removed since opendir
                 if not self._reply(token, name, node, i + 1):
                     return
@@ -322,17 +192,17 @@ class JblOperations(pyfuse3.Operations):
         while True:
             batch = self.view.readdir(h.node.entry.id, after, READDIR_BATCH)
             for e in batch:
-                if not self._reply(token, e.name, self._entry_node(e), e.id):
+                if not self._reply(token, e.name, self.tree.entry_node(e), e.id):
                     return
             if len(batch) < READDIR_BATCH:
                 return
             after = batch[-1].id
 
     def _reply(self, token: pyfuse3.ReaddirToken, name: bytes, node: Node, next_id: int) -> bool:
-        if pyfuse3.readdir_reply(token, name, node.attr, next_id):
+        if pyfuse3.readdir_reply(token, name, self._attr(node), next_id):
             node.nlookup += 1  # READDIRPLUS: the kernel now holds a reference
             return True
-        self.table.maybe_drop(node)
+        self.tree.table.maybe_drop(node)
         return False
 
     @guarded
@@ -341,33 +211,23 @@ class JblOperations(pyfuse3.Operations):
 
     # --- files --------------------------------------------------------------------------
     @guarded
-    async def open(self, inode: int, flags: int, ctx: object = None) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
         self.stats["open"] += 1
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        node = self._node(inode)
+        node = self.tree.node(inode)
         if node.kind != stat.S_IFREG or node.entry is None:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
         # Lease first, then read the chunk list: a removal that committed before our lease
         # shows up as missing rows (ENOENT), never as blobs swept under an open file.
         fh = await self._open_handle(Handle(node, node.version_id))
         try:
-            if node.refs is None:
-                node.refs = self._load_refs(node.entry)
+            self.tree.refs(node)
         except BaseException:
             self._close_handle(fh)
             raise
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    def _load_refs(self, e: Entry) -> tuple[ChunkRef, ...]:
-        refs = self.view.chunks(e.content_id) if e.content_id is not None else ()
-        cs = self.view.chunk_size
-        if len(refs) != (e.size + cs - 1) // cs:
-            if self.view.entry(e.id) is None:  # its version was removed (and purged)
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            raise IntegrityError(f"entry {e.id} ({e.name!r}): {len(refs)} chunks in the "
-                                 f"index for {e.size} bytes")
-        return refs
 
     @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -390,7 +250,7 @@ class JblOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._close_handle(fh)
 
-    async def _open_handle(self, h: Handle) -> int:
+    async def _open_handle(self, h: Handle) -> pyfuse3.FileHandleT:
         h.node.nopen += 1
         try:
             if self.leases is not None and h.version_id is not None:
@@ -401,7 +261,7 @@ class JblOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
-        return fh
+        return pyfuse3.FileHandleT(fh)
 
     def _close_handle(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -410,7 +270,7 @@ class JblOperations(pyfuse3.Operations):
         h.node.nopen -= 1
         if self.leases is not None and h.version_id is not None:
             self.leases.release(h.version_id)
-        self.table.maybe_drop(h.node)
+        self.tree.table.maybe_drop(h.node)
 
     # --- everything that would modify the tree: EROFS ----------------------------------
     setattr = erofs

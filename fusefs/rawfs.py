@@ -1,7 +1,8 @@
 """The raw FUSE engine: the store's read-only tree served by reading /dev/fuse directly.
 
-Same tree, inode scheme and errno rules as the pyfuse3 engine (``ops.py``; docs/mount.md),
-but speaking the kernel protocol itself (``kernel.py``) so it can use what pyfuse3 hides:
+The same tree as the pyfuse3 engine (``tree.py``: inodes, top levels, lookups, listings,
+chunk lists; same errno rules, docs/mount.md), but speaking the kernel protocol itself
+(``kernel.py``) so it can use what pyfuse3 hides:
 
 * **no-open / no-opendir**: OPEN and OPENDIR answer ENOSYS once; from then on the kernel
   opens files and directories without asking (every request carries its nodeid, so READ
@@ -34,7 +35,6 @@ Thread-safety: see above; ``View.read_piece`` is the only thing the read pool ru
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import queue
@@ -45,32 +45,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from jbl.store import versions as versions_mod
-from jbl.store.errors import IntegrityError
-from jbl.store.view import ChunkRef, Entry, Piece, VersionRoot, View
+from jbl.store.view import Piece, View
 
 from . import kernel as K
-from .errors import logged_errno
-from .inodes import ENTRY, LATEST, NAME_DIR, ROOT, ROOT_INODE, InodeTable, Node, entry_key
+from .errors import Errno, logged_errno
+from .inodes import ENTRY, ROOT_INODE, Node, entry_key
 from .leases import ThreadLeaseKeeper
+from .tree import WATCH_PERIOD, Tree
 
 log = logging.getLogger("jbl.fusefs")
 
-TIMEOUT = 86400     # entries/attrs below a version: immutable content
-TOP_TIMEOUT = 1     # the top two levels' attrs, `latest`, and their negative entries
-WATCH_PERIOD = 1.0  # how often the index is checked for installs/removals
 READ_THREADS = 4
 BUFSIZE = (K.MAX_PAGES_WANTED << 12) + 65536  # the largest request (a WRITE) + headers
 DEFERRED = None     # a handler's "the reply is on its way from another thread"
 _HDR = K.IN_HEADER.size
-
-
-class Errno(Exception):
-    """An expected error answer (no log line)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 def _attr(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, size: int,
@@ -81,11 +69,21 @@ def _attr(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, size: 
             kind | (mode & 0o7777), nlink, uid, gid, 0, 4096, 0)
 
 
-def _replies(attr: tuple[int, ...], attr_timeout: int, entry_timeout: int
-             ) -> tuple[bytes, bytes]:
-    """(fuse_entry_out, fuse_attr_out) for a node, packed once."""
+def _replies(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, size: int,
+             mtime_ns: int, attr_timeout: int, entry_timeout: int) -> tuple[bytes, bytes]:
+    """The tree's ``AttrMaker`` for this engine: (fuse_entry_out, fuse_attr_out), packed
+    once per node."""
+    attr = _attr(ino, kind, mode, nlink, uid, gid, size, mtime_ns)
     return (K.ENTRY_OUT.pack(attr[0], 0, entry_timeout, attr_timeout, 0, 0, *attr),
             K.ATTR_OUT.pack(attr_timeout, 0, 0, *attr))
+
+
+def _entry_out(node: Node) -> bytes:
+    return node.attr[0]  # type: ignore[index,no-any-return]
+
+
+def _attr_out(node: Node) -> bytes:
+    return node.attr[1]  # type: ignore[index,no-any-return]
 
 
 def _negative(timeout: int) -> bytes:
@@ -98,10 +96,9 @@ class RawFS:
         self.view = view
         self.fd = fd
         self.leases = leases
-        self.table = InodeTable()
+        self.tree = Tree(view, _replies)
+        self.table = self.tree.table
         self.pool = ThreadPoolExecutor(read_threads, thread_name_prefix="jbl-read")
-        self.top: dict[str, dict[str, VersionRoot]] = {}
-        self.latest: dict[str, str] = {}
         self.leased: dict[int, int] = {}  # inode of a version's top dir -> version id
         self.stats: dict[str, int] = {}
         self.stopping = False
@@ -110,9 +107,6 @@ class RawFS:
         self._notes: queue.Queue[bytes | None] = queue.Queue()
         self._notifier = threading.Thread(target=self._notify_loop, name="jbl-notify",
                                           daemon=True)
-        root = Node(ROOT_INODE, ROOT, stat.S_IFDIR, None, nlookup=1)
-        self.table.add(("root", None), root)
-        self._refresh_top(force=True)
         h = self._handlers = {
             K.INIT: self.op_init, K.LOOKUP: self.op_lookup, K.FORGET: self.op_forget,
             K.BATCH_FORGET: self.op_batch_forget, K.GETATTR: self.op_getattr,
@@ -242,108 +236,21 @@ class RawFS:
                                           K.NOTIFY_INVAL_INODE, 0) + body)
 
     # --- the top two levels -------------------------------------------------------------
-    def _refresh_top(self, force: bool = False) -> None:
-        """Re-read installed versions if the index changed; invalidate what moved."""
-        if not self.view.changed() and not force:
+    def _refresh_top(self) -> None:
+        """Re-read installed versions if the index changed; invalidate what moved: the
+        names (INVAL_ENTRY) and the cached listing of each directory that changed
+        (INVAL_INODE)."""
+        change = self.tree.refresh_top()
+        if change is None or not self.initialized:
             return
-        old, old_latest = self.top, self.latest
-        self.top = self.view.installed()
-        self.latest = {n: lt for n, vs in self.top.items()
-                       if (lt := versions_mod.latest(vs)) is not None and "latest" not in vs}
-        root = self.table.nodes[ROOT_INODE]
-        root.attr = _replies(_attr(ROOT_INODE, stat.S_IFDIR, 0o755, 2 + len(self.top), 0, 0, 0,
-                                   time.time_ns()), TOP_TIMEOUT, TOP_TIMEOUT)
-        for name, vs in self.top.items():
-            node = self.table.find(("name", name))
-            if node is not None:
-                node.attr = self._name_attr(node.inode, vs)
-        if not self.initialized:
-            return
-        if set(old) != set(self.top):
+        if change.names:
             self._inval_inode(ROOT_INODE)
-        for name in set(old) ^ set(self.top):
+        for name in change.names:
             self._inval_entry(ROOT_INODE, name)
-        for name in set(old) & set(self.top):
-            node = self.table.find(("name", name))
-            if node is None:
-                continue
-            moved = {v for v in set(old[name]) | set(self.top[name])
-                     if old[name].get(v) != self.top[name].get(v)}
-            if old_latest.get(name) != self.latest.get(name):
-                moved.add("latest")
+        for ino, moved in change.moved.items():
             for ver in moved:
-                self._inval_entry(node.inode, ver)
-            if moved:
-                self._inval_inode(node.inode)
-
-    def _name_attr(self, ino: int, vs: dict[str, VersionRoot]) -> tuple[bytes, bytes]:
-        mtime = max((v.installed_at for v in vs.values()), default=0.0)
-        return _replies(_attr(ino, stat.S_IFDIR, 0o755, 2 + len(vs), 0, 0, 0, int(mtime * 1e9)),
-                        TOP_TIMEOUT, TIMEOUT)
-
-    def _name_node(self, name: str) -> Node:
-        key = ("name", name)
-        node = self.table.find(key)
-        if node is None:
-            ino = self.table.number(key)
-            node = self.table.add(key, Node(ino, NAME_DIR, stat.S_IFDIR,
-                                            self._name_attr(ino, self.top.get(name, {})),
-                                            name=name))
-        return node
-
-    def _latest_node(self, name: str, target: str) -> Node:
-        key = ("latest", (name, target))
-        node = self.table.find(key)
-        if node is None:
-            ino = self.table.number(key)
-            at = self.top.get(name, {}).get(target)
-            t = target.encode()
-            attr = _attr(ino, stat.S_IFLNK, 0o777, 1, 0, 0, len(t),
-                         int((at.installed_at if at else 0) * 1e9))
-            node = self.table.add(key, Node(ino, LATEST, stat.S_IFLNK,
-                                            _replies(attr, TOP_TIMEOUT, TOP_TIMEOUT),
-                                            name=name, target=t))
-        return node
-
-    def _version_node(self, name: str, version: str) -> Node | None:
-        vr = self.top.get(name, {}).get(version)
-        if vr is None:
-            return None
-        e = self.view.entry(vr.root_id)
-        return None if e is None else self._entry_node(e)
-
-    def _entry_node(self, e: Entry) -> Node:
-        key = entry_key(e)
-        node = self.table.find(key)
-        if node is not None:
-            node.entry = e
-            return node
-        ino = self.table.number(key)
-        size = len(e.target or b"") if e.kind == stat.S_IFLNK else e.size
-        attr = _attr(ino, e.kind, e.mode, e.nlink, e.uid, e.gid, size, e.mtime_ns)
-        return self.table.add(key, Node(ino, ENTRY, e.kind, _replies(attr, TIMEOUT, TIMEOUT),
-                                        entry=e))
-
-    def _node(self, nodeid: int) -> Node:
-        node = self.table.get(nodeid)
-        if node is None:
-            raise Errno(errno.ENOENT)  # an inode the kernel should have forgotten
-        return node
-
-    def _listing(self, node: Node) -> list[tuple[bytes, Callable[[], Node | None]]]:
-        """The top-level directory ``node``'s children, in a stable order."""
-        if node.role == ROOT:
-            return [(n.encode("utf-8", "surrogateescape"), functools.partial(self._name_node, n))
-                    for n in sorted(self.top)]
-        vs = self.top.get(node.name, {})
-        out: list[tuple[bytes, Callable[[], Node | None]]] = [
-            (v.encode("utf-8", "surrogateescape"),
-             functools.partial(self._version_node, node.name, v))
-            for v in versions_mod.sort_versions(vs)]
-        lt = self.latest.get(node.name)
-        if lt is not None:
-            out.append((b"latest", lambda: self._latest_node(node.name, lt)))
-        return out
+                self._inval_entry(ino, ver)
+            self._inval_inode(ino)
 
     # --- leases: a version's top directory held by the kernel -------------------------
     def _needs_lease(self, node: Node) -> int | None:
@@ -393,33 +300,17 @@ class RawFS:
 
     def op_lookup(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
         name = bytes(body[:len(body) - 1]) if body[-1] == 0 else bytes(body)
-        parent = self._node(nodeid)
-        node: Node | None
-        if parent.role == ENTRY:
-            if parent.kind != stat.S_IFDIR:
-                raise Errno(errno.ENOTDIR)
-            assert parent.entry is not None
-            e = self.view.lookup(parent.entry.id, name)
-            if e is None:
-                return _negative(TIMEOUT)
-            node = self._entry_node(e)
-        else:
+        parent = self.tree.node(nodeid)
+        if parent.role != ENTRY:
             self._refresh_top()
-            text = name.decode("utf-8", "surrogateescape")
-            if parent.role == ROOT:
-                node = self._name_node(text) if text in self.top else None
-            elif text == "latest" and parent.name in self.latest:
-                node = self._latest_node(parent.name, self.latest[parent.name])
-            else:
-                node = self._version_node(parent.name, text)
-            if node is None:
-                return _negative(TOP_TIMEOUT)
-        node.nlookup += 1
+        node = self.tree.lookup(parent, name)
+        if node is None:
+            return _negative(self.tree.negative_timeout(parent))
         vid = self._needs_lease(node)
         if vid is not None:
-            self._after_leases(unique, [vid], node.attr[0])  # type: ignore[index]
+            self._after_leases(unique, [vid], _entry_out(node))
             return DEFERRED
-        return node.attr[0]  # type: ignore[index,no-any-return]
+        return _entry_out(node)
 
     def op_forget(self, unique: int, nodeid: int, body: memoryview) -> None:
         (n,) = K.FORGET_IN.unpack_from(body)
@@ -434,16 +325,10 @@ class RawFS:
             self._dropped(self.table.forget(ino, n))
 
     def op_getattr(self, unique: int, nodeid: int, body: memoryview) -> bytes:
-        return self._node(nodeid).attr[1]  # type: ignore[index,no-any-return]
+        return _attr_out(self.tree.node(nodeid))
 
     def op_readlink(self, unique: int, nodeid: int, body: memoryview) -> bytes:
-        node = self._node(nodeid)
-        if node.kind != stat.S_IFLNK:
-            raise Errno(errno.EINVAL)
-        if node.role == LATEST:
-            return node.target
-        assert node.entry is not None
-        return bytes(View.readlink(node.entry))
+        return self.tree.readlink(self.tree.node(nodeid))
 
     def op_statfs(self, unique: int, nodeid: int, body: memoryview) -> bytes:
         size, files = self.view.totals()
@@ -465,25 +350,10 @@ class RawFS:
         return b""
 
     # --- files --------------------------------------------------------------------------
-    def _refs(self, node: Node) -> tuple[ChunkRef, ...]:
-        if node.refs is None:
-            e = node.entry
-            if node.kind != stat.S_IFREG or e is None:
-                raise Errno(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
-            refs = self.view.chunks(e.content_id) if e.content_id is not None else ()
-            cs = self.view.chunk_size
-            if len(refs) != (e.size + cs - 1) // cs:
-                if self.view.entry(e.id) is None:  # its version was removed (and purged)
-                    raise Errno(errno.ENOENT)
-                raise IntegrityError(f"entry {e.id} ({e.name!r}): {len(refs)} chunks in the "
-                                     f"index for {e.size} bytes")
-            node.refs = refs
-        return node.refs
-
     def op_read(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
         _fh, off, size, *_ = K.READ_IN.unpack_from(body)
-        node = self._node(nodeid)
-        refs = self._refs(node)
+        node = self.tree.node(nodeid)
+        refs = self.tree.refs(node)
         assert node.entry is not None
         pieces = self.view.plan_read(refs, node.entry.size, off, size)
         out: list[bytes | None] = [self.view.read_piece_nowait(p) for p in pieces]
@@ -514,7 +384,7 @@ class RawFS:
     def _readdir(self, unique: int, nodeid: int, body: memoryview, plus: bool
                  ) -> bytes | None:
         _fh, off, size, *_ = K.READ_IN.unpack_from(body)
-        node = self._node(nodeid)
+        node = self.tree.node(nodeid)
         if node.kind != stat.S_IFDIR:
             raise Errno(errno.ENOTDIR)
         out: list[bytes] = []
@@ -536,7 +406,7 @@ class RawFS:
                 vid = self._needs_lease(child)
                 if vid is not None:
                     vids.append(vid)
-                out.append(child.attr[0])  # type: ignore[index]
+                out.append(_entry_out(child))
             out.append(K.DIRENT.pack(ino, next_off, len(name), kind >> 12) + name + pad)
             return True
 
@@ -548,7 +418,7 @@ class RawFS:
                 batch = self.view.readdir(node.entry.id, after, room // per + 2)
                 for e in batch:
                     if plus:
-                        child: Node | None = self._entry_node(e)
+                        child: Node | None = self.tree.entry_node(e)
                         ino = child.inode  # type: ignore[union-attr]
                     else:
                         child, ino = None, self.table.peek(entry_key(e))
@@ -561,13 +431,10 @@ class RawFS:
                 break
         else:
             self._refresh_top()
-            for i, (name, make) in enumerate(self._listing(node)):
+            for i, (name, make) in enumerate(self.tree.listing(node)):
                 if i < off:
                     continue
-                try:
-                    child = make()
-                except Errno:
-                    child = None
+                child = make()
                 if child is None:
                     continue  # removed since the listing was read
                 if not add(name, child if plus else None, child.kind, child.inode, i + 1):

@@ -56,7 +56,9 @@ def fuse_mount(mountpoint: Path, allow_other: bool) -> int:
         theirs.close()
         if r.returncode != 0:
             why = r.stderr.strip() or f"fusermount3 failed ({r.returncode})"
-            raise MountError(f"cannot mount {mountpoint}: {why}")
+            hint = ("users need read-write access to /dev/fuse (distributions make it mode "
+                    "0666)" if "/dev/fuse" in why else None)
+            raise MountError(f"cannot mount {mountpoint}: {why}", hint=hint)
         _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
         if not fds:
             raise MountError(f"cannot mount {mountpoint}: fusermount3 sent no descriptor")
@@ -78,7 +80,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     from jbl.store.view import View
 
     from .leases import ThreadLeaseKeeper
-    from .mount import _mount_at, force_unmount
+    from .mounttab import _mount_at, force_unmount
     from .rawfs import RawFS
 
     try:
@@ -87,7 +89,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     except Exception as e:
         store.close()  # type: ignore[attr-defined]
         if ready:
-            ready(f"{e} (see {store_dir}/run/mount.log)")
+            ready(str(e))
         raise
     fd = fs.fd
     our_dev = (_mount_at(mountpoint) or ("", ""))[1]

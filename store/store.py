@@ -7,7 +7,7 @@
                           gc/rm sweeps hold it EXCLUSIVE while deleting rows and unlinking
                           files. So a sweep never races a half-done install (docs/concurrency.md).
     STORE/cache/          fetched registry indexes (registry.py)
-    STORE/run/            mount status files (fusefs)
+    STORE/run/            mount.log, the mount daemons' log (fusefs/mounttab.py)
 
 Thread-safety: a Store wraps one apsw connection; use it from one thread at a time, and open
 another Store per thread/process that needs one.

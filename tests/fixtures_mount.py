@@ -212,10 +212,14 @@ def mounted(store_dir: Path, mp: Path, *extra: str, engine: str | None = None
 
 
 @pytest.fixture(scope="session", autouse=True)
-def sweep_mounts() -> Iterator[None]:
+def sweep_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Only this session's temp dirs: other pytest sessions on the host (other engineers)
+    # have live mounts under their own /tmp/pytest-of-*/pytest-N. Private views
+    # (/tmp/jbl-view-*) unmount themselves when their parent dies.
+    base = str(tmp_path_factory.getbasetemp()) + "/"
     yield
     for mp in mountmod.jbl_mounts():
-        if "/pytest-" in mp or "jbl-view-" in mp:
+        if mp.startswith(base):
             subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
 
 

@@ -1,0 +1,354 @@
+"""The per-host table of jbl mounts: which daemon serves which mountpoint from which store.
+
+    mountinfo     what the kernel says is mounted (``/proc/self/mountinfo``, never touching
+                  the mount itself): fstype ``fuse.jbl``, device, the mounting uid
+    records       what each daemon says about itself: one JSON file per mount, written once
+                  the mount is up, removed at clean exit, in its user's own directory:
+
+                      root        /run/jbl/mounts/                 (0755: every user reads it)
+                      a user      $XDG_RUNTIME_DIR/jbl/mounts/     (if set and the user's own)
+                                  else ~/.local/state/jbl/mounts/
+
+So ``jbl umount MNT`` needs only MNT: the kernel names the mount's owner (``user_id=`` in
+mountinfo), the owner's directory holds ``mount-<hash of MNT>.json``, the record's ``dev``
+must be the device mounted at MNT now, and its ``pid``/``pid_start`` say whether the daemon
+still runs. A record is believed only about a process owned by the record's user (a user
+cannot make root signal someone else's process by writing a file).
+
+States: ``mounted`` (daemon running, mount answers), ``not answering`` (daemon running,
+``stat`` fails), ``stale`` (the daemon is dead: its pid is gone, or the kernel says the
+connection is gone: ENOTCONN), ``gone`` (neither mount nor daemon: the record is deleted
+when read, so ``--status`` never lists dead private views).
+
+The daemon log: ``STORE/run/mount.log`` when the caller may write there, else ``mount.log``
+beside the caller's records; rotated to ``mount.log.1`` at ``LOG_MAX`` bytes.
+
+Thread-safety: plain functions over files; any thread. Records are written atomically
+(temp file + rename), so readers never see half a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import pwd
+import subprocess
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from jbl.store.errors import MountError
+from jbl.store.store import pid_alive
+
+log = logging.getLogger("jbl.fusefs")
+
+FSTYPE = "fuse.jbl"
+MNT_DETACH = 2
+ROOT_RECORDS = Path("/run/jbl/mounts")
+LOG_MAX = 4 << 20  # bytes; one generation (mount.log.1) is kept
+
+
+@dataclass
+class MountStatus:
+    mountpoint: str
+    store: str
+    pid: int
+    pid_start: int
+    since: float
+    allow_other: bool
+    private: bool
+    engine: str = "pyfuse3"
+    dev: str = ""            # major:minor of the mount it made (mountinfo)
+    uid: int = -1            # the daemon's user
+    alive: bool = False      # daemon running AND the mount answers
+    state: str = "unknown"   # mounted | not answering | stale | gone (module docstring)
+
+
+# --- mountinfo ----------------------------------------------------------------------------
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo octal-escapes space, tab, newline and backslash
+    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, ch)
+    return field
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    fstype: str
+    dev: str              # major:minor
+    uid: int | None       # FUSE's user_id= (who mounted it), None for other filesystems
+
+
+def _mountinfo() -> list[MountInfo]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields_ = left.split()
+            fstype, _src, opts = (right.split() + ["", ""])[:3]
+            uid = None
+            for o in opts.split(","):
+                if o.startswith("user_id="):
+                    uid = int(o[8:])
+            out.append(MountInfo(_unescape(fields_[4]), fstype, fields_[2], uid))
+    return out
+
+
+def mount_info(mountpoint: Path | str) -> MountInfo | None:
+    """The topmost mount exactly at ``mountpoint``; None if nothing is mounted there."""
+    target = os.fspath(mountpoint)
+    try:
+        found = [m for m in _mountinfo() if m.mountpoint == target]
+    except OSError:
+        return None
+    return found[-1] if found else None
+
+
+def _mount_at(mountpoint: Path | str) -> tuple[str, str] | None:
+    """(fstype, major:minor) of the topmost mount exactly at ``mountpoint``."""
+    m = mount_info(mountpoint)
+    return None if m is None else (m.fstype, m.dev)
+
+
+def mount_fstype(mountpoint: Path | str) -> str | None:
+    """The fstype mounted exactly at ``mountpoint`` (topmost), None if nothing is."""
+    m = mount_info(mountpoint)
+    return None if m is None else m.fstype
+
+
+def jbl_mounts() -> list[str]:
+    """Every fuse.jbl mountpoint in this mount namespace."""
+    return [m.mountpoint for m in _mountinfo() if m.fstype == FSTYPE]
+
+
+def answers(mountpoint: Path | str) -> bool:
+    """True if the mount responds (a dead daemon's mount gives ENOTCONN)."""
+    try:
+        os.stat(mountpoint)
+        return True
+    except OSError:
+        return False
+
+
+def _probe(mountpoint: Path | str) -> int:
+    """0 if ``stat`` of the mount answers, else its errno (0 for a non-errno failure)."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno or errno.EIO
+    return 0
+
+
+def connection_dead(mountpoint: Path | str) -> bool:
+    """The kernel says the FUSE connection is gone (its daemon closed /dev/fuse: died)."""
+    return _probe(mountpoint) == errno.ENOTCONN
+
+
+def is_stale(mountpoint: Path | str) -> bool:
+    return mount_fstype(mountpoint) == FSTYPE and connection_dead(mountpoint)
+
+
+def force_unmount(mountpoint: Path | str) -> None:
+    """Detach a (possibly stale) FUSE mount: fusermount3 -u -z, else umount2(MNT_DETACH)."""
+    mp = os.fspath(mountpoint)
+    r = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
+    if r.returncode == 0 or mount_fstype(mp) is None:
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library forks ldconfig
+    if libc.umount2(os.fsencode(mp), MNT_DETACH) != 0:
+        e = ctypes.get_errno()
+        raise MountError(f"cannot unmount {mp}: {r.stderr.strip() or os.strerror(e)}",
+                         hint="run as root or as the user who mounted it")
+
+
+# --- where records and logs live -----------------------------------------------------------
+def _home(uid: int) -> str | None:
+    if uid == os.geteuid():
+        return os.path.expanduser("~")
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
+
+
+def records_dir() -> Path:
+    """Where the daemons of this process's user record their mounts."""
+    uid = os.geteuid()
+    if uid == 0:
+        return ROOT_RECORDS
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and os.path.isabs(xdg):
+        with contextlib.suppress(OSError):
+            if os.stat(xdg).st_uid == uid:  # root's env leaking into `runuser` is not ours
+                return Path(xdg) / "jbl/mounts"
+    return Path(_home(uid) or "/nonexistent") / ".local/state/jbl/mounts"
+
+
+def _dirs_of(uid: int) -> list[Path]:
+    """Every place a daemon of ``uid`` may have recorded its mounts."""
+    if uid == 0:
+        return [ROOT_RECORDS]
+    out = [Path(f"/run/user/{uid}/jbl/mounts")]
+    if uid == os.geteuid():
+        out.append(records_dir())
+    home = _home(uid)
+    if home:
+        out.append(Path(home) / ".local/state/jbl/mounts")
+    return list(dict.fromkeys(out))
+
+
+def record_path(mountpoint: Path | str, directory: Path | None = None) -> Path:
+    """The record for a (real) mountpoint: the path is hashed as given, never stat()ed (our
+    own mount may not be serving yet, and a stat would wait for it forever)."""
+    h = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    return (directory or records_dir()) / f"mount-{h}.json"
+
+
+def _writable_dir(d: Path) -> bool:
+    if d.is_dir():
+        return os.access(d, os.W_OK | os.X_OK)
+    return d.parent.is_dir() and os.access(d.parent, os.W_OK | os.X_OK)
+
+
+def log_path(store_dir: Path | str) -> Path:
+    """Where a daemon started by this process logs: STORE/run/mount.log if we may write
+    there (admins look for it beside the store), else beside our own records."""
+    run = Path(store_dir) / "run"
+    if os.geteuid() != 0 and not _writable_dir(run):
+        return records_dir().parent / "mount.log"
+    return run / "mount.log"
+
+
+def rotate_log(path: Path) -> bool:
+    """Move ``path`` to ``path.1`` once it reaches LOG_MAX (two daemons rotating at once
+    may lose one generation: acceptable for a log of starts, stops and errors)."""
+    try:
+        if os.lstat(path).st_size < LOG_MAX:
+            return False
+        os.replace(path, f"{path}.1")
+        return True
+    except OSError:
+        return False
+
+
+def open_log(path: Path) -> int:
+    """An O_APPEND fd on the log, created if need be; never follows a symlink (run/ is
+    group-writable on a shared server, and the daemon may be root)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rotate_log(path)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o644)
+
+
+# --- records -----------------------------------------------------------------------------
+def write_record(st: MountStatus) -> Path:
+    """Record a mount that is up (atomically; 0644 so other users can find root's)."""
+    d = records_dir()
+    d.mkdir(parents=True, exist_ok=True, mode=0o755)
+    path = record_path(st.mountpoint, d)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = asdict(st)
+    del data["alive"], data["state"]
+    tmp.write_text(json.dumps(data, indent=1))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def _proc_uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _load(path: Path, owner: int, mounts: dict[str, MountInfo]) -> MountStatus | None:
+    """Read a record and work out its state; delete it if it is ``gone``."""
+    try:
+        raw = json.loads(path.read_text())
+        names = {f.name for f in fields(MountStatus)} - {"alive", "state"}
+        st = MountStatus(**{k: v for k, v in raw.items() if k in names})
+    except (OSError, ValueError, TypeError):
+        return None
+    # A process that is not the record's user's is not its daemon (pid reuse, or a forgery).
+    running = pid_alive(st.pid, st.pid_start) and _proc_uid(st.pid) == owner
+    m = mounts.get(st.mountpoint)
+    mounted = m is not None and m.fstype == FSTYPE and (not st.dev or m.dev == st.dev)
+    if not mounted:
+        st.state = "gone"
+        if not running:  # neither daemon nor mount: nothing will ever clean this up but us
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return st
+    probe = _probe(st.mountpoint)
+    if not running or probe == errno.ENOTCONN:
+        st.state = "stale"
+    elif probe in (0, errno.EACCES):  # EACCES: a user's mount without allow_other (to root)
+        st.state, st.alive = "mounted", True
+    else:
+        st.state = "not answering"
+    return st
+
+
+def records(uids: set[int] | None = None) -> list[MountStatus]:
+    """Every live or stale mount recorded by the daemons of ``uids`` (default: ours and
+    root's; as root, also those of every user who has a jbl mount now). ``gone`` records
+    are pruned, not returned."""
+    mounts = {m.mountpoint: m for m in _mountinfo()}
+    if uids is None:
+        uids = {0, os.geteuid()}
+        if os.geteuid() == 0:
+            uids |= {m.uid for m in mounts.values() if m.fstype == FSTYPE and m.uid is not None}
+    out: list[MountStatus] = []
+    seen: set[Path] = set()
+    for uid in sorted(uids):
+        for d in _dirs_of(uid):
+            if d in seen:
+                continue
+            seen.add(d)
+            for p in sorted(d.glob("mount-*.json")) if d.is_dir() else ():
+                st = _load(p, uid, mounts)
+                if st is not None and st.state != "gone":
+                    out.append(st)
+    return sorted(out, key=lambda s: s.since)
+
+
+def unrecorded() -> list[MountStatus]:
+    """jbl mounts nobody has a record of (a daemon that could not write one, or a user's
+    record root cannot find): daemon unknown, state from the mount alone."""
+    known = {s.mountpoint for s in records()}
+    out = []
+    for m in _mountinfo():
+        if m.fstype != FSTYPE or m.mountpoint in known:
+            continue
+        st = MountStatus(m.mountpoint, "?", 0, 0, 0.0, False, False, "?", m.dev,
+                         -1 if m.uid is None else m.uid)
+        probe = _probe(m.mountpoint)
+        st.alive = probe in (0, errno.EACCES)
+        st.state = ("stale" if probe == errno.ENOTCONN
+                    else "mounted" if st.alive else "not answering")
+        out.append(st)
+    return out
+
+
+def find(mountpoint: Path | str) -> tuple[Path, MountStatus] | None:
+    """The record of the daemon serving (or that served) the mount at ``mountpoint``."""
+    mp = os.fspath(mountpoint)
+    m = mount_info(mp)
+    uids = {os.geteuid(), 0}
+    if m is not None and m.uid is not None:
+        uids.add(m.uid)
+    mounts = {mp: m} if m is not None else {}
+    for uid in sorted(uids, key=lambda u: u != (m.uid if m else -1)):  # the owner's first
+        for d in _dirs_of(uid):
+            p = record_path(mp, d)
+            if p.exists() and (st := _load(p, uid, mounts)) is not None:
+                if st.state == "gone":
+                    continue
+                return p, st
+    return None
