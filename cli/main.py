@@ -34,6 +34,9 @@ COMMAND_MODULES = [
 ]
 
 
+_exit_now = False  # the command asked entry() to end the process without teardown
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (``jbl: error: …``) and exit 2, not a
     usage dump: sub-parsers inherit this class through ``add_subparsers``."""
@@ -85,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         options.finish(args)
-        return int(args.func(args))
+        code = int(args.func(args))
+        global _exit_now
+        _exit_now = bool(getattr(args, "exit_now", False))  # set by e.g. run_cmd.register
+        return code
     except JblError as e:
         if debug:
             raise
@@ -107,7 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if _exit_now:
+        # The command closed everything it opened; skip the interpreter's teardown of every
+        # module (~15 ms on `jbl run`'s critical path). Console script only: main() returns.
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (BrokenPipeError, ValueError):
+            code = code or int(ExitCode.ERROR)
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

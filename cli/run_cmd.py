@@ -58,7 +58,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="share a host directory with the job (repeatable)")
     j.add_argument("--user", metavar="NAME", help="run the job as this user (root only)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, exit_now=True)  # nothing left to clean up after run(): cli/main
 
 
 # ---- option parsing (each a one-line UsageError) ------------------------------------------
@@ -159,13 +159,14 @@ def run(args: argparse.Namespace) -> int:
     # Block job-control signals before any helper thread (a private FUSE mount) starts, so
     # only the supervisor's sigtimedwait takes them; run_job forwards them to the job.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATE)
+    manifest = None
     try:
         with ExitStack() as stack:
             if args.runtime_dir:
                 runtime_dir = Path(args.runtime_dir)
                 build_request(args, runtime_dir, "")  # options first: one line, exit 2
-                m = load_manifest(Path(os.path.realpath(runtime_dir)))
-                label = f"{m.name}@{m.version}"
+                manifest = load_manifest(Path(os.path.realpath(runtime_dir)))
+                label = f"{manifest.name}@{manifest.version}"
             else:
                 from jbl.fusefs.mount import view_root
                 from jbl.store.store import Store
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 label = f"{info.name}@{info.version}"
             req = build_request(args, runtime_dir, label)
             quiet = bool(getattr(args, "quiet", False))
-            result = run_job(req, note=None if quiet else _note)
+            result = run_job(req, note=None if quiet else _note, manifest=manifest)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if result.message:

@@ -1,8 +1,10 @@
 """The sandbox helper: carries a plan out with system calls, in its own exec'd process.
 
-Run as ``python -I -S sandbox.py PLAN_FD STATUS_FD PARENT_PID`` by ``supervise.py``; it reads
-the plan (``marshal`` data, see ``plan.Plan.to_wire``) from PLAN_FD and executes its steps in
-order. Three processes come out of it::
+Started by ``supervise.py`` in one of two ways: forked from a single-threaded supervisor
+(``run_forked(plan, STATUS_FD, PARENT_PID)``, the plan already in memory), or exec'd as
+``python -I -S sandbox.py PLAN_FD STATUS_FD PARENT_PID`` reading the plan (``marshal`` data,
+see ``plan.Plan.to_wire``) from PLAN_FD (docs/runner.md, "Start-up"). Either way it executes
+the steps in order. Three processes come out of it::
 
     helper (host PID ns) --ForkInit--> init (PID 1: mounts, pivot_root) --ForkJob--> job (exec)
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import _signal
 import ctypes
 import fcntl
+import gc
 import marshal
 import os
 import sys
@@ -405,8 +408,8 @@ def relay(child: int) -> NoReturn:
                 pass
 
 
-def main(argv: list[str]) -> NoReturn:
-    plan_fd, status_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
+def prepare_helper(status_fd: int, parent: int) -> Sandbox:
+    """The helper's first moves, in either start: signals, parent-death signal."""
     os.set_inheritable(status_fd, False)
     _signal.pthread_sigmask(_signal.SIG_SETMASK, FORWARD | {SIGCHLD})
     for sig in FORWARD:  # a handler (not SIG_DFL) so PID 1 is not immune from the parent ns
@@ -414,6 +417,31 @@ def main(argv: list[str]) -> NoReturn:
     box = Sandbox(status_fd, "")
     if libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 or os.getppid() != parent:
         box.fail("helper: parent went away")
+    return box
+
+
+def run_forked(plan: dict[str, Any], status_fd: int, parent: int) -> NoReturn:
+    """The helper when ``supervise`` forked it (single-threaded parent, see docs/runner.md):
+    the plan is already here. Every fd but STATUS_FD and stdio is closed first, so the
+    relays (helper, init) hold nothing of the parent's (its index, its pipes) for the job's
+    lifetime, as an exec'd helper would not; the cyclic GC is off so no finaliser of a
+    parent object can close a descriptor number reused here."""
+    try:
+        gc.disable()
+        for lo, hi in ((3, status_fd - 1), (status_fd + 1, 0xFFFFFFFF)):
+            if lo <= hi:
+                libc.syscall(SYS_CLOSE_RANGE, lo, hi, 0)
+        box = prepare_helper(status_fd, parent)
+        box.job_id = plan["job_id"]
+        box.run(plan["steps"])
+    finally:
+        os._exit(SETUP_FAILED)  # never return into the supervisor's code
+
+
+def main(argv: list[str]) -> NoReturn:
+    """The helper as its own exec'd interpreter (``python -I -S sandbox.py ...``)."""
+    plan_fd, status_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
+    box = prepare_helper(status_fd, parent)
     chunks = []
     while chunk := os.read(plan_fd, 1 << 16):
         chunks.append(chunk)

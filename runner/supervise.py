@@ -22,7 +22,6 @@ import marshal
 import os
 import pwd
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jbl.store.errors import ExitCode, UsageError
-from jbl.store.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from jbl.store.manifest import Manifest
 from jbl.store.units import format_duration, format_size
 
 from . import sandbox as _sandbox_module
 from .cgroups import JobCgroup
 from .errors import CgroupError, LimitsNotEnforced, SandboxSetupError
+from .manifests import load_manifest as load_manifest
 from .plan import Ids, JobRequest, Plan, RootfsEntry, build_plan
 
 SANDBOX = os.path.abspath(_sandbox_module.__file__)
@@ -65,15 +65,6 @@ class JobResult:
 
 
 # ---- preparing ----------------------------------------------------------------------------
-
-def load_manifest(runtime_dir: Path) -> Manifest:
-    try:
-        data = (runtime_dir / MANIFEST_NAME).read_bytes()
-    except OSError as e:
-        raise UsageError(f"{runtime_dir}: not a runtime directory ({MANIFEST_NAME}: "
-                         f"{e.strerror})") from None
-    return parse_manifest(data, source=str(runtime_dir / MANIFEST_NAME))
-
 
 def _inside(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
@@ -105,10 +96,12 @@ def job_ids(req: JobRequest) -> Ids:
     return Ids(0, 0, userns=False, job_uid=pw.pw_uid, job_gid=pw.pw_gid, job_groups=groups)
 
 
-def prepare(req: JobRequest) -> Plan:
-    """Read the runtime directory and the host facts the pure planner needs."""
+def prepare(req: JobRequest, manifest: Manifest | None = None) -> Plan:
+    """Read the runtime directory and the host facts the pure planner needs. ``manifest``:
+    the runtime's, when the caller has read it already from ``req.runtime_dir``."""
     rt = Path(os.path.realpath(req.runtime_dir))
-    manifest = load_manifest(rt)
+    if manifest is None:
+        manifest = load_manifest(rt)
     entries: dict[str, list[RootfsEntry]] = {}
     for m in manifest.default_mounts():
         src = os.path.realpath(rt / m.source)
@@ -131,9 +124,10 @@ def prepare(req: JobRequest) -> Plan:
 
 # ---- running ------------------------------------------------------------------------------
 
-def run_job(req: JobRequest, note: Callable[[str], None] | None = None) -> JobResult:
+def run_job(req: JobRequest, note: Callable[[str], None] | None = None,
+            manifest: Manifest | None = None) -> JobResult:
     """Run ``req`` to its end. Setup failures raise JobError subclasses (one line)."""
-    plan = prepare(req)
+    plan = prepare(req, manifest)
     try:
         cg = JobCgroup.create(plan.job_id, plan.limits)
     except OSError as e:
@@ -150,30 +144,59 @@ def run_job(req: JobRequest, note: Callable[[str], None] | None = None) -> JobRe
         cg.remove()
 
 
+def single_threaded() -> bool:
+    """Is the calling thread this process's only one (kernel's count, C threads included)?"""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _spawn_helper(plan: Plan, status_w: int) -> int:
+    """Start the sandbox helper; return its pid. The status pipe's write end stays ours to
+    close. Forked when we are single-threaded, else exec'd (docs/runner.md, "Start-up")."""
+    if single_threaded():
+        wire = plan.to_wire()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _sandbox_module.run_forked(wire, status_w, parent)  # never returns
+        return pid
+    import subprocess  # only here: ~2 ms on every job otherwise
+
+    plan_r, plan_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", SANDBOX, str(plan_r), str(status_w), str(os.getpid())],
+            pass_fds=(plan_r, status_w))
+        proc.returncode = 0  # reaped by _wait, not by Popen: keeps Popen.__del__ quiet
+        os.close(plan_r)
+        plan_r = -1
+        with contextlib.suppress(BrokenPipeError), os.fdopen(plan_w, "wb") as fh:
+            plan_w = -1  # the file object closes it
+            fh.write(marshal.dumps(plan.to_wire()))  # died early: its status says why
+    finally:
+        for fd in (plan_r, plan_w):
+            if fd >= 0:
+                os.close(fd)
+    return proc.pid
+
+
 def _run(req: JobRequest, plan: Plan, cg: JobCgroup) -> JobResult:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
-    plan_r, plan_w = os.pipe()
     status_r, status_w = os.pipe()
-    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
+    reaped = False
     start = time.monotonic()
     try:
         if signal.sigpending() & TERMINATE:  # interrupted while preparing: do not start
             signal.sigtimedwait(TERMINATE, 0)  # consume it, or it fires when unblocked
             raise KeyboardInterrupt
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", SANDBOX, str(plan_r), str(status_w), str(os.getpid())],
-            pass_fds=(plan_r, status_w))
-        os.close(plan_r)
+        pid = _spawn_helper(plan, status_w)
         os.close(status_w)
-        plan_r = status_w = -1
-        try:
-            with os.fdopen(plan_w, "wb") as fh:
-                plan_w = -1
-                fh.write(marshal.dumps(plan.to_wire()))
-        except BrokenPipeError:
-            pass  # the helper died early; its status says why
-        status, reason = _wait(proc.pid, req, cg, start)
-        proc.returncode = status  # reaped here; keeps Popen.__del__ quiet
+        status_w = -1
+        status, reason = _wait(pid, req, cg, start)
+        reaped = True
         wall = time.monotonic() - start
         message = _read_status(status_r)
         if message and status == ExitCode.JOB_SETUP:
@@ -196,12 +219,11 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup) -> JobResult:
             reason = "signaled" if status > 128 else "exited"
         return JobResult(exit_status=status, reason=reason, **base)  # type: ignore[arg-type]
     finally:
-        if proc is not None and proc.returncode is None:
+        if pid is not None and not reaped:
             cg.kill()
-            os.kill(proc.pid, signal.SIGKILL)
-            os.waitpid(proc.pid, 0)
-            proc.returncode = -9
-        for fd in (plan_r, plan_w, status_r, status_w):
+            _kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in (status_r, status_w):
             if fd >= 0:
                 os.close(fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
