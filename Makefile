@@ -31,7 +31,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-bench: setup
+BENCH_STAMP := $(VENV)/.jbl-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
 
 lint: setup
