@@ -5,7 +5,14 @@ the sha256 of its decoded bytes. It is stored zstd-compressed when that saves sp
 when it does not; the codec is recorded in the index (``blobs.codec``).
 
 Write order (the durability story, relied on by ingest):
-  1. ``write()`` puts the bytes in ``blobs/tmp/<random>`` and renames it to its final name.
+  1. ``write()`` creates an unnamed ``O_TMPFILE`` in the blob's shard directory, writes it and
+     ``linkat``s it to its final name: the name appears only with the whole content behind it,
+     and a crash mid-write leaves nothing at all (an unnamed file is freed). When the name
+     already exists (an orphan of a killed install, possibly torn, or a concurrent install
+     writing the same chunk), or the filesystem has no O_TMPFILE, it falls back to
+     ``blobs/tmp/<random>`` + ``rename`` over the final name (atomic replace). Both are ~2x
+     cheaper than a named temp file in another directory renamed across (measured: the
+     cross-directory rename locks two directories and dirties both).
      No per-file fsync: that is one disk flush per small file.
   2. ``sync()`` runs ``syncfs(2)`` on the blob filesystem once, flushing every blob written
      so far (data and directory entries) — then, and only then, the caller commits the rows.
@@ -13,7 +20,9 @@ Write order (the durability story, relied on by ingest):
   trusted for dedup (only a committed row is) and gc sweeps them.
 Deleting goes the other way: rows first (committed), then ``unlink()``.
 
-Thread-safety: stateless apart from the directory; safe from any thread and process.
+Thread-safety: stateless apart from the directory and a process-wide "O_TMPFILE works" flag
+(it only ever goes from True to False, so a race on it is harmless); safe from any thread and
+process.
 """
 
 from __future__ import annotations
@@ -31,7 +40,10 @@ from .errors import IntegrityError
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
-ZSTD_LEVEL = 3
+# Level 1, not 3: on the realistic ML runtime (387 MB, 10k files) level 3 costs 1.54 s CPU
+# for 146 MB allocated, level 1 1.05 s for 155 MB (+6 %), level 2 1.26 s / 150 MB. Install
+# time is CPU-bound on two cores; three versions stay at ~0.18x of side-by-side (<= 0.25x).
+ZSTD_LEVEL = 1
 # Keep zstd only if it saves at least this fraction: a barely-compressible chunk (a .so of
 # machine code, a .whl inside a runtime) costs CPU on every cold read for no disk gain.
 MIN_SAVING = 0.05
@@ -44,6 +56,33 @@ def _syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+_TMPFILE_FLAGS = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+_tmpfile_ok = True  # cleared once O_TMPFILE or /proc/self/fd turns out to be unavailable
+
+
+def _no_tmpfile() -> None:
+    global _tmpfile_ok
+    _tmpfile_ok = False
+
+
+def _link_fd(fd: int, dest: str) -> None:
+    """linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW: names an O_TMPFILE without
+    CAP_DAC_READ_SEARCH (AT_EMPTY_PATH would need it). Called through ctypes because
+    CPython 3.11's ``os.link`` uses plain link(2), which links the /proc symlink itself."""
+    if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(dest),
+                    _AT_SYMLINK_FOLLOW) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), dest)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def hexdigest(digest: bytes) -> str:
@@ -68,7 +107,8 @@ class BlobStore:
 
     # --- encoding -----------------------------------------------------------------------
     @staticmethod
-    def encode(data: bytes, cctx: zstandard.ZstdCompressor | None = None) -> tuple[int, bytes]:
+    def encode(data: bytes | memoryview, cctx: zstandard.ZstdCompressor | None = None
+               ) -> tuple[int, bytes | memoryview]:
         """Return (codec, stored bytes): zstd if it saves MIN_SAVING, else raw."""
         if len(data) < 64:
             return CODEC_RAW, data
@@ -94,12 +134,39 @@ class BlobStore:
         return data
 
     # --- I/O ----------------------------------------------------------------------------
-    def write(self, digest: bytes, stored: bytes) -> int:
+    def write(self, digest: bytes, stored: bytes | memoryview) -> int:
         """Write ``stored`` (already encoded) as blob ``digest`` atomically; return its size.
 
         Always writes, even if a file exists: an existing file without a committed row may
         be a torn orphan from a crash. Call ``sync()`` before committing rows.
         """
+        h = digest.hex()
+        shard = f"{self.root}/{h[:2]}"
+        if _tmpfile_ok:
+            try:
+                fd = os.open(shard, _TMPFILE_FLAGS, 0o444)
+            except FileNotFoundError:
+                os.makedirs(shard, exist_ok=True)
+                fd = os.open(shard, _TMPFILE_FLAGS, 0o444)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                _no_tmpfile()
+                return self._write_renamed(digest, stored)
+            try:
+                _write_all(fd, stored)
+                _link_fd(fd, f"{shard}/{h[2:]}")
+                return len(stored)
+            except FileExistsError:
+                pass  # replace it atomically below: it may be a torn orphan
+            except FileNotFoundError:  # no /proc: never try again in this process
+                _no_tmpfile()
+            finally:
+                os.close(fd)
+        return self._write_renamed(digest, stored)
+
+    def _write_renamed(self, digest: bytes, stored: bytes | memoryview) -> int:
+        """The fallback: a named temp file in ``blobs/tmp`` renamed over the final name."""
         final = self.path(digest)
         tmp = self.tmp / f"{digest.hex()[:16]}.{secrets.token_hex(6)}"
         try:
@@ -108,10 +175,10 @@ class BlobStore:
             self.create()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
-            view = memoryview(stored)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, stored)
+        except BaseException:
+            os.unlink(tmp)  # a disk that filled up gets the partial file's space back
+            raise
         finally:
             os.close(fd)
         try:

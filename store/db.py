@@ -63,11 +63,14 @@ class DB:
             raise StoreBusy("the store index is locked by another writer; try again") from None
         try:
             yield self
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
             self.conn.execute("COMMIT")
+        except BaseException as e:
+            if not self.conn.getautocommit():  # still in the transaction: undo it
+                self.conn.execute("ROLLBACK")
+            if isinstance(e, apsw.FullError):
+                raise StoreError(f"no space left on the disk holding {self.path}; nothing "
+                                 "was changed", hint="free space (jbl store gc) and retry") from None
+            raise
 
     def close(self) -> None:
         self.conn.close()

@@ -27,6 +27,7 @@ their own read-only index connection (under a lock) and BlobStore (stateless).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -49,6 +50,7 @@ from .errors import (
     ChecksumMismatch,
     LimitExceeded,
     NotFound,
+    StoreBusy,
     StoreError,
     UnsafeArchive,
     UsageError,
@@ -56,6 +58,8 @@ from .errors import (
 from .limits import Limits
 from .manifest import MANIFEST_NAME, Manifest, check_name, parse_manifest
 from .store import Store, VersionInfo
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Limits", "IngestResult", "Inspection", "ingest", "inspect"]
 
@@ -217,7 +221,7 @@ class _Pipeline:
         self.futures: list[Future[None]] = []
         self.local = threading.local()
         self.aborted = False
-        self._batch: list[tuple[_Body, int, bytes]] = []
+        self._batch: list[tuple[_Body, int, bytes | memoryview]] = []
         self._batch_bytes = 0
 
     def _cctx(self) -> zstandard.ZstdCompressor:
@@ -232,7 +236,7 @@ class _Pipeline:
             return {bytes(d): i for d, i in self.rdb.query(
                 f"SELECT digest, id FROM {table} WHERE digest IN ({marks})", tuple(digests))}
 
-    def _run_batch(self, items: list[tuple[_Body, int, bytes]]) -> None:
+    def _run_batch(self, items: list[tuple[_Body, int, bytes | memoryview]]) -> None:
         try:
             digests = [hashlib.sha256(data).digest() for _, _, data in items]
             with self.lock:
@@ -271,9 +275,11 @@ class _Pipeline:
         finally:
             self.slots.release()
 
-    def add(self, body: _Body, seq: int, data: bytes) -> None:
+    def add(self, body: _Body, seq: int, data: bytes | memoryview) -> None:
         self._batch.append((body, seq, data))
-        self._batch_bytes += len(data)
+        # A view pins its whole decoded piece: count that, so memory stays bounded.
+        pinned = data.obj if isinstance(data, memoryview) else data
+        self._batch_bytes += len(pinned) if isinstance(pinned, bytes) else len(data)
         if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_ITEMS:
             self.flush()
 
@@ -288,7 +294,7 @@ class _Pipeline:
             self.slots.release()
             raise
 
-    def hash_update(self, h: hashlib._Hash, data: bytes) -> None:
+    def hash_update(self, h: hashlib._Hash, data: bytes | memoryview) -> None:
         def run() -> None:
             try:
                 h.update(data)
@@ -328,7 +334,7 @@ def _read_archive(reader: ts.TarReader, tree: _Tree, pipe: _Pipeline | None, chu
             if is_manifest:
                 manifests[m.path] = b"".join(reader.body(m, chunk_size))
             continue
-        kept: list[bytes] = []
+        kept: list[bytes | memoryview] = []
         nchunks = -(-m.size // chunk_size)
         body.digests = [b""] * nchunks
         if m.size == 0:
@@ -398,18 +404,43 @@ def ingest(store: Store, src: Path | BinaryIO, *, source: str,
             (have := store.get_version(name, version)) is not None:
         return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0, [])
     f, owned = _open_source(src)
+    written: list[dict[bytes, Any]] = []  # the pipeline's new blobs, for cleanup on failure
     try:
         with store.install_lock():
             return _ingest_locked(store, f, source, expected_checksum, name, version, limits,
-                                  progress)
+                                  progress, written)
+    except BaseException:
+        if written:
+            _discard_uncommitted(store, list(written[0]))
+        raise
     finally:
         if owned:
             f.close()
 
 
+def _discard_uncommitted(store: Store, digests: list[bytes]) -> None:
+    """A failed install removes the blob files it wrote, so a disk that filled up gets its
+    space back at once and the store is exactly as before.
+
+    Only under the exclusive store lock, and only if it is free right now (never waited
+    for): another install may have written the same blob and be about to commit it. A digest
+    with a committed row is kept. Anything left behind is an orphan that gc sweeps.
+    """
+    if not digests:
+        return
+    try:
+        with store.sweep_lock(blocking=False):
+            for d in digests:
+                if store.db.one("SELECT 1 FROM blobs WHERE digest=?", (d,)) is None:
+                    store.blobs.unlink(d)
+    except StoreBusy:
+        log.info("another install or gc is running: left %d blob files for gc", len(digests))
+
+
 def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
                    name: str | None, version: str | None, limits: Limits,
-                   progress: Callable[[int], None] | None) -> IngestResult:
+                   progress: Callable[[int], None] | None,
+                   written: list[dict[bytes, Any]]) -> IngestResult:
     reader = ts.TarReader(f, limits, progress)
     tree = _Tree()
     installed: list[VersionInfo] = []
@@ -429,6 +460,7 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
         return have is not None
 
     pipe = _Pipeline(store, store.chunk_size)
+    written.append(pipe.new_blobs)
     ok = False
     # Only regular-file chunks travel through the pool; the reader thread itself decodes.
     try:
