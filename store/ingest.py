@@ -46,7 +46,6 @@ from .crashpoints import crashpoint
 from .db import open_db
 from .digest import EMPTY, parse_checksum
 from .errors import (
-    AlreadyExists,
     ChecksumMismatch,
     LimitExceeded,
     NotFound,
@@ -57,7 +56,7 @@ from .errors import (
 )
 from .limits import Limits
 from .manifest import MANIFEST_NAME, Manifest, check_name, parse_manifest
-from .store import Store, VersionInfo
+from .store import Store, VersionInfo, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -580,9 +579,20 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
             assert have is not None
             return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
                                 tree.warnings)
-        if db.scalar("SELECT 1 FROM versions WHERE name=? AND version=?", (name, version)):
-            raise AlreadyExists(f"{name}@{version} was removed but is still in use or not yet "
-                                "collected", hint="run `jbl store gc`, then install again")
+        gone = db.scalar("SELECT id FROM versions WHERE name=? AND version=? "
+                         "AND state='removed'", (name, version))
+        if gone is not None:
+            # Reinstalling a version that `rm` left in place because a job still used it:
+            # if that job has ended, drop the old rows now; if it still runs, rename the old
+            # row out of the way (it keeps serving that job by id; gc drops it later).
+            if any(pid_alive(pid, start) for pid, start in db.query(
+                    "SELECT pid, pid_start FROM leases WHERE version_id=?", (gone,))):
+                db.execute("UPDATE versions SET version = version || '~removed.' || id "
+                           "WHERE id=?", (gone,))
+            else:
+                for table, col in (("entries", "version_id"), ("leases", "version_id"),
+                                   ("versions", "id")):
+                    db.execute(f"DELETE FROM {table} WHERE {col}=?", (gone,))
         # Rows other installs committed since our workers' lookups (ids above the marks:
         # nothing is deleted while we hold the install lock). Usually none.
         other_blobs = {bytes(d): i for d, i in db.query(
