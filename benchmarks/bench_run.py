@@ -6,7 +6,10 @@ hits all sides):
 
 * ``--runtime-dir D``: the runner alone (no store, no FUSE);
 * ``--runtime NAME`` with a ``jbl mount`` of the store running (the shared-server setup);
-* ``--runtime NAME`` with no daemon: ``jbl run`` mounts the view privately for the job.
+* ``--runtime NAME`` with no daemon: ``jbl run`` reuses the user's lingering private view
+  (started by the warm-up run, kept while jobs come within ``JBL_VIEW_LINGER``);
+* ``--runtime NAME`` with no daemon and ``JBL_VIEW_LINGER=0``: a private view mounted and
+  unmounted for every job (run through ``env``, which adds one exec, ~1 ms).
 
 The target (DESIGN.md): jbl's overhead beyond Python's own start-up is at most 3× bwrap's
 whole run, i.e. ``(jbl - python) / bwrap <= 3``. The overhead is taken per round
@@ -63,14 +66,15 @@ def _stores(work: Path, rt: Path, env: dict[str, str]) -> dict[str, list[str] | 
     tarball = work / "rt.tar.gz"
     err = _jbl("pack", str(rt), "-o", str(tarball), env=env)
     out: dict[str, list[str] | str] = {}
-    for key in ("jbl-mount", "jbl-nodaemon"):
+    for key in ("jbl-mount", "jbl-nodaemon", "jbl-perjob"):
         store = work / key
         err = err or _jbl("--store", str(store), "store", "import", str(tarball), env=env)
         if err is None and key == "jbl-mount":
             (work / "mp").mkdir()
             err = _jbl("--store", str(store), "mount", str(work / "mp"), env=env)
+        prefix = ["env", "JBL_VIEW_LINGER=0"] if key == "jbl-perjob" else []
         out[key] = f"jbl: {err}" if err else [
-            JBL, "--store", str(store), "run", "--runtime", SPEC, "--", "/bin/true"]
+            *prefix, JBL, "--store", str(store), "run", "--runtime", SPEC, "--", "/bin/true"]
     return out
 
 
@@ -104,7 +108,8 @@ def measure(n: int) -> list[Figure]:
     ]
     names = {"jbl-dir": "jbl run --runtime-dir D",
              "jbl-mount": "jbl run --runtime NAME, jbl mount running",
-             "jbl-nodaemon": "jbl run --runtime NAME, no daemon (private view per job)"}
+             "jbl-nodaemon": "jbl run --runtime NAME, no daemon (lingering private view)",
+             "jbl-perjob": "jbl run --runtime NAME, no daemon, JBL_VIEW_LINGER=0 (view per job)"}
     for key, name in names.items():
         if key not in stats:
             figs.append(Figure.missing(name, bw, str(stores.get(key, "not run")), group="run"))

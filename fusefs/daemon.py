@@ -5,7 +5,11 @@ Started by ``mount.spawn`` in a new session with stdout/stderr on its log (``--l
 fusefs/mounttab.py). Log lines go through ``BoundedLog``, which rotates the file at
 ``mounttab.LOG_MAX`` so it never grows without bound. It
 reports readiness on ``--ready-fd`` (one line: ``ready`` or ``error <reason>``) and then
-serves until SIGTERM/SIGINT, an unmount, or (``--parent-pid``) the death of its parent.
+serves until SIGTERM/SIGINT, an unmount, or (``--parent-pid``) the death of its parent, or
+(``--linger S --lock L --hold H``: the runner's lingering view, fusefs/linger.py) once no job
+has held ``H`` for S seconds. ``--detach`` forks once more before anything else, so the
+daemon is nobody's child (a lingering view outlives the ``jbl run`` that started it, which
+must not have to reap it); it stays in the process group ``spawn`` created.
 Exit status: 0 after a clean unmount, the MountError exit code if mounting failed.
 
 Thread-safety: a process of its own; see fusefs/mount.py.
@@ -24,6 +28,7 @@ from pathlib import Path
 from jbl.store.errors import ExitCode, JblError
 
 from . import mount
+from .linger import IdleWatch
 from .mounttab import open_log, rotate_log
 
 
@@ -63,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true")
     p.add_argument("--engine", choices=mount.ENGINES, default=mount.DEFAULT_ENGINE)
     p.add_argument("--log", type=Path, help="log file (default: stderr)")
+    p.add_argument("--linger", type=float)
+    p.add_argument("--lock", type=Path)
+    p.add_argument("--hold", type=Path)
+    p.add_argument("--detach", action="store_true")
     a = p.parse_args(argv)
     # `jbl run` blocks job-control signals before starting a private view (so only its
     # supervisor takes them), and a child inherits the mask across exec: unblock, or the
     # daemon would ignore the SIGTERM that asks it to unmount and be SIGKILLed 10 s later.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    if a.detach and os.fork() != 0:  # single-threaded here: nothing but this thread runs
+        os._exit(0)
     handler: logging.Handler = (BoundedLog(a.log) if a.log is not None
                                 else logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, handlers=[handler],
@@ -86,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         a.ready_fd = None
 
     try:
+        idle = None
+        if a.linger is not None and a.lock is not None and a.hold is not None:
+            idle = IdleWatch(a.lock, a.hold, a.linger)
         mount.serve(a.store, a.mountpoint, allow_other=a.allow_other, ready=ready,
-                    private=a.private, parent_pid=a.parent_pid, engine=a.engine)
+                    private=a.private, parent_pid=a.parent_pid, engine=a.engine, idle=idle)
     except JblError as e:
         ready(str(e))
         logging.error("%s", e)

@@ -6,7 +6,8 @@
     status(store_dir)   the live or stale mounts of one store (pid, since, state)
     unmount(mp)         stop the daemon (SIGTERM) or, if it died, detach the stale mount
     view_root(store)    a directory with <name>/<version>/ for the runner: a live `jbl mount`
-                        of that store, or a private daemon mounted for the caller's lifetime
+                        of that store, else the user's lingering private view of it
+                        (fusefs/linger.py), else a private daemon for the caller's lifetime
 
 Which daemon serves which mountpoint is the per-host mount table (fusefs/mounttab.py): each
 daemon records itself in its user's own directory (root: /run/jbl/mounts) once the mount is
@@ -35,6 +36,9 @@ from pathlib import Path
 
 from jbl.store.errors import MountError
 from jbl.store.store import pid_alive, proc_starttime
+
+from . import linger as lingermod
+from .linger import IdleWatch
 
 # re-exported: the names callers (the CLI, the runner, tests) use from the lifecycle module
 from .mounttab import FSTYPE as FSTYPE
@@ -65,11 +69,12 @@ def status(store_dir: Path | str) -> list[MountStatus]:
 
 
 def _record(store_dir: Path, mountpoint: Path, allow_other: bool, private: bool,
-            engine: str) -> Path:
+            engine: str, idle: IdleWatch | None = None) -> Path:
     pid = os.getpid()
     st = MountStatus(str(mountpoint), str(store_dir), pid, proc_starttime(pid) or 0,
                      time.time(), allow_other, private, engine,
-                     (_mount_at(mountpoint) or ("", ""))[1], os.geteuid())
+                     (_mount_at(mountpoint) or ("", ""))[1], os.geteuid(),
+                     idle.seconds if idle is not None else 0.0)
     return _write_record(st)
 
 
@@ -89,18 +94,20 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
           ready: Callable[[str | None], None] | None = None, private: bool = False,
-          parent_pid: int | None = None, engine: str = DEFAULT_ENGINE) -> None:
+          parent_pid: int | None = None, engine: str = DEFAULT_ENGINE,
+          idle: IdleWatch | None = None) -> None:
     """Mount ``store_dir`` on ``mountpoint`` and serve until SIGTERM/SIGINT or unmount.
 
     ``ready(None)`` is called once requests are being served; ``ready(reason)`` if mounting
     failed (then MountError is raised too). With ``parent_pid``, the mount ends when that
-    process does (the runner's private view). ``engine``: "raw" (rawfs.py, /dev/fuse
-    spoken directly) or "pyfuse3" (ops.py)."""
+    process does (the runner's per-job view); with ``idle``, once no job has held it for
+    ``idle.seconds`` (the lingering view, fusefs/linger.py). ``engine``: "raw" (rawfs.py,
+    /dev/fuse spoken directly) or "pyfuse3" (ops.py)."""
     if engine not in ENGINES:
         raise MountError(f"unknown mount engine {engine!r}", hint="use raw or pyfuse3")
     if engine == "raw":
         return _serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready,
-                          private=private, parent_pid=parent_pid)
+                          private=private, parent_pid=parent_pid, idle=idle)
     import pyfuse3
     import trio
     from jbl.store.store import Store
@@ -135,7 +142,7 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         raise MountError(reason) from None
     ops.mounted = True
     our_dev = (_mount_at(mountpoint) or ("", ""))[1]
-    status_file = _record(store_dir, mountpoint, allow_other, private, "pyfuse3")
+    status_file = _record(store_dir, mountpoint, allow_other, private, "pyfuse3", idle)
     log.info("mounted %s on %s (pid %d)", store_dir, mountpoint, os.getpid())
 
     async def main() -> None:
@@ -146,6 +153,8 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
             n.start_soon(_until_signal, n.cancel_scope)
             if parent_pid is not None:
                 n.start_soon(_until_parent_dies, parent_pid, n.cancel_scope)
+            if idle is not None:
+                n.start_soon(_until_idle, idle, n.cancel_scope)
             if ready:
                 ready(None)
 
@@ -184,7 +193,7 @@ def _open_store(store_dir: Path, mountpoint: Path,
 
 def _serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
                ready: Callable[[str | None], None] | None, private: bool,
-               parent_pid: int | None) -> None:
+               parent_pid: int | None, idle: IdleWatch | None) -> None:
     from .rawmount import serve_raw
 
     mountpoint = Path(os.path.realpath(mountpoint))
@@ -192,11 +201,12 @@ def _serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     store = _open_store(store_dir, mountpoint, ready)
 
     def started() -> Callable[[], None]:
-        path = _record(store_dir, mountpoint, allow_other, private, "raw")
+        path = _record(store_dir, mountpoint, allow_other, private, "raw", idle)
         return lambda: path.unlink(missing_ok=True)
 
     serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready, private=private,
-              parent_pid=parent_pid, store=store, started=started)
+              parent_pid=parent_pid, store=store, started=started,
+              idle=idle.expired if idle is not None else None)
 
 
 async def _until_signal(scope: object) -> None:
@@ -219,6 +229,15 @@ async def _until_parent_dies(parent_pid: int, scope: object) -> None:
     scope.cancel()  # type: ignore[attr-defined]
 
 
+async def _until_idle(idle: IdleWatch, scope: object) -> None:
+    import trio
+
+    while not idle.expired():  # noqa: ASYNC110 - flock has no event to wait for
+        await trio.sleep(0.5)
+    log.info("no job for %s s: unmounting the lingering view", f"{idle.seconds:g}")
+    scope.cancel()  # type: ignore[attr-defined]
+
+
 # --- the daemon, from the caller's side -------------------------------------------------
 # The daemon imports jbl the way its parent did: a parent started through a wrapper that added
 # site directories (another user running the venv's jbl with the system python) passes them
@@ -229,10 +248,15 @@ _BOOT = ("import json, site, sys; [site.addsitedir(d) for d in json.loads(sys.ar
 
 def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
           private: bool = False, timeout: float = READY_TIMEOUT,
-          engine: str = DEFAULT_ENGINE) -> subprocess.Popen[bytes]:
+          engine: str = DEFAULT_ENGINE, linger: float = 0.0,
+          view: lingermod.ViewFiles | None = None) -> subprocess.Popen[bytes]:
     """Start a detached daemon serving ``store_dir`` on ``mountpoint``; return it once the
     mount is ready. Its output goes to ``log_path(store_dir)``, never this terminal. A caller
-    that outlives the daemon should ``wait()`` for it (it is our child until we exit)."""
+    that outlives the daemon should ``wait()`` for it (it is our child until we exit).
+
+    With ``view`` (a lingering private view, fusefs/linger.py) the daemon forks away from
+    us (the returned process has already exited) and lives until no job has held
+    ``view.hold`` for ``linger`` seconds."""
     store_dir = Path(os.path.realpath(store_dir))
     mountpoint = Path(os.path.realpath(mountpoint))
     check_mountpoint(mountpoint)  # fail fast, in the user's terminal, with the reason
@@ -248,7 +272,10 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
             "--log", str(logp)]
     if allow_other:
         argv.append("--allow-other")
-    if private:
+    if private and view is not None:
+        argv += ["--private", "--linger", repr(linger), "--lock", str(view.lock),
+                 "--hold", str(view.hold), "--detach"]
+    elif private:
         argv += ["--private", "--parent-pid", str(os.getpid())]
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
@@ -261,8 +288,13 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
     finally:
         os.close(r)
     if msg == "ready":
+        if view is not None:
+            proc.wait()  # the intermediate of --detach, gone already
         return proc
-    if proc.poll() is None and not msg:
+    if not msg and view is not None:  # hung: the detached daemon is in proc's group
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    elif proc.poll() is None and not msg:
         proc.terminate()
     reason = msg.removeprefix("error ") if msg else _log_tail(logp)
     raise MountError(reason or f"the mount daemon exited with status {proc.wait()}",
@@ -334,22 +366,93 @@ def unmount(mountpoint: Path, store_dir: Path | None = None,
 
 @contextlib.contextmanager
 def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
-              engine: str | None = None) -> Iterator[Path]:
+              engine: str | None = None, linger: float | None = None) -> Iterator[Path]:
     """A directory holding ``<name>/<version>/`` for every installed version of the store.
 
-    Reuses a live ``jbl mount`` of this store; otherwise mounts a private one (a daemon that
-    unmounts when this block exits, is interrupted, or this process dies). The caller still
-    takes ``store.lease(version_id, "job")`` for the version it uses."""
+    Reuses a live ``jbl mount`` of this store; otherwise this user's lingering private view
+    of it (fusefs/linger.py: started if need be, held for the block, unmounted by itself
+    ``linger`` seconds after its last job; default ``JBL_VIEW_LINGER``, else 60 s); with
+    ``linger`` 0, or no safe directory for it, a daemon mounted for this block alone that
+    unmounts when it exits, is interrupted, or this process dies. The caller still takes
+    ``store.lease(version_id, "job")`` for the version it uses."""
     store_dir = Path(os.path.realpath(store_dir))
     for st in status(store_dir):
         if st.alive and not st.private and os.path.realpath(st.store) == str(store_dir):
             yield Path(st.mountpoint)
             return
+    engine = engine or os.environ.get("JBL_MOUNT_ENGINE") or DEFAULT_ENGINE
+    secs = lingermod.linger_seconds() if linger is None else linger
+    view = lingermod.view_files(store_dir) if secs > 0 else None
+    if view is not None:
+        hold = _lingering_view(store_dir, view, secs, engine, timeout)
+        if hold is not None:
+            fd, mp = hold
+            try:
+                yield mp
+            finally:
+                lingermod.release_hold(fd)
+            return
+    with _job_view(store_dir, engine, timeout) as mp:
+        yield mp
+
+
+def _lingering_view(store_dir: Path, view: lingermod.ViewFiles, secs: float, engine: str,
+                    timeout: float) -> tuple[int, Path] | None:
+    """Find or start this user's lingering view of ``store_dir`` and take a hold on it:
+    (hold fd, mountpoint), or None when it cannot be used (a daemon that hangs)."""
+    with lingermod.locked(view.lock):
+        fd = lingermod.take_hold(view)  # from here on no daemon of this view decides to exit
+        try:
+            old = lingermod.read_current(view)
+            if old is not None:
+                found = find_record(old)
+                st = found[1] if found else None
+                if (st is not None and st.alive and st.private and st.linger > 0
+                        and st.uid == os.geteuid() and st.store == str(store_dir)):
+                    return fd, old
+                if not _recover(old, found):
+                    os.close(fd)
+                    return None  # unusable and busy: fall back to a view for this job
+            mp = Path(tempfile.mkdtemp(prefix=view.key + "-", dir=view.dir))
+            # the pointer first: killed after the spawn, we leave no daemon nobody can find
+            lingermod.write_current(view, mp)
+            try:
+                spawn(store_dir, mp, allow_other=os.geteuid() == 0, private=True,
+                      timeout=timeout, engine=engine, linger=secs, view=view)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    mp.rmdir()
+                raise
+            return fd, mp
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _recover(mp: Path, found: tuple[Path, MountStatus] | None) -> bool:
+    """Clean up a previous lingering view that is no longer usable (its daemon died, its
+    mount was detached): True when nothing of it is left in the way."""
+    if mount_fstype(mp) == FSTYPE:
+        if not is_stale(mp):
+            log.warning("%s: a jbl mount that is not a usable view; using a view per job", mp)
+            return False
+        log.warning("%s: stale lingering view (its daemon died); detaching it", mp)
+        force_unmount(mp)
+    if found is not None:
+        with contextlib.suppress(OSError):
+            found[0].unlink()
+    with contextlib.suppress(OSError):
+        mp.rmdir()
+    return True
+
+
+@contextlib.contextmanager
+def _job_view(store_dir: Path, engine: str, timeout: float) -> Iterator[Path]:
+    """A private daemon for this block only (``JBL_VIEW_LINGER=0``)."""
     mp = Path(tempfile.mkdtemp(prefix="jbl-view-"))
     try:
         proc = spawn(store_dir, mp, allow_other=os.geteuid() == 0, private=True,
-                     timeout=timeout, engine=engine or os.environ.get("JBL_MOUNT_ENGINE")
-                     or DEFAULT_ENGINE)
+                     timeout=timeout, engine=engine)
         try:
             yield mp
         finally:

@@ -64,6 +64,8 @@ class MountStatus:
     engine: str = "pyfuse3"
     dev: str = ""            # major:minor of the mount it made (mountinfo)
     uid: int = -1            # the daemon's user
+    linger: float = 0.0      # a private view shared by its user's jobs: seconds it outlives
+                             # the last one (fusefs/linger.py); 0 = mounted for one job
     alive: bool = False      # daemon running AND the mount answers
     state: str = "unknown"   # mounted | not answering | stale | gone (module docstring)
 

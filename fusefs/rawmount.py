@@ -73,9 +73,11 @@ def fuse_mount(mountpoint: Path, allow_other: bool) -> int:
 def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
               ready: Callable[[str | None], None] | None, private: bool,
               parent_pid: int | None, store: object,
-              started: Callable[[], Callable[[], None]]) -> None:
-    """Mount with the raw engine and serve until SIGTERM/SIGINT/SIGHUP, unmount, or the
-    death of ``parent_pid``. ``started()`` (mount.py: status file) is called once mounted
+              started: Callable[[], Callable[[], None]],
+              idle: Callable[[], bool] | None = None) -> None:
+    """Mount with the raw engine and serve until SIGTERM/SIGINT/SIGHUP, unmount, the
+    death of ``parent_pid``, or ``idle()`` saying so (checked once per tick: the lingering
+    view, fusefs/linger.py). ``started()`` (mount.py: status file) is called once mounted
     and returns the cleanup to run at the end."""
     from jbl.store.view import View
 
@@ -113,6 +115,12 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
                 log.info("parent %d exited: unmounting the private view", parent_pid)
                 fs.stopping = True
         fs.tick = watch_parent
+    elif idle is not None:
+        def watch_idle() -> None:
+            if idle():
+                log.info("no job holds the lingering view any more: unmounting")
+                fs.stopping = True
+        fs.tick = watch_idle
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
     try:
         cleanup = started()

@@ -166,7 +166,7 @@ def test_foreground_mount_unmounts_cleanly_on_sigterm(
 def test_view_root_mounts_privately_or_reuses_a_running_mount(
         store_with_v1: Path, tmp_path: Path, engine: str) -> None:  # type: ignore  # noqa: F811
     store_dir = store_with_v1
-    with mountmod.view_root(store_dir, engine=engine) as root:
+    with mountmod.view_root(store_dir, engine=engine, linger=0) as root:
         assert (root / "pyrt/1.0.0/runtime.yml").read_text().startswith("name: pyrt")
         private = str(root)
         assert mountmod.mount_fstype(private) == mountmod.FSTYPE
@@ -179,7 +179,7 @@ def test_view_root_mounts_privately_or_reuses_a_running_mount(
     code = textwrap.dedent(f"""
         import sys, time
         from jbl.fusefs.mount import view_root
-        with view_root({str(store_dir)!r}, engine={engine!r}) as root:
+        with view_root({str(store_dir)!r}, engine={engine!r}, linger=0) as root:
             print(root, flush=True)
             time.sleep(60)
     """)

@@ -1,0 +1,203 @@
+"""The runner's lingering private view: one FUSE daemon per (user, store), shared by that
+user's ``jbl run`` jobs, which unmounts itself N seconds after the last job released it.
+
+Everything lives in ``views_dir()``, the user's own 0700 directory beside the mount records
+(root: ``/run/jbl/views``; a user: ``$XDG_RUNTIME_DIR/jbl/views``, else
+``~/.local/state/jbl/views``), per store key ``K`` (sha256 of the store's real path)::
+
+    K.lock     flock EX: held by a job while it looks for, recovers or starts the view, and
+               by the daemon from the moment it decides to exit until the process is gone
+    K.hold     flock SH: held by every job that uses the view, for the job's lifetime;
+               its mtime is the last time a job took or released it (jobs touch it)
+    K.current  the mountpoint of the view last started (a pointer; the mount record says
+               whether it still lives)
+    K-XXXXXX/  that mountpoint (mkdtemp: 0700), removed by its daemon when it exits
+
+Why this is race-free: a job reads ``K.current`` and takes its SH hold while it holds
+``K.lock``; the daemon decides to exit only while it holds ``K.lock`` *and* an EX lock on
+``K.hold`` (both non-blocking), and keeps both until it has unmounted and exited. So a job
+either finds the view before the daemon decided (and its SH hold then keeps the daemon up)
+or after the daemon is gone. A dead job's locks die with its descriptors: a SIGKILLed
+``jbl run`` cannot keep the view up beyond one linger after its last touch.
+
+The daemon never blocks on these locks (its request loop answers FUSE requests that a job
+holding ``K.lock`` may be waiting for, e.g. ``stat`` of the mount).
+
+Thread-safety: ``IdleWatch`` belongs to the daemon thread that serves requests; the rest are
+plain functions for the caller's main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from jbl.store.errors import UsageError
+
+from .mounttab import records_dir
+
+ENV = "JBL_VIEW_LINGER"
+DEFAULT_LINGER = 60.0  # seconds a view outlives its last job
+
+
+def linger_seconds() -> float:
+    """``JBL_VIEW_LINGER`` (a duration, e.g. ``60``, ``2m``; 0 = a view per job)."""
+    text = os.environ.get(ENV, "").strip()
+    if not text:
+        return DEFAULT_LINGER
+    from jbl.store.units import parse_duration
+
+    secs = float(parse_duration(text, what=ENV))
+    if secs < 0:
+        raise UsageError(f"invalid {ENV} {text!r}: must be 0 or more")
+    return secs
+
+
+@dataclass(frozen=True)
+class ViewFiles:
+    dir: Path
+    key: str
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / f"{self.key}.lock"
+
+    @property
+    def hold(self) -> Path:
+        return self.dir / f"{self.key}.hold"
+
+    @property
+    def current(self) -> Path:
+        return self.dir / f"{self.key}.current"
+
+
+def views_dir() -> Path | None:
+    """This user's views directory (created 0700), or None if it cannot be made safe (no
+    home, someone else's, writable by others): then jobs get a view each, as before."""
+    d = records_dir().parent / "views"
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        if st.st_mode & 0o077:
+            os.chmod(d, 0o700)
+        return Path(os.path.realpath(d))
+    except OSError:
+        return None
+
+
+def view_files(store_dir: Path) -> ViewFiles | None:
+    d = views_dir()
+    if d is None:
+        return None
+    return ViewFiles(d, hashlib.sha256(os.fsencode(store_dir)).hexdigest()[:16])
+
+
+def _open(path: Path) -> int:
+    # O_NOFOLLOW: the directory is ours and 0700, but never follow a planted link anyway
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold ``K.lock`` (EX, blocking: the holder is a job starting a view, or a daemon
+    unmounting itself; both are short)."""
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def take_hold(files: ViewFiles) -> int:
+    """Take a job's SH hold on the view (call under ``locked``); returns the fd to pass to
+    ``release_hold``. Close-on-exec, and the runner's forked helper closes every fd >= 3,
+    so the job itself never holds it."""
+    fd = _open(files.hold)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.utime(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release_hold(fd: int) -> None:
+    """The job is over: mark the time (the daemon's linger starts here) and let go."""
+    with contextlib.suppress(OSError):
+        os.utime(fd)
+    os.close(fd)
+
+
+def read_current(files: ViewFiles) -> Path | None:
+    try:
+        text = files.current.read_text().strip()
+    except OSError:
+        return None
+    p = Path(text)
+    # only a mountpoint we made: a child of our own views directory with our key
+    if p.parent != files.dir or not p.name.startswith(files.key + "-"):
+        return None
+    return p
+
+
+def write_current(files: ViewFiles, mountpoint: Path) -> None:
+    tmp = files.dir / f".{files.key}.current.{os.getpid()}"
+    tmp.write_text(f"{mountpoint}\n")
+    os.replace(tmp, files.current)
+
+
+class IdleWatch:
+    """The daemon's side: ``expired()`` is called periodically from its request loop and
+    returns True once no job has held the view for ``seconds``; from then on this process
+    holds ``K.lock`` and ``K.hold`` until it exits (see the module docstring)."""
+
+    def __init__(self, lock: Path, hold: Path, seconds: float) -> None:
+        self.seconds = seconds
+        self.lock_fd = _open(lock)
+        self.hold_fd = _open(hold)
+        self.done = False
+
+    @staticmethod
+    def _try(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def idle_for(self) -> float | None:
+        """Seconds since the last job let go, or None while a job holds the view."""
+        if not self._try(self.hold_fd):
+            return None
+        try:
+            return time.time() - os.fstat(self.hold_fd).st_mtime
+        finally:
+            fcntl.flock(self.hold_fd, fcntl.LOCK_UN)
+
+    def expired(self) -> bool:
+        if self.done:
+            return True
+        idle = self.idle_for()
+        if idle is None or idle < self.seconds:
+            return False
+        if not self._try(self.lock_fd):  # a job is looking for the view right now
+            return False
+        # one took its hold just before, or took and released it since idle_for()
+        if not self._try(self.hold_fd) or \
+                time.time() - os.fstat(self.hold_fd).st_mtime < self.seconds:
+            fcntl.flock(self.hold_fd, fcntl.LOCK_UN)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            return False
+        self.done = True  # both locks stay ours until the process exits
+        return True
