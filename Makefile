@@ -42,6 +42,7 @@ bench: $(BENCH_STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check store fusefs runner cli tests benchmarks
+	$(VENV)/bin/mypy store fusefs runner cli
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -62,8 +62,14 @@ def progress(args: Any, total: int | None, label: str) -> Iterator[_Progress]:
     if getattr(args, "quiet", False) or getattr(args, "json", False) or not sys.stderr.isatty():
         yield _Progress(None, None)
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)

@@ -69,7 +69,8 @@ def _policy(args: argparse.Namespace) -> policy_mod.Policy:
     origin = str(cfg.files[-1]) if cfg.files else "config"
     base = policy_mod.policy_from_config(cfg.gc, origin)
     given = [k for k in _POLICY_OPTS if getattr(args, k, None) is not None]
-    cli = policy_mod.parse_policy(**{k: getattr(args, k, None) for k in _POLICY_OPTS})
+    values: dict[str, Any] = {k: getattr(args, k, None) for k in _POLICY_OPTS}  # str or None
+    cli = policy_mod.parse_policy(**values)
     return policy_mod.merge(base, cli, given)
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jbl.store.errors import MountError
-from jbl.store.store import pid_alive, proc_starttime
+from jbl.store.store import Store, pid_alive, proc_starttime
 
 from . import linger as lingermod
 from .linger import IdleWatch
@@ -177,8 +177,7 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
 
 
 def _open_store(store_dir: Path, mountpoint: Path,
-                ready: Callable[[str | None], None] | None) -> object:
-    from jbl.store.store import Store
+                ready: Callable[[str | None], None] | None) -> Store:
 
     try:
         check_mountpoint(mountpoint)

@@ -23,8 +23,12 @@ import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jbl.store.errors import MountError
+
+if TYPE_CHECKING:
+    from jbl.store.store import Store
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -72,7 +76,7 @@ def fuse_mount(mountpoint: Path, allow_other: bool) -> int:
 
 def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
               ready: Callable[[str | None], None] | None, private: bool,
-              parent_pid: int | None, store: object,
+              parent_pid: int | None, store: Store,
               started: Callable[[], Callable[[], None]],
               idle: Callable[[], bool] | None = None) -> None:
     """Mount with the raw engine and serve until SIGTERM/SIGINT/SIGHUP, unmount, the
@@ -89,7 +93,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
         fs = RawFS(View(store), -1)
         fs.fd = fuse_mount(mountpoint, allow_other)
     except Exception as e:
-        store.close()  # type: ignore[attr-defined]
+        store.close()
         if ready:
             ready(str(e))
         raise
@@ -146,5 +150,5 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
         os.close(r)
         os.close(w)
         cleanup()
-        store.close()  # type: ignore[attr-defined]
+        store.close()
         log.info("stopped; served %s", fs.stats)

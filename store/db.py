@@ -21,6 +21,9 @@ from . import schema
 from .errors import StoreBusy, StoreError
 
 INDEX_NAME = "index.db"
+Params = tuple[Any, ...] | dict[str, Any]  # bound parameters only, never string formatting
+Row = tuple[Any, ...]
+
 BUSY_TIMEOUT_MS = 60_000  # installs and gc hold the write lock for one short commit each
 WAL_KEEP_BYTES = 4 << 20  # the persistent WAL is truncated to this after a checkpoint
 
@@ -33,22 +36,23 @@ class DB:
         self.conn = conn
         self.path = path
 
-    def query(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+    def query(self, sql: str, params: Params = ()) -> list[Row]:
         return list(self.conn.execute(sql, params))
 
-    def iter(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Iterator[tuple[Any, ...]]:
+    def iter(self, sql: str, params: Params = ()) -> Iterator[Row]:
         return iter(self.conn.execute(sql, params))
 
-    def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> tuple[Any, ...] | None:
+    def one(self, sql: str, params: Params = ()) -> Row | None:
+        row: Row
         for row in self.conn.execute(sql, params):
             return row
         return None
 
-    def scalar(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+    def scalar(self, sql: str, params: Params = ()) -> Any:
         row = self.one(sql, params)
         return None if row is None else row[0]
 
-    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> None:
+    def execute(self, sql: str, params: Params = ()) -> None:
         self.conn.execute(sql, params)
 
     def executemany(self, sql: str, rows: Any) -> None:
@@ -69,7 +73,8 @@ class DB:
                 self.conn.execute("ROLLBACK")
             if isinstance(e, apsw.FullError):
                 raise StoreError(f"no space left on the disk holding {self.path}; nothing "
-                                 "was changed", hint="free space (jbl store gc) and retry") from None
+                                 "was changed",
+                                 hint="free space (jbl store gc) and retry") from None
             raise
 
     def close(self) -> None:
@@ -102,8 +107,16 @@ def _configure(conn: apsw.Connection, readonly: bool) -> None:
     conn.execute("PRAGMA mmap_size=268435456")
 
 
+def _pragma_int(conn: apsw.Connection, name: str) -> int:
+    """An integer PRAGMA (user_version, application_id) read as an int."""
+    value = conn.execute(f"PRAGMA {name}").fetchall()[0][0]
+    if not isinstance(value, int):  # SQLite always answers these with an integer
+        raise StoreError(f"PRAGMA {name} returned {value!r}, not an integer (corrupt index?)")
+    return value
+
+
 def _migrate(conn: apsw.Connection, path: Path) -> None:
-    current = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    current = _pragma_int(conn, "user_version")
     if current > schema.SCHEMA_VERSION:
         raise StoreError(f"store index {path} has schema version {current}, newer than this "
                          f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")
@@ -113,7 +126,7 @@ def _migrate(conn: apsw.Connection, path: Path) -> None:
     # writes fails at once with BUSY when two processes create the same store concurrently.
     conn.execute("BEGIN IMMEDIATE")
     try:
-        current = conn.execute("PRAGMA user_version").fetchall()[0][0]
+        current = _pragma_int(conn, "user_version")
         for step in range(current, schema.SCHEMA_VERSION):
             conn.execute(schema.MIGRATIONS[step])
         if current == 0:
@@ -137,11 +150,11 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
     try:
         conn = apsw.Connection(os.fspath(path), flags=flags)
         _configure(conn, readonly)
-        app = conn.execute("PRAGMA application_id").fetchall()[0][0]
+        app = _pragma_int(conn, "application_id")
         if app not in (0, schema.APPLICATION_ID):
             raise StoreError(f"{path} is not a jbl store index (application_id {app:#x})")
         if readonly:
-            v = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            v = _pragma_int(conn, "user_version")
             if v > schema.SCHEMA_VERSION:
                 raise StoreError(f"store index {path} has schema version {v}, newer than this "
                                  f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")

@@ -71,6 +71,11 @@ _IMPLIED_DIR_MODE = 0o755
 _DROPPED = "dropped"
 _DEFAULT_LIMITS = Limits()  # frozen: safe to share as the default
 
+# One `entries` row in the column order of the INSERT in _commit: id, version_id, parent_id,
+# name, kind, mode, uid, gid, mtime_ns, size, content_id, target, link_id, nlink.
+_EntryRow = tuple[int, int, int | None, bytes, int, int, int, int, int, int, int | None,
+                  bytes | None, int | None, int]
+
 
 @dataclass
 class IngestResult:
@@ -646,7 +651,8 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
             else:
                 bodies.setdefault(digest, body)
         next_content = (db.scalar("SELECT max(id) FROM contents") or 0) + 1
-        content_rows, chunk_rows = [], []
+        content_rows: list[tuple[int, bytes, int, int]] = []  # id, digest, size, nchunks
+        chunk_rows: list[tuple[int, int, int]] = []  # content_id, seq, blob_id
         for digest in sorted(bodies):
             body = bodies[digest]
             cid = local[digest] = next_content
@@ -670,7 +676,7 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
         next_entry = (db.scalar("SELECT max(id) FROM entries") or 0) + 1
         for i, (node, _p, _n) in enumerate(order):
             node.id = next_entry + i
-        rows = []
+        rows: list[_EntryRow] = []
         for node, parent, nm in order:
             kind = {ts.DIR: stat.S_IFDIR, ts.REG: stat.S_IFREG, ts.SYMLINK: stat.S_IFLNK}[
                 node.kind]

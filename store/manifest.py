@@ -139,4 +139,5 @@ def dump_manifest(m: Manifest) -> str:
     doc.update(m.extra)
     import yaml
 
-    return yaml.safe_dump(doc, sort_keys=False)
+    text: str = yaml.safe_dump(doc, sort_keys=False)  # PyYAML ships no type hints
+    return text

@@ -121,7 +121,9 @@ def _mtime(ti: tarfile.TarInfo, ns: int) -> None:
     ti.mtime = ns // 1_000_000_000
     if ns % 1_000_000_000 or ns < 0:
         sign, a = ("-", -ns) if ns < 0 else ("", ns)
-        ti.pax_headers["mtime"] = f"{sign}{a // 1_000_000_000}.{a % 1_000_000_000:09d}"
+        # typeshed declares pax_headers a read-only Mapping: replace it rather than index it
+        ti.pax_headers = {**ti.pax_headers,
+                          "mtime": f"{sign}{a // 1_000_000_000}.{a % 1_000_000_000:09d}"}
 
 
 def pack(src: Path, out: Path, compress: str = "gz") -> PackResult:

@@ -127,7 +127,7 @@ def info(store: Store, v: VersionInfo) -> dict[str, Any]:
         env, extra = dict(m.environment), dict(m.extra)
     except Exception:  # an index from an older jbl with laxer rules: show what we have
         mounts, env, extra = [], {}, {}
-    kinds = dict(store.db.query(
+    kinds: dict[int, int] = dict(store.db.query(
         # the runtime's own directory (and any top directory above it) is not "in" it
         "SELECT kind, COUNT(*) FROM entries WHERE version_id = ? AND parent_id IS NOT NULL "
         "AND id <> ? GROUP BY kind", (v.id, v.root_id)))

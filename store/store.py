@@ -57,7 +57,11 @@ class VersionInfo:
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> VersionInfo:
-        return cls(*row[:13], bool(row[13]))
+        # The columns of _VERSION_COLS, in field order; pinned is stored as 0/1.
+        (id_, name, version, description, manifest_text, root_id, state, source, checksum,
+         file_count, logical_size, installed_at, last_used_at, pinned) = row[:14]
+        return cls(id_, name, version, description, manifest_text, root_id, state, source,
+                   checksum, file_count, logical_size, installed_at, last_used_at, bool(pinned))
 
 
 def proc_starttime(pid: int) -> int | None:

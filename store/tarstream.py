@@ -281,6 +281,7 @@ class _ZstdSource(_Source):
                 return b""
             if self._last:
                 out = self._feed(self._take(self._checksum)) if self._checksum else b""
+                assert self._obj is not None  # set by _start_frame, cleared only below
                 if not self._obj.eof:
                     raise UnsafeArchive("corrupt zstd stream (frame does not end)")
                 self._obj = None

@@ -27,7 +27,7 @@ class Result:
     out: str
     err: str
 
-    def ok(self) -> "Result":
+    def ok(self) -> Result:
         assert self.rc == 0, f"jbl failed rc={self.rc}\nstdout:\n{self.out}\nstderr:\n{self.err}"
         return self
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, assert_store_ok, run_jbl
-
 from jbl.store.blobs import BlobStore
 from jbl.store.store import Store
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from jbl.store.errors import UnsafeArchive, UsageError
 from jbl.store.manifest import parse_manifest
 from jbl.store.units import format_size, parse_duration, parse_size
@@ -56,7 +55,8 @@ def test_versions_compare_as_semver_not_text() -> None:
                 min_size=1, max_size=20))
 def test_latest_is_the_numeric_maximum(triples: list[tuple[int, int, int]]) -> None:
     texts = [f"{a}.{b}.{c}" for a, b, c in triples]
-    assert latest(texts) == "%d.%d.%d" % max(triples)
+    a, b, c = max(triples)
+    assert latest(texts) == f"{a}.{b}.{c}"
 
 
 @pytest.mark.parametrize("bad", ["", "@1.0", "py@", "../etc", "py thon"])
@@ -66,9 +66,10 @@ def test_bad_specs(bad: str) -> None:
 
 
 def test_manifest_mounts_must_stay_inside_the_runtime() -> None:
-    ok = parse_manifest("name: a\nversion: 1.0.0\nmounts:\n- {source: isolated/usr, target: /usr}\n")
+    head = "name: a\nversion: 1.0.0\nmounts:\n"
+    ok = parse_manifest(head + "- {source: isolated/usr, target: /usr}\n")
     assert ok.mounts[0].source == "isolated/usr" and ok.mounts[0].readonly
     for src, dst in [("../../etc", "/etc"), ("/etc", "/etc"), ("isolated", "usr"),
                      ("isolated", "/usr/../etc")]:
         with pytest.raises(UnsafeArchive):
-            parse_manifest(f"name: a\nversion: 1.0.0\nmounts:\n- {{source: '{src}', target: '{dst}'}}\n")
+            parse_manifest(head + f"- {{source: '{src}', target: '{dst}'}}\n")
