@@ -93,7 +93,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json({
             "dry_run": res.dry_run, "policy": res.policy, "versions": rows,
-            "removed": res.removed, "deferred": res.deferred, "purged": sw.purged,
+            "removed": res.removed, "deferred": res.deferred, "in_use": res.in_use,
+            "purged": sw.purged,
             "contents": sw.contents, "blobs": sw.blobs, "orphans": sw.orphans,
             "temp_files": sw.temp_files, "freed_bytes": sw.freed_bytes})
         return 0
@@ -108,6 +109,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     parts.append(f"{sw.blobs} blobs" + (f" + {sw.orphans + sw.temp_files} orphan files"
                                          if sw.orphans or sw.temp_files else ""))
     print(f"gc ({res.policy}): {', '.join(parts)}; {verb} {format_size(sw.freed_bytes)}")
+    if res.in_use:
+        print(f"kept while in use by a job or a mount: {', '.join(res.in_use)} "
+              "(a later gc takes them once released)")
     return 0
 
 

@@ -75,6 +75,8 @@ class GcResult:
     removed: list[str]
     deferred: list[str]
     sweep: SweepResult
+    in_use: list[str] = field(default_factory=list)  # the policy would take these, but a
+    # live job or mount holds them: kept now, a later gc takes them once they are released
 
     @property
     def freed_bytes(self) -> int:
@@ -353,13 +355,19 @@ def collect(store: Store, policy: Policy, *, dry_run: bool = False,
     now = time.time() if now is None else now
     if not dry_run:
         drop_dead_leases(store)
-    chosen = select(store, policy, now=now, leased=leased_versions(store))
+    leased = leased_versions(store)
+    chosen = select(store, policy, now=now, leased=leased)
+    # Said to the admin, so that "0 versions to remove" is not a mystery: what the policy
+    # would take if nothing were using it.
+    in_use = [s.info.spec for s in select(store, policy, now=now, leased=set())
+              if s.info.id in leased] if leased else []
     if dry_run:
         est = estimate(store, (s.info.id for s in chosen), policy.grace, now)
-        return GcResult(policy.describe(), True, chosen, [s.info.spec for s in chosen], [], est)
+        return GcResult(policy.describe(), True, chosen, [s.info.spec for s in chosen], [], est,
+                        in_use)
     removed, deferred = _remove(store, [s.info for s in chosen]) if chosen else ([], [])
     res = sweep(store, grace=policy.grace, wait=True, now=now)
-    return GcResult(policy.describe(), False, chosen, removed, deferred, res)
+    return GcResult(policy.describe(), False, chosen, removed, deferred, res, in_use)
 
 
 def set_pinned(store: Store, spec: str, pinned: bool) -> VersionInfo:

@@ -229,3 +229,16 @@ def test_gc_drops_the_lease_of_a_killed_job(store_dir: Path) -> None:
     assert out["removed"] == ["rt@1.0.0"]
     with Store.open(store_dir) as s:
         assert s.db.scalar("SELECT COUNT(*) FROM leases") == 0
+
+
+def test_gc_says_which_versions_it_kept_because_they_are_in_use(store_dir: Path) -> None:
+    series(store_dir, "rt", ["1.0.0", "1.1.0"])
+    job = lease_holder(store_dir, "rt@1.0.0")
+    try:
+        out = gc(store_dir, "--keep-latest", "1")
+        assert out["removed"] == [] and out["in_use"] == ["rt@1.0.0"]
+        text = run_jbl("store", "gc", "--dry-run", "--keep-latest", "1", store=store_dir).ok().out
+        assert "kept while in use by a job or a mount: rt@1.0.0" in text
+    finally:
+        job.communicate("")
+    assert gc(store_dir, "--keep-latest", "1")["removed"] == ["rt@1.0.0"]
