@@ -30,6 +30,21 @@ log = logging.getLogger("jbl.fusefs")
 LINGER = 30.0  # seconds a lease outlives the last handle into its version
 
 
+def _take_lease(store_dir: Path, store: Store | None, version_id: int
+                ) -> tuple[contextlib.ExitStack | None, Store | None]:
+    """Both keepers' lease step: open the write connection on first use, take a 'mount'
+    lease. Returns (the lease to close later, or None if refused — logged; the connection)."""
+    try:
+        if store is None:
+            store = Store.open(store_dir)
+        stack = contextlib.ExitStack()
+        stack.enter_context(store.lease(version_id, "mount"))
+        return stack, store
+    except Exception as e:
+        log.warning("could not take a mount lease on version %d: %s", version_id, e)
+        return None, store
+
+
 class LeaseKeeper:
     def __init__(self, store_dir: Path, linger: float = LINGER) -> None:
         self.store_dir = store_dir
@@ -105,15 +120,8 @@ class LeaseKeeper:
 
     def _enter(self, version_id: int) -> contextlib.ExitStack | None:
         """Worker thread: take the lease. None (logged) if the store would not let us."""
-        try:
-            if self._store is None:
-                self._store = Store.open(self.store_dir)
-            stack = contextlib.ExitStack()
-            stack.enter_context(self._store.lease(version_id, "mount"))
-            return stack
-        except Exception as e:
-            log.warning("could not take a mount lease on version %d: %s", version_id, e)
-            return None
+        stack, self._store = _take_lease(self.store_dir, self._store, version_id)
+        return stack
 
 
 class ThreadLeaseKeeper:
@@ -198,15 +206,8 @@ class ThreadLeaseKeeper:
                 log.exception("replying after the lease on version %d", vid)
 
     def _enter(self, version_id: int) -> contextlib.ExitStack | None:
-        try:
-            if self._store is None:
-                self._store = Store.open(self.store_dir)
-            stack = contextlib.ExitStack()
-            stack.enter_context(self._store.lease(version_id, "mount"))
-            return stack
-        except Exception as e:
-            log.warning("could not take a mount lease on version %d: %s", version_id, e)
-            return None
+        stack, self._store = _take_lease(self.store_dir, self._store, version_id)
+        return stack
 
     def _drop(self, version_id: int) -> None:
         stack = self._held.pop(version_id, None)

@@ -362,6 +362,17 @@ def _read_archive(reader: ts.TarReader, tree: _Tree, pipe: _Pipeline | None, chu
     return manifests
 
 
+def _runtime_manifest(tree: _Tree, manifests: dict[str, bytes]
+                      ) -> tuple[_Node, bytes, Manifest]:
+    """The runtime directory's node, its runtime.yml bytes and the parsed manifest."""
+    root, prefix = _runtime_root(tree)
+    text = manifests.get(prefix + MANIFEST_NAME)
+    if text is None:
+        raise LimitExceeded(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes",
+                            prefix + MANIFEST_NAME)
+    return root, text, parse_manifest(text, source=prefix + MANIFEST_NAME)
+
+
 def _runtime_root(tree: _Tree) -> tuple[_Node, str]:
     kids = tree.root.children or {}
     if MANIFEST_NAME in kids:
@@ -477,12 +488,7 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
         actual = reader.checksum()
         if expected is not None and actual != expected:
             raise ChecksumMismatch(source, expected, actual)
-        root, prefix = _runtime_root(tree)
-        text = manifests.get(prefix + MANIFEST_NAME)
-        if text is None:
-            raise LimitExceeded(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes",
-                                prefix + MANIFEST_NAME)
-        manifest = parse_manifest(text, source=prefix + MANIFEST_NAME)
+        root, text, manifest = _runtime_manifest(tree, manifests)
         name = name or manifest.name
         version = version or manifest.version
         ok = True
@@ -527,12 +533,7 @@ def inspect(src: Path | BinaryIO, *, limits: Limits = _DEFAULT_LIMITS) -> Inspec
             manifests = _read_archive(reader, tree, None, 1 << 20, lambda _p, _t: False)
         finally:
             reader.close()
-        root, prefix = _runtime_root(tree)
-        text = manifests.get(prefix + MANIFEST_NAME)
-        if text is None:
-            raise LimitExceeded(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes",
-                                prefix + MANIFEST_NAME)
-        manifest = parse_manifest(text, source=prefix + MANIFEST_NAME)
+        root, text, manifest = _runtime_manifest(tree, manifests)
         files = logical = 0
         stack = [root]
         while stack:

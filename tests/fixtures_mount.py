@@ -18,7 +18,7 @@ import stat
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -246,3 +246,13 @@ def pyrt_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.link(rt / "isolated/data/big.bin", link)
     out = tmp_path_factory.mktemp("tarballs") / "pyrt-1.0.0.tar.gz"
     return make_tarball(rt, out)
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.1) -> bool:
+    """Poll ``cond`` until it is true or ``timeout`` seconds pass; return whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return False

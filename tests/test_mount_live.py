@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,9 @@ from fixtures_mount import (  # noqa: F401 - fixtures
     mounted,
     other_user,  # noqa: F811
     sweep_mounts,
+    wait_until,
 )
 from jbl.fusefs import mount as mountmod
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +53,12 @@ def test_installs_and_removals_show_up_while_open_files_keep_reading(
         try:
             rt2 = rt_factory("pyrt", "2.0.0")
             import_tarball(store_dir, make_tarball(rt2, tmp_path / "pyrt-2.0.0.tar.gz"))
-            assert _wait(lambda: (mp / "pyrt/2.0.0/runtime.yml").exists())
-            assert _wait(lambda: os.readlink(mp / "pyrt/latest") == "2.0.0")
+            assert wait_until(lambda: (mp / "pyrt/2.0.0/runtime.yml").exists())
+            assert wait_until(lambda: os.readlink(mp / "pyrt/latest") == "2.0.0")
             assert sorted(os.listdir(mp / "pyrt")) == ["1.0.0", "2.0.0", "latest"]
 
             run_jbl("store", "rm", "pyrt@1.0.0", store=store_dir).ok()
-            assert _wait(lambda: not (mp / "pyrt/1.0.0").exists())
+            assert wait_until(lambda: not (mp / "pyrt/1.0.0").exists())
             assert sorted(os.listdir(mp / "pyrt")) == ["2.0.0", "latest"]
             # what was open before the removal still reads
             assert held.read() == b"VERSION = '1.0.0'\n"
@@ -117,7 +108,7 @@ def test_a_killed_daemon_leaves_a_stale_mount_that_umount_and_mount_recover(
     try:
         (st,) = mountmod.status(store_dir)
         os.kill(st.pid, signal.SIGKILL)
-        assert _wait(lambda: not mountmod.answers(mp))
+        assert wait_until(lambda: not mountmod.answers(mp))
         with pytest.raises(OSError) as ei:
             os.listdir(mp)
         assert ei.value.errno == 107  # ENOTCONN: what a job sees when the daemon died
@@ -129,7 +120,7 @@ def test_a_killed_daemon_leaves_a_stale_mount_that_umount_and_mount_recover(
         run_jbl("mount", mp, "--engine", engine, store=store_dir).ok()
         (st,) = mountmod.status(store_dir)
         os.kill(st.pid, signal.SIGKILL)
-        assert _wait(lambda: not mountmod.answers(mp))
+        assert wait_until(lambda: not mountmod.answers(mp))
         run_jbl("mount", mp, "--engine", engine, store=store_dir).ok()
         assert (mp / "pyrt/1.0.0/runtime.yml").exists()
     finally:
@@ -148,7 +139,7 @@ def test_foreground_mount_unmounts_cleanly_on_sigterm(
                           "--engine", engine, str(mp)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait(lambda: (mp / "pyrt").exists() or p.poll() is not None)
+        assert wait_until(lambda: (mp / "pyrt").exists() or p.poll() is not None)
         assert p.poll() is None, p.communicate()
         p.send_signal(signal.SIGTERM)
         _out, err = p.communicate(timeout=15)
@@ -189,4 +180,4 @@ def test_view_root_mounts_privately_or_reuses_a_running_mount(
     assert mountmod.mount_fstype(root) == mountmod.FSTYPE
     p.kill()
     p.communicate()
-    assert _wait(lambda: mountmod.mount_fstype(root) is None, 10)
+    assert wait_until(lambda: mountmod.mount_fstype(root) is None, 10)

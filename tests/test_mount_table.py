@@ -16,7 +16,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,20 +27,12 @@ from fixtures_mount import (  # noqa: F401 - fixtures
     import_tarball,
     make_tarball,
     sweep_mounts,
+    wait_until,
 )
 from fixtures_users import as_user, sh_as, shared_dir
 from jbl.fusefs import mount as mountmod
 from jbl.fusefs import mounttab
 from jbl.store.store import pid_alive
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +71,7 @@ def test_umount_without_store_stops_the_daemon_and_stale_means_dead(
         run_jbl("mount", mp, "--engine", engine, store=store).ok()
         (st,) = mountmod.status(store)
         os.kill(st.pid, signal.SIGKILL)
-        assert _wait(lambda: mounttab.connection_dead(mp))
+        assert wait_until(lambda: mounttab.connection_dead(mp))
         (row,) = [s for s in _status_all() if s["mountpoint"] == str(mp)]
         assert row["state"] == "stale" and row["store"] == str(store)
         r = run_jbl("umount", mp).ok()
@@ -103,7 +94,7 @@ def test_status_forgets_dead_views_and_says_which_store(store: Path, tmp_path: P
         # else: its record is all that is left
         (st,) = [s for s in mountmod.status(store) if s.mountpoint == str(dead)]
         os.kill(st.pid, signal.SIGKILL)
-        assert _wait(lambda: not pid_alive(st.pid, st.pid_start))
+        assert wait_until(lambda: not pid_alive(st.pid, st.pid_start))
         subprocess.run(["fusermount3", "-u", "-z", str(dead)], check=True)
         record = mounttab.record_path(str(dead))
         assert record.exists()

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import JBL, run_jbl
-from fixtures_mount import import_tarball, make_tarball, other_user  # noqa: F401 - fixture
+from fixtures_mount import (  # noqa: F401 - fixture
+    import_tarball,
+    make_tarball,
+    other_user,
+    wait_until,
+)
 from jbl.fusefs import mount as mountmod
 from jbl.store.store import proc_starttime
 
@@ -58,14 +63,6 @@ def views(store: Path) -> list[dict[str, object]]:
 def daemons_started(store: Path) -> int:
     return (store / "run/mount.log").read_text().count(" INFO mounted ")
 
-
-def wait_until(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_back_to_back_jobs_reuse_one_view_which_goes_away_after_the_linger(store: Path) -> None:
