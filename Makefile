@@ -1,4 +1,5 @@
-# jbl — the two entry points a newcomer types (as root on Debian): `make demo`, `make test`.
+# jbl — the entry points a newcomer types (as root on Debian): `make demo`, `make test`, and
+# `make install` (jbl for every user: a venv on the system Python in PREFIX, BINDIR/jbl).
 # Every target is idempotent: system packages and the venv are only installed when missing.
 
 VENV     ?= .venv
@@ -6,8 +7,11 @@ PY       := $(VENV)/bin/python
 JBL      := $(VENV)/bin/jbl
 APT_PKGS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libarchive-tools mtree-netbsd bubblewrap util-linux iproute2 psmisc
 STAMP    := $(VENV)/.jbl-installed
+PREFIX   ?= /opt/jbl
+BINDIR   ?= /usr/local/bin
+PYTHON   ?= /usr/bin/python3
 
-.PHONY: setup system-deps demo test bench clean lint
+.PHONY: setup system-deps install uninstall demo test bench clean lint
 
 setup: $(STAMP)
 
@@ -25,11 +29,20 @@ $(STAMP): pyproject.toml | system-deps
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+# Not editable, built from this clone; a second run only hashes the sources (tools/install.py).
+install: system-deps
+	@$(PYTHON) tools/install.py --prefix $(PREFIX) --bindir $(BINDIR) --python $(PYTHON)
+
+uninstall:
+	@if [ "$$(readlink $(BINDIR)/jbl)" = "$(PREFIX)/bin/jbl" ]; then rm -f $(BINDIR)/jbl; fi
+	@if [ -f $(PREFIX)/pyvenv.cfg ]; then rm -rf $(PREFIX) $(PREFIX).lock; fi
+
 demo: setup
 	$(PY) -m jbl.cli.demo
 
-test: setup
-	$(PY) -m pytest -q tests
+# The tests that act as other users run the install (tests/fixtures_users.py refreshes it).
+test: setup install
+	JBL_PREFIX=$(PREFIX) JBL_BINDIR=$(BINDIR) $(PY) -m pytest -q tests
 
 BENCH_STAMP := $(VENV)/.jbl-bench-installed
 

@@ -31,36 +31,12 @@ def jbl(*args: str, input: str | None = None, timeout: float = 60,
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
-_USER_JBL: str | None = None
-
-
 def user_jbl() -> str:
-    """A ``jbl`` an unprivileged user can execute. The venv's interpreter may live under
-    /root (pyenv, mode 0700); then use the system python3.11 with the venv's site-packages."""
-    global _USER_JBL
-    if _USER_JBL is None:
-        real = os.path.realpath(VENV_BIN / "python")
-        if all(os.stat(p).st_mode & 0o001 for p in _parents(real)):
-            _USER_JBL = JBL
-        else:
-            site = next((VENV_BIN.parent / "lib").glob("python3.*/site-packages"))
-            d = Path(tempfile.mkdtemp(prefix="jbl-userbin-"))
-            d.chmod(0o755)
-            shim = d / "jbl"
-            shim.write_text(f"#!/usr/bin/python3.11\nimport site\nsite.addsitedir({str(site)!r})\n"
-                            "from jbl.cli.main import entry\nentry()\n")
-            shim.chmod(0o755)
-            _USER_JBL = str(shim)
-    return _USER_JBL
+    """The ``jbl`` an unprivileged user runs: the system-wide install (``make install``),
+    refreshed from this clone once per session by ``fixtures_users.installed_jbl``."""
+    from fixtures_users import installed_jbl
 
-
-def _parents(path: str) -> list[str]:
-    out = []
-    p = Path(path)
-    while p != p.parent:
-        p = p.parent
-        out.append(str(p))
-    return out
+    return installed_jbl()
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,13 @@
 ``make_users()`` creates Linux users with ``useradd -m`` (and an admin group), removed again
 with ``userdel -r`` at teardown. ``as_user(name, *args)`` runs the real ``jbl`` as that user.
 
-Running jbl as another user needs an interpreter that user may execute. When the venv's
-Python lives somewhere others cannot reach (e.g. pyenv under /root, mode 0700), the tests
-run the same code through a small wrapper using the system's ``python3.X`` of the same minor
-version with the venv's site-packages added — the same jbl sources and the same compiled
-extensions (the CPython ABI is stable within a minor version). ``jbl setup --system`` warns
-about exactly this situation on a real server.
+Other users run jbl as they would on a real server: the system-wide install that ``make
+install`` makes (``PREFIX/bin/jbl``, PREFIX ``/opt/jbl`` unless ``JBL_PREFIX`` says
+otherwise), not the development venv (whose Python may live under a 0700 /root). Once per
+session ``installed_jbl()`` asks ``tools/install.py --check`` whether that install matches
+this clone's sources (a digest, ~0.1 s) and runs ``make install`` when it does not (a
+refresh of jbl's own files takes ~1-3 s; the first install 10-60 s, pyfuse3 being built from
+source). If the install cannot be made, every test that needs it fails, saying why.
 
 Shared paths must be reachable by those users, so the tests' shared base directory is made
 with mode 0755 under /tmp instead of pytest's 0700 tmp_path.
@@ -16,21 +17,18 @@ with mode 0755 under /tmp instead of pytest's 0700 tmp_path.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import JBL, Result, run_jbl
-from jbl.cli.setup_cmd import unreachable_for_others
+import pytest
+from conftest import REPO, Result
 
 
 @dataclass(frozen=True)
@@ -83,30 +81,36 @@ def shared_dir(prefix: str = "jbl-shared-") -> Path:
     return d
 
 
-_WRAPPER: Path | None = None
+PREFIX = Path(os.environ.get("JBL_PREFIX", "/opt/jbl"))  # as `make test` passes them
+BINDIR = Path(os.environ.get("JBL_BINDIR", "/usr/local/bin"))
+_INSTALL: dict[str, str] = {}  # this session's outcome: {"jbl": path} or {"error": why}
+
+
+def installed_jbl() -> str:
+    """``PREFIX/bin/jbl``, up to date with this clone (see the module docstring)."""
+    if not _INSTALL:
+        where = [f"PREFIX={PREFIX}", f"BINDIR={BINDIR}"]
+        check = subprocess.run([sys.executable, str(REPO / "tools/install.py"), "--check",
+                                "--prefix", str(PREFIX), "--bindir", str(BINDIR)],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode == 0:
+            _INSTALL["jbl"] = str(PREFIX / "bin/jbl")
+        else:
+            p = subprocess.run(["make", "-s", "-C", str(REPO), "install", *where],
+                               capture_output=True, text=True, timeout=1200)
+            if p.returncode == 0:
+                _INSTALL["jbl"] = str(PREFIX / "bin/jbl")
+            else:
+                _INSTALL["error"] = (f"`make install {' '.join(where)}` failed (needed: "
+                                     f"{check.stdout.strip()}):\n{p.stdout}{p.stderr}")
+    if "error" in _INSTALL:
+        pytest.fail(_INSTALL["error"], pytrace=False)
+    return _INSTALL["jbl"]
 
 
 def user_jbl() -> str:
-    """A ``jbl`` executable every user may run (see the module docstring)."""
-    global _WRAPPER
-    if os.environ.get("JBL_TEST_USER_JBL"):  # e.g. a system-wide install on a real server
-        return os.environ["JBL_TEST_USER_JBL"]
-    if unreachable_for_others(JBL) is None and \
-            unreachable_for_others(os.path.realpath(sys.executable)) is None:
-        return JBL
-    if _WRAPPER is None:
-        minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
-        host_py = shutil.which(minor, path="/usr/bin:/usr/local/bin:/bin")
-        assert host_py, f"no system {minor} for other users to run jbl with"
-        d = shared_dir("jbl-userbin-")
-        atexit.register(shutil.rmtree, d, True)
-        w = d / "jbl"
-        w.write_text(f"#!{host_py}\nimport site, sys\n"
-                     f"site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
-                     "from jbl.cli.main import entry\nentry()\n")
-        os.chmod(w, 0o755)
-        _WRAPPER = w
-    return str(_WRAPPER)
+    """The ``jbl`` other users run: the system-wide install."""
+    return installed_jbl()
 
 
 def as_user(user: str, *args: str | os.PathLike[str], store: Path | None = None,
@@ -117,8 +121,6 @@ def as_user(user: str, *args: str | os.PathLike[str], store: Path | None = None,
     e = {"HOME": f"/home/{user}", "USER": user, "LOGNAME": user, "XDG_DATA_HOME": "",
          "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"}
     e.update(env or {})
-    if exe == JBL:
-        return run_jbl(*args, store=store, env=e, timeout=timeout, user=user, input=input)
     argv = ["runuser", "-u", user, "--", exe]
     if store is not None:
         argv += ["--store", str(store)]
