@@ -332,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
     bad = unreachable_for_others(jbl) or unreachable_for_others(os.path.realpath(sys.executable))
     if bad:
         nxt.append(f"warning: other users cannot run jbl: {bad} is not reachable by them "
-                   "(install jbl where everyone can execute it, e.g. a venv under /opt)")
+                   "(run `make install` as root in jbl's clone: /opt/jbl on the system "
+                   "Python and /usr/local/bin/jbl, then use /usr/local/bin/jbl)")
     nxt.append(f"admins: usermod -aG {group} NAME (then log in again) to let NAME install, "
                "remove and gc")
 
