@@ -33,6 +33,7 @@ from fixtures_users import (
     installed_jbl,
     make_users,
     shared_dir,
+    user_jbl,
 )
 from jbl.cli.setup_cmd import unreachable_for_others
 
@@ -55,7 +56,7 @@ def snapshot(prefix: Path) -> list[tuple[str, int, int, int]]:
 # --- the session's install ------------------------------------------------------------------
 def test_session_install_is_root_owned_closed_and_on_the_system_python() -> None:
     jbl = Path(installed_jbl())
-    assert jbl == PREFIX / "bin/jbl"
+    assert jbl == PREFIX / "bin/jbl" == Path(user_jbl())  # what as_user() runs
     assert world_writable_or_foreign(PREFIX) == []
     cfg = (PREFIX / "pyvenv.cfg").read_text()
     assert "home = /usr/bin" in cfg, cfg  # the system Python, which every user may execute

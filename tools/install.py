@@ -38,8 +38,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator
+
+try:
+    import tomllib
+except ImportError:  # before 3.11: say so in one line rather than a traceback
+    sys.exit(f"install: error: {sys.executable} is Python {sys.version.split()[0]}; jbl needs "
+             "3.11 or newer (Debian 12's python3): set PYTHON=/path/to/python3.11")
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
