@@ -134,6 +134,20 @@ def test_install_needs_root() -> None:
     assert "needs root" in p.stderr and not os.path.exists("/nonexistent")
 
 
+def test_install_refuses_a_prefix_that_is_not_its_venv() -> None:
+    d = shared_dir("jbl-notvenv-")
+    try:
+        (d / "data").write_text("keep me\n")
+        p = subprocess.run([sys.executable, str(REPO / "tools/install.py"), "--prefix", str(d),
+                            "--bindir", str(d / "bin")], capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "is not a venv" in p.stderr
+        assert sorted(x.name for x in d.iterdir()) == ["data"]
+        assert not Path(f"{d}.lock").exists()
+    finally:
+        shutil.rmtree(d)
+
+
 # --- a fresh clone into a scratch prefix ----------------------------------------------------
 @pytest.fixture(scope="module")
 def clone() -> Iterator[Path]:

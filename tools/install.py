@@ -155,9 +155,6 @@ def site_packages(prefix: Path) -> Path:
 
 
 def make_venv(prefix: Path, python: str) -> None:
-    if prefix.exists() and any(prefix.iterdir()) and not (prefix / "pyvenv.cfg").exists():
-        raise InstallError(f"{prefix} exists and is not a venv: remove it or choose another "
-                           "PREFIX")
     _run(python, "-m", "venv", "--clear", prefix)
     # setuptools new enough for pyproject.toml, so refreshes can build without isolation
     _run(prefix / "bin/python", "-m", "pip", "install", "-q", "--upgrade", "pip",
@@ -277,6 +274,9 @@ def install(prefix: Path, bindir: Path, python: str) -> str:
     if (bad := unreachable(prefix)) is not None:
         raise InstallError(f"other users cannot enter {bad}: choose a PREFIX they can reach")
     check_bin(bindir)
+    if prefix.is_dir() and any(prefix.iterdir()) and not (prefix / "pyvenv.cfg").exists():
+        raise InstallError(f"{prefix} exists and is not a venv: remove it or choose another "
+                           "PREFIX")
     os.umask(0o022)  # normalise_modes() closes what a careless umask opened anyway
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with locked(prefix), tempfile.TemporaryDirectory(prefix="jbl-src-") as tmp:
