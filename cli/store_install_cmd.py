@@ -179,6 +179,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("installed", _when(d["installed_at"])), ("last used", _when(d["last_used_at"])),
         ("pinned", "yes" if d["pinned"] else "no"),
         ("in use by", ", ".join(f"{u['kind']} {u['pid']}" for u in d["in_use_by"]) or "-"),
+        ("owners", ", ".join(f"{o['uid']}:{o['gid']} ({o['entries']})" for o in d["owners"])
+         + " as recorded (the mount shows root:root)"),
         ("source", d["source"]), ("checksum", d["checksum"]),
     ]
     for m in d["mounts"]:

@@ -32,12 +32,19 @@ from dataclasses import dataclass, field
 
 from jbl.store import versions as versions_mod
 from jbl.store.errors import IntegrityError
+from jbl.store.limits import clamp_mtime_ns
 from jbl.store.view import ChunkRef, Entry, VersionRoot, View
 
 from .errors import Errno
 from .inodes import ENTRY, LATEST, NAME_DIR, ROOT, ROOT_INODE, InodeTable, Node, entry_key
 
 TIMEOUT = 86400     # entries/attrs/negative lookups below a version: immutable content
+# Every file of a version is shown as root's, whatever uid/gid its tarball recorded: on a
+# shared server a tarball's numbers are not host identities (uid 1005 in the tarball is not
+# the host's user 1005, who must not get the owner's rights to a 0600 file). The recorded
+# owners stay in the index (``jbl store info``). With these, the kernel's mode checks give
+# the tarball's "other" bits to every user, and owner/group bits to root only.
+OWNER_UID = OWNER_GID = 0
 TOP_TIMEOUT = 1     # the top two levels' attrs, `latest`, and their negative entries
 WATCH_PERIOD = 1.0  # how often the engines check the index for installs/removals
 
@@ -137,8 +144,10 @@ class Tree:
             return node
         ino = self.table.number(key)
         size = len(e.target or b"") if e.kind == stat.S_IFLNK else e.size
-        attr = self.attr(ino, e.kind, e.mode, e.nlink, e.uid, e.gid, size, e.mtime_ns,
-                         TIMEOUT, TIMEOUT)
+        # Owners are presented, never taken from the tarball (docs/mount.md, "Owners"); the
+        # mtime clamp guards rows an older ingest wrote without it.
+        attr = self.attr(ino, e.kind, e.mode, e.nlink, OWNER_UID, OWNER_GID, size,
+                         clamp_mtime_ns(e.mtime_ns), TIMEOUT, TIMEOUT)
         return self.table.add(key, Node(ino, ENTRY, e.kind, attr, entry=e))
 
     def node(self, inode: int) -> Node:

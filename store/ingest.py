@@ -144,6 +144,11 @@ class _Tree:
     def add(self, m: ts.Member) -> _Node:
         self.max_mtime = max(self.max_mtime, m.mtime_ns)
         mode = m.mode
+        if m.kind == ts.DIR and (same := self._same_directory(m)) is not None:
+            return same  # the same directory listed twice, identically: one entry
+        if m.mtime_clamped:
+            self.warnings.append(f"mtime out of range, clamped to {_when(m.mtime_ns)}: "
+                                 f"{m.path!r}")
         if m.kind in (ts.REG, ts.DIR) and mode & (stat.S_ISUID | stat.S_ISGID):
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
             self.warnings.append(f"setuid/setgid bits cleared: {m.path!r}")
@@ -194,6 +199,27 @@ class _Tree:
         if node.primary is not None:
             node.primary.nlink += 1
         return node
+
+    def _same_directory(self, m: ts.Member) -> _Node | None:
+        """The explicit directory ``m`` repeats exactly (a directory named twice to ``tar
+        --no-recursion``, or added again by ``tar -r``), else None; anything that differs
+        stays a "duplicate path"."""
+        parts = m.path.split("/") if m.path else []
+        node: _Node | None = self.root
+        for p in parts:
+            if node is None or node.kind != ts.DIR or node.children is None:
+                return None
+            node = node.children.get(p)
+        if node is None or node.kind != ts.DIR or not node.explicit:
+            return None
+        mode = m.mode & ~(stat.S_ISUID | stat.S_ISGID)  # as add() stores it
+        if (node.mode, node.uid, node.gid, node.mtime_ns) != (mode, m.uid, m.gid, m.mtime_ns):
+            return None
+        return node
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns // 1_000_000_000))
 
 
 # ------------------------------------------------------------------------------ workers

@@ -19,6 +19,22 @@ MAX_META_SIZE = 1 << 20
 # 10 KiB by default; 1 MiB covers any blocking factor tar accepts).
 MAX_END_PADDING = 1 << 20
 
+# What a member's numbers may be (docs/store-format.md, "Numbers"). A uid/gid is a Linux
+# uid_t minus (uid_t)-1, which means "no change" to chown and is no one's id; anything larger
+# is refused (the kernel cannot carry it: the file and its directory would give EIO).
+ID_MAX = 2**32 - 2
+# mtimes are clamped, not refused (a file's age is not a safety property, and tarballs made
+# on machines with broken clocks exist): to 1970-01-01 .. 2242-03-16, which is exactly what a
+# ustar mtime field (11 octal digits) can hold, and fits the index's signed 64-bit
+# nanoseconds, Python's datetime, the FUSE attribute encoding and every Linux filesystem.
+MTIME_MAX_NS = (2**33 - 1) * 1_000_000_000
+
+
+def clamp_mtime_ns(ns: int) -> int:
+    """``ns`` moved into ``0 .. MTIME_MAX_NS`` (unchanged when inside: mtimes are never
+    normalised, stale-bytecode checks depend on them)."""
+    return min(max(ns, 0), MTIME_MAX_NS)
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -143,8 +143,17 @@ def info(store: Store, v: VersionInfo) -> dict[str, Any]:
         "installed_at": v.installed_at, "last_used_at": v.last_used_at,
         "source": v.source, "checksum": v.checksum, "pinned": v.pinned,
         "in_use_by": [{"kind": kind, "pid": pid} for _, _, kind, pid in users],
+        "owners": recorded_owners(store, v.id),
         "manifest": v.manifest_text,
     }
+
+
+def recorded_owners(store: Store, version_id: int) -> list[dict[str, int]]:
+    """The uid:gid pairs the tarball gave the version's entries, most used first. They are
+    kept as recorded; the mount shows every file as root's (fusefs/tree.py, OWNER_UID)."""
+    return [{"uid": uid, "gid": gid, "entries": n} for uid, gid, n in store.db.query(
+        "SELECT uid, gid, COUNT(*) FROM entries WHERE version_id = ? GROUP BY uid, gid "
+        "ORDER BY COUNT(*) DESC, uid, gid", (version_id,))]
 
 
 # --- df --------------------------------------------------------------------------------------

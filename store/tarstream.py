@@ -18,7 +18,11 @@ ignores whatever follows the end marker):
 Supported member types: regular (``0``, ``\\0``, ``7``), hardlink, symlink, directory,
 character/block device, FIFO (the last three are reported; ingest drops them); pax extended
 headers (``x``: path, linkpath, size, mtime with nanoseconds, uid, gid; ``g`` is parsed and
-ignored) and GNU long names/links (``L``/``K``). Sparse files and anything else are refused.
+ignored) and GNU long names/links (``L``/``K``). Sparse files (old GNU ``S`` and the pax
+``GNU.sparse`` formats 0.0, 0.1 and 1.0) are regular files whose body comes out expanded,
+holes as zeros. Anything else is refused, and so are OCI whiteout markers (``.wh.*``).
+Numbers: uid/gid must lie in ``0..ID_MAX``, mtimes are clamped to ``0..MTIME_MAX_NS``; pax
+numbers are length-checked before they are converted.
 
 Thread-safety: a reader and its decoder belong to one thread (the ingest reading thread).
 """
@@ -40,7 +44,14 @@ import zstandard
 
 from .digest import HashingReader
 from .errors import LimitExceeded, UnsafeArchive
-from .limits import MAX_END_PADDING, MAX_META_SIZE, RATIO_FLOOR, Limits
+from .limits import (
+    ID_MAX,
+    MAX_END_PADDING,
+    MAX_META_SIZE,
+    RATIO_FLOOR,
+    Limits,
+    clamp_mtime_ns,
+)
 
 _inflate: types.ModuleType = zlib
 _INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error,)
@@ -81,8 +92,9 @@ class Member:
     uid: int
     gid: int
     size: int           # body bytes (regular files), else 0
-    mtime_ns: int
+    mtime_ns: int       # clamped to 0..MTIME_MAX_NS
     link: bytes | None  # symlink target verbatim; hardlink: normalised path (UTF-8)
+    mtime_clamped: bool = False  # the archive's mtime was outside that range
 
 
 # ------------------------------------------------------------------------------ decoders
@@ -469,23 +481,54 @@ def _check_block(block: bytes) -> None:
         raise UnsafeArchive("bad tar header checksum (corrupt or not a tar archive)")
 
 
+# A pax number with more digits than this is beyond every range above; checked before int()
+# (which is quadratic in the digits and refuses more than 4300 of them).
+_MAX_DIGITS = 20
+_HUGE = 10**_MAX_DIGITS
+
+
+def _pax_uint(value: bytes, what: str, name: str) -> int:
+    """A pax decimal number; ``_HUGE`` for anything longer than ``_MAX_DIGITS`` digits."""
+    if not value.isdigit():  # bytes.isdigit: ASCII digits only, and not empty
+        raise UnsafeArchive(f"corrupt pax {what} ({value[:40].decode('latin-1')!r})", name)
+    value = value.lstrip(b"0") or b"0"
+    return _HUGE if len(value) > _MAX_DIGITS else int(value)
+
+
+def _check_id(n: int, what: str, name: str) -> int:
+    if n < 0:
+        raise UnsafeArchive(f"negative {what}", name)
+    if n > ID_MAX:
+        shown = f"of more than {_MAX_DIGITS} digits" if n >= _HUGE else str(n)
+        raise UnsafeArchive(f"{what} {shown} is out of range (0..{ID_MAX})", name)
+    return n
+
+
 def _parse_mtime(text: bytes, name: str) -> int:
-    """pax ``mtime`` ("[-]SECONDS[.FRACTION]") -> nanoseconds, exactly."""
-    t = text.decode("ascii", "replace")
-    neg = t.startswith("-")
-    sec, _, frac = t.lstrip("-").partition(".")
+    """pax ``mtime`` ("[-]SECONDS[.FRACTION]") -> nanoseconds, exact (not yet clamped;
+    more than ``_MAX_DIGITS`` digits of seconds count as ``_HUGE``)."""
+    neg = text.startswith(b"-")
+    sec, _, frac = text.lstrip(b"-").partition(b".")
     if not sec.isdigit() or (frac and not frac.isdigit()):
         raise UnsafeArchive("corrupt pax mtime", name)
-    ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+    s = _pax_uint(sec, "mtime", name)
+    ns = s * 1_000_000_000 + int((frac[:9] + b"000000000")[:9])
     return -ns if neg else ns
+
+
+# pax 0.0 sparse maps repeat these two keys once per region: kept in order, not overwritten.
+_SPARSE_PAIR_KEYS = (b"GNU.sparse.offset", b"GNU.sparse.numbytes")
+_SPARSE00 = b" sparse 0.0 map"  # where _parse_pax collects them (no real key has a space)
 
 
 def _parse_pax(body: bytes, name: str) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
+    pairs: list[bytes] = []
     pos = 0
     while pos < len(body):
         sp = body.find(b" ", pos)
-        if sp < 0 or not body[pos:sp].isdigit():
+        # the body is <= MAX_META_SIZE, so a longer length than 8 digits is corrupt anyway
+        if sp < 0 or not body[pos:sp].isdigit() or sp - pos > 8:
             raise UnsafeArchive("corrupt pax extended header", name)
         length = int(body[pos:sp])
         rec = body[sp + 1:pos + length]
@@ -493,8 +536,16 @@ def _parse_pax(body: bytes, name: str) -> dict[bytes, bytes]:
                 or b"=" not in rec:
             raise UnsafeArchive("corrupt pax extended header", name)
         key, _, value = rec[:-1].partition(b"=")
-        out[key] = value
+        if key in _SPARSE_PAIR_KEYS:
+            if (key == _SPARSE_PAIR_KEYS[0]) != (len(pairs) % 2 == 0):
+                raise UnsafeArchive("corrupt pax sparse map (offset/numbytes out of order)",
+                                    name)
+            pairs.append(value)
+        else:
+            out[key] = value
         pos += length
+    if pairs:
+        out[_SPARSE00] = b",".join(pairs)
     return out
 
 
@@ -538,8 +589,10 @@ class TarReader:
         self.limits = limits
         self.src = _Prefetch(open_source(self.raw, limits))
         self.dec = _Decoded(self.src)
-        self._unread = 0       # body bytes of the current member not yet consumed
+        self._unread = 0       # body bytes of the current member not yet consumed (as stored)
         self._pad = 0          # its padding to the next block
+        self._sparse: list[tuple[int, int]] | None = None  # its data regions, if sparse
+        self._real = 0         # a sparse member's full size (holes included)
         self._current = ""
         self.entries = 0
         self.total_size = 0
@@ -563,9 +616,14 @@ class TarReader:
         self._read(-size % BLOCK)
         return data
 
+    # --- bodies -------------------------------------------------------------------------
     def body(self, m: Member, piece: int) -> Iterator[bytes | memoryview]:
         """The member's bytes in pieces of ``piece`` bytes (the last may be shorter); large
-        pieces may be memoryviews (``_Decoded.read_view``): bytes-like, not ``bytes``."""
+        pieces may be memoryviews (``_Decoded.read_view``): bytes-like, not ``bytes``. A
+        sparse member comes out expanded: its holes as zeros, ``m.size`` bytes in all."""
+        if self._sparse is not None:
+            yield from self._sparse_body(piece)
+            return
         while self._unread > 0:
             k = min(piece, self._unread)
             try:
@@ -576,6 +634,40 @@ class TarReader:
             self._unread -= k
             yield data
 
+    def _sparse_body(self, piece: int) -> Iterator[bytes | memoryview]:
+        """Regions and holes re-cut into exact ``piece``-sized pieces (ingest's chunks)."""
+        assert self._sparse is not None
+        runs: list[tuple[bool, int]] = []  # (is data, length) in file order
+        pos = 0
+        for off, n in self._sparse:
+            if off > pos:
+                runs.append((False, off - pos))
+            if n:
+                runs.append((True, n))
+            pos = off + n
+        if self._real > pos:
+            runs.append((False, self._real - pos))
+        self._sparse = None  # consumed: a second call yields nothing, as for other bodies
+        zeros = bytes(piece)  # one shared piece of zeros: whole-hole pieces are not copied
+        buf = bytearray()
+        for is_data, n in runs:
+            while n > 0:
+                k = min(n, piece - len(buf))
+                if not is_data and not buf and k == piece:
+                    yield zeros
+                elif is_data:
+                    buf += self._read(k)
+                    self._unread -= k
+                else:
+                    buf += memoryview(zeros)[:k]
+                n -= k
+                if len(buf) == piece:
+                    yield bytes(buf)
+                    buf = bytearray()
+        if buf:
+            yield bytes(buf)
+
+    # --- headers ------------------------------------------------------------------------
     def members(self) -> Iterator[Member]:
         pax: dict[bytes, bytes] = {}
         longname: bytes | None = None
@@ -588,22 +680,14 @@ class TarReader:
                     raise UnsafeArchive("archive is truncated inside member",
                                         self._current) from None
                 self._unread = self._pad = 0
+            self._sparse = None
             self._current = ""
             block = self._read(BLOCK)
             if block == _ZERO_BLOCK:
                 if pax or longname is not None or longlink is not None:
                     raise UnsafeArchive("extended header without a member before the end of "
                                         "archive")
-                try:
-                    second = self.dec.read(BLOCK)
-                except Truncated:
-                    second = b""
-                if second != _ZERO_BLOCK:
-                    raise UnsafeArchive("corrupt end of archive (a single zero block, not the "
-                                        "two-block end marker)")
-                if not self.dec.drain_zeros(MAX_END_PADDING):
-                    raise UnsafeArchive("trailing data or a second archive after the "
-                                        "end-of-archive marker")
+                self._end_of_archive()
                 return
             _check_block(block)
             magic = block[257:263]
@@ -633,67 +717,194 @@ class TarReader:
                 else:
                     longlink = body
                 continue
-            # A real member: apply pax/GNU overrides.
-            if b"path" in pax and pax[b"path"]:
-                name_raw = pax[b"path"]
-            elif longname is not None:
-                name_raw = longname
-            link_raw = block[157:257].split(b"\0", 1)[0]
-            if pax.get(b"linkpath"):
-                link_raw = pax[b"linkpath"]
-            elif longlink is not None:
-                link_raw = longlink
-            shown = name_raw.decode("utf-8", "backslashreplace")
-            if any(k.startswith(b"GNU.sparse.") for k in pax) or tflag == b"S":
-                raise UnsafeArchive("sparse files are not supported", shown)
-            kind = _TYPES.get(tflag)
-            if kind is None:
-                raise UnsafeArchive(f"unknown member type {tflag.decode('latin-1')!r}", shown)
-            if tflag == b"\0" and name_raw.endswith(b"/"):
-                kind = DIR  # old tars mark directories by a trailing slash only
-            path = check_name(name_raw, self.limits)
-            self._current = path or "."
-            try:
-                if pax.get(b"size"):
-                    size = int(pax[b"size"])
-                uid = int(pax[b"uid"]) if pax.get(b"uid") else _num(block[108:116], "uid", shown)
-                gid = int(pax[b"gid"]) if pax.get(b"gid") else _num(block[116:124], "gid", shown)
-            except ValueError:
-                raise UnsafeArchive("corrupt pax size/uid/gid", shown) from None
-            if size < 0 or uid < 0 or gid < 0:
-                raise UnsafeArchive("negative size, uid or gid", shown)
-            if pax.get(b"mtime"):
-                mtime_ns = _parse_mtime(pax[b"mtime"], shown)
-            else:
-                mtime_ns = _num(block[136:148], "mtime", shown) * 1_000_000_000
-            mode = _num(block[100:108], "mode", shown) & 0o7777
+            yield self._member(block, tflag, name_raw, size, pax, longname, longlink)
             pax, longname, longlink = {}, None, None
 
-            self.entries += 1
-            if self.entries > self.limits.max_entries:
-                raise LimitExceeded(f"more than {self.limits.max_entries} entries", shown)
-            link: bytes | None = None
-            if kind == REG:
-                if size > self.limits.max_file_size:
-                    raise LimitExceeded(f"file larger than {self.limits.max_file_size} bytes",
-                                        shown)
-                self.total_size += size
-                if self.total_size > self.limits.max_total_size:
-                    raise LimitExceeded(f"archive holds more than {self.limits.max_total_size} "
-                                        "bytes of files", shown)
-                self._unread, self._pad = size, -size % BLOCK
-            else:
-                size = 0  # other types carry no data (as GNU tar and tarfile read them)
-            if kind == SYMLINK:
-                if not link_raw:
-                    raise UnsafeArchive("symlink with an empty target", shown)
-                if len(link_raw) > self.limits.max_path_len:
-                    raise LimitExceeded(f"symlink target longer than {self.limits.max_path_len}"
-                                        " bytes", shown)
-                link = link_raw
-            elif kind == HARDLINK:
-                link = check_name(link_raw, self.limits, "hardlink target").encode()
-            yield Member(path, kind, mode, uid, gid, size, mtime_ns, link)
+    def _end_of_archive(self) -> None:
+        try:
+            second = self.dec.read(BLOCK)
+        except Truncated:
+            second = b""
+        if second != _ZERO_BLOCK:
+            raise UnsafeArchive("corrupt end of archive (a single zero block, not the "
+                                "two-block end marker)")
+        if not self.dec.drain_zeros(MAX_END_PADDING):
+            raise UnsafeArchive("trailing data or a second archive after the "
+                                "end-of-archive marker")
+
+    def _member(self, block: bytes, tflag: bytes, name_raw: bytes, size: int,
+                pax: dict[bytes, bytes], longname: bytes | None, longlink: bytes | None
+                ) -> Member:
+        """A real member: pax/GNU overrides applied, every field checked, body state set."""
+        sparse = tflag == b"S" or any(k.startswith(b"GNU.sparse.") or k == _SPARSE00
+                                      for k in pax)
+        if sparse and pax.get(b"GNU.sparse.name"):
+            name_raw = pax[b"GNU.sparse.name"]  # the real name (the header's is a dummy)
+        elif pax.get(b"path"):
+            name_raw = pax[b"path"]
+        elif longname is not None:
+            name_raw = longname
+        link_raw = block[157:257].split(b"\0", 1)[0]
+        if pax.get(b"linkpath"):
+            link_raw = pax[b"linkpath"]
+        elif longlink is not None:
+            link_raw = longlink
+        shown = name_raw.decode("utf-8", "backslashreplace")
+        kind = REG if tflag == b"S" else _TYPES.get(tflag)
+        if kind is None:
+            raise UnsafeArchive(f"unknown member type {tflag.decode('latin-1')!r}", shown)
+        if tflag == b"\0" and name_raw.endswith(b"/"):
+            kind = DIR  # old tars mark directories by a trailing slash only
+        if sparse and kind != REG:
+            raise UnsafeArchive(f"sparse map on a {kind}", shown)
+        path = check_name(name_raw, self.limits)
+        _check_whiteout(path, shown)
+        self._current = path or "."
+        if pax.get(b"size"):
+            size = _pax_uint(pax[b"size"], "size", shown)
+        uid = _pax_uint(pax[b"uid"], "uid", shown) if pax.get(b"uid") else \
+            _num(block[108:116], "uid", shown)
+        gid = _pax_uint(pax[b"gid"], "gid", shown) if pax.get(b"gid") else \
+            _num(block[116:124], "gid", shown)
+        _check_id(uid, "uid", shown)
+        _check_id(gid, "gid", shown)
+        if pax.get(b"mtime"):
+            mtime_ns = _parse_mtime(pax[b"mtime"], shown)
+        else:
+            mtime_ns = _num(block[136:148], "mtime", shown) * 1_000_000_000
+        mtime = clamp_mtime_ns(mtime_ns)
+        mode = _num(block[100:108], "mode", shown) & 0o7777
+
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise LimitExceeded(f"more than {self.limits.max_entries} entries", shown)
+        link: bytes | None = None
+        if kind == REG:
+            real = self._sparse_size(block, tflag, pax, shown) if sparse else size
+            if real > self.limits.max_file_size:
+                raise LimitExceeded(f"file larger than {self.limits.max_file_size} bytes",
+                                    shown)
+            self.total_size += real
+            if self.total_size > self.limits.max_total_size:
+                raise LimitExceeded(f"archive holds more than {self.limits.max_total_size} "
+                                    "bytes of files", shown)
+            if size > self.limits.max_file_size:  # stored bytes (a sparse map + its data)
+                raise LimitExceeded(f"file larger than {self.limits.max_file_size} bytes",
+                                    shown)
+            self._unread, self._pad = size, -size % BLOCK
+            if sparse:
+                self._sparse = self._sparse_map(block, tflag, pax, real, shown)
+                self._real = real
+            size = real
+        else:
+            size = 0  # other types carry no data (as GNU tar and tarfile read them)
+        if kind == SYMLINK:
+            if not link_raw:
+                raise UnsafeArchive("symlink with an empty target", shown)
+            if len(link_raw) > self.limits.max_path_len:
+                raise LimitExceeded(f"symlink target longer than {self.limits.max_path_len}"
+                                    " bytes", shown)
+            link = link_raw
+        elif kind == HARDLINK:
+            link = check_name(link_raw, self.limits, "hardlink target").encode()
+        return Member(path, kind, mode, uid, gid, size, mtime, link, mtime != mtime_ns)
+
+    # --- sparse members -----------------------------------------------------------------
+    @staticmethod
+    def _sparse_size(block: bytes, tflag: bytes, pax: dict[bytes, bytes], shown: str) -> int:
+        """A sparse member's full size, holes included."""
+        if tflag == b"S":
+            real = _num(block[483:495], "sparse real size", shown)
+        elif pax.get(b"GNU.sparse.major") is not None:
+            if (pax.get(b"GNU.sparse.major"), pax.get(b"GNU.sparse.minor")) != (b"1", b"0"):
+                raise UnsafeArchive("unsupported GNU sparse format "
+                                    f"{pax[b'GNU.sparse.major'].decode('latin-1')}."
+                                    f"{pax.get(b'GNU.sparse.minor', b'?').decode('latin-1')}",
+                                    shown)
+            real = _pax_uint(pax.get(b"GNU.sparse.realsize", b""), "sparse real size", shown)
+        else:
+            real = _pax_uint(pax.get(b"GNU.sparse.size", b""), "sparse size", shown)
+        if real < 0:
+            raise UnsafeArchive("negative sparse real size", shown)
+        return real
+
+    def _sparse_map(self, block: bytes, tflag: bytes, pax: dict[bytes, bytes], real: int,
+                    shown: str) -> list[tuple[int, int]]:
+        """The (offset, length) data regions of a sparse member, checked against its size
+        and its stored bytes. Formats: old GNU (``S``: four regions in the header, more in
+        extension blocks), pax 0.0 (repeated offset/numbytes keys), 0.1 (``GNU.sparse.map``)
+        and 1.0 (the map at the start of the data, in decimal lines)."""
+        if tflag == b"S":
+            regions = self._old_gnu_map(block, shown)
+        elif pax.get(b"GNU.sparse.major") is not None:
+            regions = self._pax1_map(shown)
+        else:
+            text = pax.get(b"GNU.sparse.map", pax.get(_SPARSE00))
+            if text is None:
+                raise UnsafeArchive("GNU sparse member without a sparse map", shown)
+            nums = [_pax_uint(v, "sparse map", shown) for v in text.split(b",")]
+            if len(nums) % 2:
+                raise UnsafeArchive("corrupt sparse map (an odd count of numbers)", shown)
+            regions = list(zip(nums[::2], nums[1::2], strict=True))
+        pos = data = 0
+        for off, n in regions:
+            if off < pos or off + n > real:
+                raise UnsafeArchive("corrupt sparse map (regions overlap, go backwards or "
+                                    "end past the file's size)", shown)
+            pos = off + n
+            data += n
+        if data != self._unread:
+            raise UnsafeArchive(f"corrupt sparse map ({data} bytes of data mapped, the member "
+                                f"stores {self._unread})", shown)
+        return regions
+
+    def _old_gnu_map(self, block: bytes, shown: str) -> list[tuple[int, int]]:
+        regions: list[tuple[int, int]] = []
+
+        def entries(b: bytes, at: int, count: int) -> None:
+            for i in range(count):
+                e = b[at + 24 * i:at + 24 * i + 24]
+                if e[12] == 0:  # an empty numbytes field ends the map (as GNU tar reads it)
+                    return
+                regions.append((_num(e[:12], "sparse offset", shown),
+                                _num(e[12:], "sparse length", shown)))
+
+        entries(block, 386, 4)
+        extended, read = block[482], 0
+        while extended:
+            read += BLOCK
+            if read > MAX_META_SIZE:
+                raise LimitExceeded(f"sparse map larger than {MAX_META_SIZE} bytes", shown)
+            ext = self._read(BLOCK)
+            entries(ext, 0, 21)
+            extended = ext[504]
+        return regions
+
+    def _pax1_map(self, shown: str) -> list[tuple[int, int]]:
+        """Format 1.0: decimal lines (count, then offset/length pairs) padded to a block,
+        taken from the member's stored bytes."""
+        nums: list[int] = []
+        need: int | None = None
+        rest = b""
+        used = 0
+        while need is None or len(nums) < need:
+            if used + BLOCK > self._unread:
+                raise UnsafeArchive("corrupt sparse map (runs past the member's data)", shown)
+            if used >= MAX_META_SIZE:
+                raise LimitExceeded(f"sparse map larger than {MAX_META_SIZE} bytes", shown)
+            lines = (rest + self._read(BLOCK)).split(b"\n")
+            used += BLOCK
+            rest = lines.pop()
+            for ln in lines:
+                if need is not None and len(nums) >= need:
+                    break
+                nums.append(_pax_uint(ln, "sparse map", shown))
+                if need is None:
+                    need = 1 + 2 * min(nums[0], MAX_META_SIZE)
+            if (need is None or len(nums) < need) and len(rest) > _MAX_DIGITS:
+                raise UnsafeArchive("corrupt sparse map", shown)  # a number without end
+        self._unread -= used
+        return list(zip(nums[1::2], nums[2::2], strict=True))
 
     def checksum(self) -> str:
         """sha256 of the raw bytes; complete once ``members()`` has returned."""
@@ -701,3 +912,17 @@ class TarReader:
 
     def close(self) -> None:
         self.src.close()
+
+
+def _check_whiteout(path: str, shown: str) -> None:
+    """OCI image layers delete files of lower layers with ``.wh.NAME`` entries (and empty a
+    directory with ``.wh..wh..opq``). A runtime is one flat tree with nothing below it to
+    delete from; installed as a plain file the marker would only mislead, so it is refused."""
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf == ".wh..wh..opq":
+        raise UnsafeArchive("OCI opaque-directory whiteout marker (a flat runtime has no "
+                            "layers to hide; export the image flattened, e.g. docker export)",
+                            shown)
+    if leaf.startswith(".wh."):
+        raise UnsafeArchive("OCI whiteout marker (a flat runtime has no layers to delete "
+                            "from; export the image flattened, e.g. docker export)", shown)

@@ -35,15 +35,19 @@ def _octal(value: int, width: int) -> bytes:
 def header(name: bytes, *, type: bytes = b"0", size: int = 0, mode: int = 0o644, uid: int = 0,
            gid: int = 0, mtime: int = MTIME, linkname: bytes = b"", magic: bytes = b"ustar\x00",
            version: bytes = b"00", prefix: bytes = b"", devmajor: int = 0, devminor: int = 0,
-           chksum_delta: int = 0, size_field: bytes | None = None) -> bytes:
-    """One 512-byte ustar header, checksum computed (then off by ``chksum_delta``)."""
+           chksum_delta: int = 0, size_field: bytes | None = None,
+           uid_field: bytes | None = None, gid_field: bytes | None = None,
+           mtime_field: bytes | None = None, extra: dict[int, bytes] | None = None) -> bytes:
+    """One 512-byte ustar header, checksum computed (then off by ``chksum_delta``).
+    ``*_field`` replace a numeric field verbatim (e.g. ``b256()``); ``extra`` writes bytes
+    at offsets (the GNU sparse map at 386..495)."""
     h = bytearray(BLOCK)
     h[0:len(name[:100])] = name[:100]
     h[100:108] = _octal(mode, 8)
-    h[108:116] = _octal(uid, 8)
-    h[116:124] = _octal(gid, 8)
+    h[108:116] = uid_field if uid_field is not None else _octal(uid, 8)
+    h[116:124] = gid_field if gid_field is not None else _octal(gid, 8)
     h[124:136] = size_field if size_field is not None else _octal(size, 12)
-    h[136:148] = _octal(mtime, 12)
+    h[136:148] = mtime_field if mtime_field is not None else _octal(mtime, 12)
     h[148:156] = b" " * 8
     h[156:157] = type
     h[157:157 + len(linkname[:100])] = linkname[:100]
@@ -52,9 +56,31 @@ def header(name: bytes, *, type: bytes = b"0", size: int = 0, mode: int = 0o644,
     h[329:337] = _octal(devmajor, 8)
     h[337:345] = _octal(devminor, 8)
     h[345:345 + len(prefix)] = prefix
+    for at, data in (extra or {}).items():
+        h[at:at + len(data)] = data
     chk = sum(h) + chksum_delta
     h[148:156] = f"{chk:06o}".encode() + b"\0 "
     return bytes(h)
+
+
+def b256(value: int, width: int) -> bytes:
+    """A GNU base-256 numeric field (0x80 marker, or 0xFF for a negative two's complement)."""
+    if value < 0:
+        return b"\xff" + (value % 256 ** (width - 1)).to_bytes(width - 1, "big")
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def old_gnu_sparse(name: bytes, realsize: int, regions: list[tuple[int, bytes]],
+                   size_delta: int = 0) -> bytes:
+    """An old GNU sparse (``S``) member holding ``regions`` (offset, data) of a file of
+    ``realsize`` bytes; at most 4 regions (the header's map). ``size_delta`` corrupts the
+    stored size against the map."""
+    assert len(regions) <= 4
+    smap = b"".join(_octal(off, 12) + _octal(len(d), 12) for off, d in regions)
+    data = b"".join(d for _, d in regions)
+    h = header(name, type=b"S", size=len(data) + size_delta, magic=b"ustar ", version=b" \0",
+               extra={386: smap, 482: b"\0", 483: _octal(realsize, 12)})
+    return h + pad(data + bytes(max(size_delta, 0)))
 
 
 def pad(data: bytes) -> bytes:
@@ -188,9 +214,66 @@ def _cases() -> dict[str, Case]:
     # --- types
     c["unknown_type"] = Case(tar(header(b"isolated/weird", type=b"Z")),
                              "unknown member type 'Z'", "isolated/weird")
-    c["sparse"] = Case(tar(header(b"isolated/sparse", type=b"S", magic=b"ustar ",
-                                  version=b" \0")), "sparse files are not supported",
-                       "isolated/sparse")
+    # sparse members are expanded (tests/test_archive_shapes.py); a map that lies is not
+    c["sparse_past_end"] = Case(tar(old_gnu_sparse(b"isolated/sparse", 100,
+                                                   [(0, b"a" * 10), (95, b"b" * 10)])),
+                                "corrupt sparse map", "isolated/sparse")
+    c["sparse_backwards"] = Case(tar(old_gnu_sparse(b"isolated/sparse", 100,
+                                                    [(50, b"a" * 10), (0, b"b" * 10)])),
+                                 "corrupt sparse map", "isolated/sparse")
+    c["sparse_size_mismatch"] = Case(tar(old_gnu_sparse(b"isolated/sparse", 100,
+                                                        [(0, b"a" * 10)], size_delta=512)),
+                                     "10 bytes of data mapped, the member stores 522",
+                                     "isolated/sparse")
+    c["sparse_pax_unknown_version"] = Case(
+        tar(pax({b"GNU.sparse.major": b"2", b"GNU.sparse.minor": b"0",
+                 b"GNU.sparse.name": b"isolated/sparse", b"GNU.sparse.realsize": b"10"}),
+            file(b"isolated/GNUSparseFile.1/sparse", b"")),
+        "unsupported GNU sparse format 2.0", "isolated/sparse")
+    c["sparse_pax_odd_map"] = Case(
+        tar(pax({b"GNU.sparse.size": b"10", b"GNU.sparse.map": b"0,2,5",
+                 b"GNU.sparse.name": b"isolated/sparse"}),
+            file(b"isolated/GNUSparseFile.1/sparse", b"ab")),
+        "corrupt sparse map (an odd count", "isolated/sparse")
+    c["sparse_on_a_symlink"] = Case(tar(pax({b"GNU.sparse.size": b"1", b"GNU.sparse.map":
+                                             b"0,1"}), symlink(b"isolated/s", b"x")),
+                                    "sparse map on a symlink", "isolated/s")
+    # --- numbers: ids the kernel cannot carry, pax numbers too long to convert
+    c["uid_2_32"] = Case(tar(file(b"isolated/big-uid", b"x", uid_field=b256(2**32, 8))),
+                         "uid 4294967296 is out of range (0..4294967294)", "isolated/big-uid")
+    c["gid_minus_one"] = Case(tar(file(b"isolated/g", b"x", gid_field=b256(2**32 - 1, 8))),
+                              "gid 4294967295 is out of range", "isolated/g")
+    c["uid_negative"] = Case(tar(directory(b"isolated/neg/", uid_field=b256(-5, 8))),
+                             "negative uid", "isolated/neg/")
+    c["uid_pax_huge"] = Case(tar(pax({b"uid": b"9" * 5000}), file(b"isolated/u", b"x")),
+                             "uid of more than 20 digits is out of range", "isolated/u")
+    c["gid_pax_2_64"] = Case(tar(pax({b"gid": str(2**64).encode()}),
+                                 symlink(b"isolated/l", b"u")),
+                             f"gid {2**64} is out of range", "isolated/l")
+    c["uid_pax_not_a_number"] = Case(tar(pax({b"uid": b"12a"}), file(b"isolated/u", b"x")),
+                                     "corrupt pax uid ('12a')", "isolated/u")
+    c["size_pax_huge"] = Case(tar(pax({b"size": b"9" * 5000}), file(b"isolated/s", b"x")),
+                              "file larger than", "isolated/s")
+    c["pax_record_length_huge"] = Case(
+        tar(header(b"././@PaxHeader", type=b"x", size=5010)
+            + pad(b"9" * 5000 + b" path=x\n")), "corrupt pax extended header")
+    # --- OCI layer whiteouts: nothing to delete from in a flat runtime
+    c["oci_whiteout"] = Case(tar(file(b"isolated/bin/.wh.hello", b"")),
+                             "OCI whiteout marker", "isolated/bin/.wh.hello")
+    c["oci_opaque_whiteout"] = Case(tar(file(b"isolated/bin/.wh..wh..opq", b"")),
+                                    "OCI opaque-directory whiteout marker",
+                                    "isolated/bin/.wh..wh..opq")
+    c["oci_whiteout_dir"] = Case(tar(directory(b"isolated/.wh.etc/")),
+                                 "OCI whiteout marker", "isolated/.wh.etc/")
+    # --- the same directory twice is fine only when it is the same
+    c["duplicate_dir_other_mode"] = Case(tar(directory(b"isolated/bin/", mode=0o700)),
+                                         "duplicate path", "isolated/bin")
+    c["duplicate_dir_other_owner"] = Case(tar(directory(b"isolated/bin/", uid=1005)),
+                                          "duplicate path", "isolated/bin")
+    c["duplicate_dir_other_mtime"] = Case(tar(directory(b"isolated/bin/", mtime=MTIME + 1)),
+                                          "duplicate path", "isolated/bin")
+    c["duplicate_dir_then_symlink"] = Case(tar(symlink(b"isolated/bin", b"/tmp")),
+                                           "duplicate path", "isolated/bin")
     c["runtime_yml_symlink"] = Case(_with_manifest_symlink(),
                                     "runtime.yml is not a regular file", "runtime.yml")
     c["no_manifest"] = Case(_no_manifest(), "no runtime.yml at the archive root")
