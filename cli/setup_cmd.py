@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jbl.store import safepath
 from jbl.store.access import DEFAULT_ADMIN_GROUP, configured_group
-from jbl.store.errors import JblError, PermissionDenied, UsageError
+from jbl.store.errors import JblError, PermissionDenied, UnsafeStorePath, UsageError
 
 from .output import print_json, table
 
@@ -57,6 +58,7 @@ class Plan:
 
     dry: bool
     rows: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said after the table
 
     def step(self, what: str, path: str | Path, needed: bool, action: str,
              do: Any = None) -> bool:
@@ -71,7 +73,7 @@ class Plan:
         return True
 
 
-_PAST = {"run": "ran", "change": "changed"}
+_PAST = {"run": "ran", "change": "changed", "replace": "replaced"}
 
 
 def _jbl_exe() -> str:
@@ -97,29 +99,89 @@ def ensure_group(plan: Plan, name: str) -> int | None:
     return None if plan.dry else grp.getgrnam(name).gr_gid
 
 
+def _open(path: Path, at: int | None) -> int:
+    """An fd of ``path``: with ``at`` (a directory fd), ``path.name`` inside it, never through a
+    link and only a directory or regular file (store/safepath.py); without, by its own path
+    (root's own choice: the store directory and the mountpoint themselves)."""
+    if at is None:
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = safepath.lstat(at, path.name)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return safepath.open_dir(at, path.name, shown=str(path))
+    return safepath.open_file(at, path.name, shown=str(path))
+
+
 def _fix(plan: Plan, what: str, path: Path, mode: int, gid: int | None,
-         uid: int | None = 0) -> None:
-    """Make ``path`` have exactly ``mode`` and owner uid:gid (None = leave)."""
-    st = path.lstat()
-    want_uid = st.st_uid if uid is None else uid
-    want_gid = st.st_gid if gid is None else gid
-    needed = stat.S_IMODE(st.st_mode) != mode or (st.st_uid, st.st_gid) != (want_uid, want_gid)
+         uid: int | None = 0, *, at: int | None = None) -> None:
+    """Make ``path`` have exactly ``mode`` and owner uid:gid (None = leave), through its fd:
+    a name swapped for a link after a check is still never followed (``_open``)."""
+    with safepath.opened(_open(path, at)) as fd:
+        st = os.fstat(fd)
+        want_uid = st.st_uid if uid is None else uid
+        want_gid = st.st_gid if gid is None else gid
+        needed = (stat.S_IMODE(st.st_mode) != mode
+                  or (st.st_uid, st.st_gid) != (want_uid, want_gid))
 
-    def do() -> None:
-        os.chown(path, want_uid, want_gid)
-        os.chmod(path, mode)  # after chown: chown clears setgid
-    plan.step(what, path, needed, "change", do)
-
-
-def _mkdir(plan: Plan, what: str, path: Path, mode: int, gid: int | None) -> None:
-    if not path.is_dir():
         def do() -> None:
-            path.mkdir(parents=True, exist_ok=True)
-            os.chown(path, 0, -1 if gid is None else gid)
-            os.chmod(path, mode)
+            os.fchown(fd, want_uid, want_gid)
+            os.fchmod(fd, mode)  # after chown: chown clears setgid
+        plan.step(what, path, needed, "change", do)
+
+
+def _mkdir(plan: Plan, what: str, path: Path, mode: int, gid: int | None, *,
+           at: int | None = None) -> None:
+    """Create (or fix) directory ``path``; with ``at``, ``path.name`` inside that directory fd,
+    a planted link in its place replaced first (``_planted``)."""
+    exists = _planted(plan, at, path, want_dir=True) if at is not None else path.is_dir()
+    if not exists:
+        def do() -> None:
+            if at is None:
+                path.mkdir(parents=True, exist_ok=True)
+            else:
+                os.mkdir(path.name, 0o700, dir_fd=at)  # 0700 until it has its owner and mode
+            with safepath.opened(_open(path, at)) as fd:
+                os.fchown(fd, 0, -1 if gid is None else gid)
+                os.fchmod(fd, mode)
         plan.step(what, path, True, "create", do)
         return
-    _fix(plan, what, path, mode, gid)
+    _fix(plan, what, path, mode, gid, at=at)
+
+
+# --- links planted in the store -----------------------------------------------------------
+# Admin-group members may write the store, so one of them may leave a link (or a FIFO, …) where
+# jbl's own file or directory belongs, hoping root's setup chowns or chmods its target. Setup
+# never follows one: where jbl owns what belongs there (lock, -wal/-shm, the gc journal,
+# cache/, run/, public/, the shards, blobs/tmp) the planted item is removed (unlinkat: the link
+# itself) and replaced, with a warning naming it and its owner; where it is data jbl cannot
+# recreate (index.db, blobs/) setup refuses with one line and changes nothing there.
+_REFUSE_PLANTED = frozenset({"index.db", "blobs"})
+_PLANTABLE_FILES = ("index.db-wal", "index.db-shm", "lock", "publish.lock", "gc-pending",
+                    "gc-pending.tmp")
+
+
+def _planted(plan: Plan, at: int | None, path: Path, *, want_dir: bool) -> bool:
+    """True if ``path.name`` in ``at`` is what belongs there (a directory or a regular file);
+    False if absent, or if it was something else (a link, FIFO, …), now removed."""
+    if at is None:  # dry run of a store that does not exist yet
+        return path.is_dir() if want_dir else path.is_file()
+    st = safepath.lstat(at, path.name)
+    if st is None:
+        return False
+    if stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode):
+        return True
+    what = safepath.describe(at, path.name)
+    kind = "a directory" if want_dir else "a regular file"
+    if path.name in _REFUSE_PLANTED or stat.S_ISDIR(st.st_mode):
+        raise UnsafeStorePath(
+            f"{path} is {what}, not {kind}: jbl never follows links in the store",
+            hint="if it is yours, move what it points to into its place; else remove it, then "
+                 "run jbl setup --system again")
+    plan.warnings.append(f"warning: {path} is {what}, not {kind}: "
+                         f"{'would replace' if plan.dry else 'replaced'} it (nothing it points "
+                         "to is touched)")
+    plan.step("planted item", path, True, "replace",
+              lambda: safepath.unlink(at, path.name))
+    return False
 
 
 def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
@@ -127,6 +189,15 @@ def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
     from jbl.store.store import Store
 
     _mkdir(plan, "store directory", store, DIR_MODE, gid)
+    # Everything inside the store is reached through this fd, never through a link. (Not
+    # closed on an error: the command ends there anyway.)
+    sfd = safepath.open_store(store) if store.is_dir() else None
+    # Before SQLite or a lock opens anything: a link where -wal, -shm or a lock file belongs
+    # is replaced (index.db and blobs/ as links are refused: see _planted).
+    for name in (INDEX_NAME, *_PLANTABLE_FILES):
+        _planted(plan, sfd, store / name, want_dir=False)
+    for name in ("blobs", "cache", "run", "public"):
+        _planted(plan, sfd, store / name, want_dir=True)
     index = store / INDEX_NAME
     if not index.exists():
         def create() -> None:
@@ -142,37 +213,49 @@ def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
         Store.open(store).close()
     for name in (INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-shm", "lock"):
         p = store / name
-        if not p.exists():
-            if name != "lock" or plan.dry:
+        if sfd is None or safepath.lstat(sfd, name) is None:
+            if name != "lock" or plan.dry or sfd is None:
                 continue
-            p.touch(0o664)
-        _fix(plan, "store file", p, FILE_MODE, gid)
+            os.close(safepath.open_file(sfd, name, os.O_WRONLY | os.O_CREAT, FILE_MODE,
+                                        shown=str(p)))
+        _fix(plan, "store file", p, FILE_MODE, gid, at=sfd)
     for sub in ("cache", "run"):
-        _mkdir(plan, "store directory", store / sub, DIR_MODE, gid)
+        _mkdir(plan, "store directory", store / sub, DIR_MODE, gid, at=sfd)
     blobs = store / "blobs"
-    _mkdir(plan, "blob directory", blobs, BLOB_DIR_MODE, gid)
+    _mkdir(plan, "blob directory", blobs, BLOB_DIR_MODE, gid, at=sfd)
+    bfd = None if sfd is None or plan.dry and not blobs.is_dir() else \
+        safepath.open_dir(sfd, "blobs", shown=str(blobs))
     # Pre-create every shard: a directory an admin's `mkdir` made with umask 022 would not be
     # writable by the other admins (setgid gives the group, not the group's write bit).
     shards = [f"{i:02x}" for i in range(256)] + ["tmp"]
     todo = 0
     for s in shards:
         d = blobs / s
+        if bfd is None or not _planted(plan, bfd, d, want_dir=True):
+            todo += 1
+            if plan.dry or bfd is None:
+                continue
+            os.mkdir(s, 0o700, dir_fd=bfd)  # 0700 until it has its owner and mode
         if plan.dry:
-            todo += not d.is_dir()
             continue
-        if not d.is_dir():
-            d.mkdir(exist_ok=True)
-            todo += 1
-        st = d.stat()
-        if stat.S_IMODE(st.st_mode) != BLOB_DIR_MODE or (gid is not None and st.st_gid != gid):
-            os.chown(d, 0, st.st_gid if gid is None else gid)
-            os.chmod(d, BLOB_DIR_MODE)
-            todo += 1
-        if gid is not None:  # blobs written before setup: same group, so admins can gc them
-            for f in os.scandir(d):
-                if f.stat(follow_symlinks=False).st_gid != gid:
-                    os.chown(f.path, -1, gid, follow_symlinks=False)
-                    todo += 1
+        with safepath.opened(safepath.open_dir(bfd, s, shown=str(d))) as fd:
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != BLOB_DIR_MODE or (gid is not None
+                                                             and st.st_gid != gid):
+                os.fchown(fd, 0, st.st_gid if gid is None else gid)
+                os.fchmod(fd, BLOB_DIR_MODE)
+                todo += 1
+            if gid is not None:  # blobs written before setup: same group, so admins can gc
+                for f in os.scandir(fd):
+                    fst = f.stat(follow_symlinks=False)
+                    # regular files only, changed by name in the shard's fd with
+                    # AT_SYMLINK_NOFOLLOW: a link planted among the blobs is left alone
+                    if stat.S_ISREG(fst.st_mode) and fst.st_gid != gid:
+                        os.chown(f.name, -1, gid, dir_fd=fd, follow_symlinks=False)
+                        todo += 1
+    for fd_ in (bfd, sfd):
+        if fd_ is not None:
+            os.close(fd_)
     plan.step("blob shards", blobs / "00..ff", bool(todo), "normalise")
 
 
@@ -314,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     if args.joblet_alias:
         ensure_alias(plan, root / JOBLET_ALIAS, mountpoint)
 
-    nxt: list[str] = []
+    nxt: list[str] = list(plan.warnings)
     systemd_up = root == Path("/") and Path("/run/systemd/system").is_dir()
     services = ["jbl-mount.service", "jbl-gc.timer"]
     if systemd_up:

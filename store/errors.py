@@ -16,6 +16,7 @@ This module is the one place for both facts. Packages above ``store`` (``fusefs`
     ├── PermissionDenied          exit 8   not root / not in the admin group
     ├── StoreBusy                 exit 9   a lock could not be had in time
     ├── StoreError                exit 10  the store itself is unusable (newer schema, bad layout)
+    │   └── UnsafeStorePath                a link or wrong file type planted in the store
     ├── MountError                exit 11  FUSE mount could not be set up / torn down
     └── JobError                  exit 12  a job could not be set up (names the step)
         (a job that ran returns its own status: 0-255; 128+N for a signal;
@@ -120,6 +121,11 @@ class StoreBusy(JblError):
 
 class StoreError(JblError):
     exit_code = ExitCode.STORE
+
+
+class UnsafeStorePath(StoreError):
+    """Something inside the store is a symbolic link or the wrong type of file where jbl
+    expects its own directory or file: never followed or used (store/safepath.py)."""
 
 
 class MountError(JblError):

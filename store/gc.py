@@ -25,28 +25,39 @@ The unlink journal (``STORE/gc-pending``: hex digests, fsync'd before the rows c
 gc killed between commit and unlink harmless: ``verify`` does not count the files it names as
 orphans, and the next sweep unlinks those that still have no row, whatever their age.
 
+Links: gc runs as root (the daily timer) over a store admin-group members can write. It
+reaches blob files only through ``BlobStore`` and the journal only through store/safepath.py,
+so nothing is followed: a shard or ``blobs/tmp`` replaced by a link is skipped with a warning
+(``jbl store verify`` reports it, ``jbl setup --system`` replaces it), and a planted link
+itself is removed like any orphan, never what it points to.
+
 Thread-safety: functions take a ``Store`` and follow its rule (one thread at a time); the
 unlink step fans out to a private thread pool that touches blob files only, never the index.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import safepath
+from .blobs import BlobStore
 from .crashpoints import crashpoint
-from .errors import StoreBusy
+from .errors import StoreBusy, UnsafeStorePath
 from .policy import DEFAULT_GRACE, Policy, Selected, select
 from .store import Store, VersionInfo, pid_alive
 
 JOURNAL = "gc-pending"
+JOURNAL_MAX = 64 << 20  # 1e6 digests; a bigger journal is not ours and is ignored
 UNLINK_THREADS = 16
+
+log = logging.getLogger("jbl.gc")
 
 
 @dataclass
@@ -163,7 +174,7 @@ DELETE FROM temp.gc_doomed; DELETE FROM temp.gc_contents; DELETE FROM temp.gc_bl
 
 @dataclass
 class _Orphan:
-    path: Path
+    name: str  # the blobs/tmp file's name (digest None), for a message otherwise
     digest: bytes | None  # None for a blobs/tmp file
     size: int
 
@@ -181,57 +192,46 @@ def _mark(store: Store, doomed: Iterable[int] = ()) -> None:
                " AND c.content_id NOT IN (SELECT id FROM temp.gc_contents))")
 
 
-def blob_path(root: str, digest: bytes) -> str:
-    """``BlobStore.path`` as a plain string: pathlib costs ~50 us a call, a sweep makes 1e5."""
-    h = digest.hex()
-    return f"{root}/{h[:2]}/{h[2:]}"
-
-
-def scan_blob_files(root: str) -> Iterator[tuple[bytes, os.DirEntry[str]]]:
-    """Every blob file by name (as ``BlobStore.iter_files``, without pathlib)."""
-    try:
-        shards = list(os.scandir(root))
-    except FileNotFoundError:
-        return
-    for shard in shards:
-        if len(shard.name) != 2 or not shard.is_dir(follow_symlinks=False):
-            continue
-        with os.scandir(shard.path) as files:
-            for f in files:
-                if len(f.name) == 62:
-                    try:
-                        yield bytes.fromhex(shard.name + f.name), f
-                    except ValueError:
-                        continue
-
-
 def _orphans(store: Store, grace: float, now: float) -> list[_Orphan]:
-    """Blob files with no row and blobs/tmp files, older than ``grace`` (mtime)."""
+    """Blob files with no row and blobs/tmp files, older than ``grace`` (mtime). A planted
+    link counts as a file: removing it (unlinkat) never touches what it points to."""
     known = {d for (d,) in store.db.iter("SELECT digest FROM blobs")}
     out: list[_Orphan] = []
-    for digest, entry in scan_blob_files(str(store.blobs.root)):
+    for digest, entry in store.blobs.scan():
         if digest in known:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        if now - st.st_mtime >= grace:
-            out.append(_Orphan(Path(entry.path), digest, st.st_size))
-    for path in store.blobs.iter_tmp():
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= grace:
-            out.append(_Orphan(path, None, st.st_size))
+        if not stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= grace:
+            out.append(_Orphan(entry.name, digest, st.st_size))
+    try:
+        for name, st in store.blobs.iter_tmp():
+            if not stat.S_ISDIR(st.st_mode) and now - st.st_mtime >= grace:
+                out.append(_Orphan(name, None, st.st_size))
+    except UnsafeStorePath as e:
+        log.warning("not sweeping %s", e)
     return out
 
 
+def _warn_unsafe(blobs: BlobStore) -> None:
+    for where, what in blobs.unsafe_items():
+        log.warning("skipped %s: it is %s, not a directory (never followed; as root, "
+                    "`jbl setup --system` replaces it)", where, what)
+
+
 def read_journal(store_dir: Path) -> set[bytes]:
+    """The digests of gc's unlink journal (empty if there is none, or it is not ours)."""
     try:
-        text = (Path(store_dir) / JOURNAL).read_text()
+        with safepath.opened(safepath.open_store(store_dir)) as sfd:
+            text = safepath.read_small(sfd, JOURNAL, JOURNAL_MAX,
+                                       shown=str(Path(store_dir) / JOURNAL)).decode("ascii",
+                                                                                   "replace")
     except FileNotFoundError:
+        return set()
+    except UnsafeStorePath as e:
+        log.warning("ignoring the gc journal: %s", e)
         return set()
     out = set()
     for line in text.split():
@@ -243,13 +243,22 @@ def read_journal(store_dir: Path) -> set[bytes]:
 
 
 def _write_journal(store_dir: Path, digests: Iterable[bytes]) -> None:
-    path = Path(store_dir) / JOURNAL
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(d.hex() + "\n" for d in digests)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    """Write the journal through the store's fd: a new file (O_EXCL|O_NOFOLLOW: whatever an
+    admin left under the temp name is removed first, never written through), renamed over."""
+    tmp = JOURNAL + ".tmp"
+    with safepath.opened(safepath.open_store(store_dir)) as sfd:
+        safepath.unlink(sfd, tmp)
+        fd = safepath.open_file(sfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(d.hex() + "\n" for d in digests)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, JOURNAL, src_dir_fd=sfd, dst_dir_fd=sfd)
+
+
+def _drop_journal(store_dir: Path) -> None:
+    with safepath.opened(safepath.open_store(store_dir)) as sfd:
+        safepath.unlink(sfd, JOURNAL)
 
 
 # --- sweep --------------------------------------------------------------------------------
@@ -258,6 +267,7 @@ def sweep(store: Store, *, grace: float = DEFAULT_GRACE, wait: bool = True,
     """Delete every unreferenced content/blob (rows, then files) and old orphan files."""
     now = time.time() if now is None else now
     res = SweepResult(purged=purge_removed(store))
+    _warn_unsafe(store.blobs)
     _mark(store)
     orphans = _orphans(store, grace, now)
     crashpoint("gc.after-mark")
@@ -294,36 +304,38 @@ def sweep(store: Store, *, grace: float = DEFAULT_GRACE, wait: bool = True,
         digests = [d for d, _ in doomed]
         digests += sorted(pending - set(digests))
         half = len(digests) // 2
-        _unlink_all(str(store.blobs.root), digests[:half])
+        _unlink_all(store.blobs, digests[:half])
         if half:
             crashpoint("gc.mid-unlink")
-        _unlink_all(str(store.blobs.root), digests[half:])
+        _unlink_all(store.blobs, digests[half:])
         for o in orphans:
             try:
-                os.unlink(o.path)
-            except FileNotFoundError:
+                gone = (store.blobs.unlink_tmp(o.name) if o.digest is None
+                        else store.blobs.unlink(o.digest))
+            except (UnsafeStorePath, FileNotFoundError):
+                gone = False  # its directory was swapped for a link since the mark
+            if not gone:
                 continue
             res.freed_bytes += o.size
             if o.digest is None:
                 res.temp_files += 1
             else:
                 res.orphans += 1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(store.dir / JOURNAL)
+        _drop_journal(store.dir)
     return res
 
 
-def _unlink_all(root: str, digests: list[bytes]) -> None:
+def _unlink_all(blobs: BlobStore, digests: list[bytes]) -> None:
     """Unlink blob files on a thread pool: on ext4 with online discard (and most network
-    filesystems) one unlink waits ~1 ms for the disk; in parallel they overlap (~10x)."""
+    filesystems) one unlink waits ~1 ms for the disk; in parallel they overlap (~10x).
+    Sorted, so each batch opens few shard directories."""
     def some(batch: list[bytes]) -> None:
-        for d in batch:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(blob_path(root, d))
+        blobs.unlink_many(batch)  # skips a shard swapped for a link: nothing in it is touched
 
     if len(digests) < 64:
         some(digests)
         return
+    digests = sorted(digests)
     batches = [digests[i:i + 256] for i in range(0, len(digests), 256)]
     with ThreadPoolExecutor(max_workers=UNLINK_THREADS, thread_name_prefix="gc-unlink") as pool:
         for _ in pool.map(some, batches):

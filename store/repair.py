@@ -10,7 +10,11 @@ does, and a chunk whose sha256 names a damaged blob is encoded and written again
 row's codec/stored size updated. Anything else gets an honest "cannot repair" line.
 
 Blob writes happen under the install lock (SHARED) like an install's, synced before the row
-update, so a concurrent gc never sees a half-repaired blob. Single-threaded.
+update, so a concurrent gc never sees a half-repaired blob. A blob file replaced by a link
+(planted by someone who may write the store) is rewritten like any damaged blob: the new file
+is renamed over the link, which is never followed (``BlobStore.write``). The source tarball,
+named by the index (which admins may write), is opened once without blocking, must be a
+regular file, and is hashed and then read through that same open file. Single-threaded.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from .blobs import BlobStore
@@ -41,43 +47,60 @@ class RepairResult:
 
 
 @contextlib.contextmanager
-def _tarball(store: Store, source: str, checksum: str) -> Iterator[Path]:
-    """A local copy of ``source`` whose sha256 is ``checksum``; raises JblError why not."""
+def _tarball(store: Store, source: str, checksum: str) -> Iterator[BinaryIO]:
+    """An open local copy of ``source`` whose sha256 is ``checksum``, rewound; raises
+    JblError why not."""
     if not source or not checksum.startswith("sha256:"):
         raise JblError("no recorded source tarball and checksum")
     temp: Path | None = None
     if source.startswith(("http://", "https://")):
         import httpx
 
+        # blobs/tmp pinned by an fd (BlobStore.tmp): a link planted there is never followed
         fd, name = tempfile.mkstemp(dir=store.blobs.tmp, prefix="repair-")
         temp = Path(name)
         try:
-            with os.fdopen(fd, "wb") as f, httpx.stream("GET", source, timeout=60,
-                                                        follow_redirects=True) as r:
+            with os.fdopen(fd, "wb") as out, httpx.stream("GET", source, timeout=60,
+                                                          follow_redirects=True) as r:
                 if r.status_code != 200:
                     raise JblError(f"{source} answers HTTP {r.status_code}")
                 for block in r.iter_bytes(1 << 20):
-                    f.write(block)
-        except httpx.HTTPError as e:
-            temp.unlink()
-            raise JblError(f"cannot download {source} ({type(e).__name__})") from None
+                    out.write(block)
+        except BaseException as e:
+            temp.unlink(missing_ok=True)
+            if isinstance(e, httpx.HTTPError):
+                raise JblError(f"cannot download {source} ({type(e).__name__})") from None
+            raise
         path = temp
     else:
         path = Path(unquote(urlsplit(source).path) if source.startswith("file:") else source)
     try:
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
+            f = _open_regular(path)
         except OSError as e:
             raise JblError(f"source {source} is not readable ({e.strerror})") from None
-        if "sha256:" + h.hexdigest() != checksum:
-            raise JblError(f"source {source} no longer has the installed checksum {checksum}")
-        yield path
+        with f:
+            h = hashlib.sha256()
+            while block := f.read(1 << 20):
+                h.update(block)
+            if "sha256:" + h.hexdigest() != checksum:
+                raise JblError(f"source {source} no longer has the installed checksum "
+                               f"{checksum}")
+            f.seek(0)
+            yield f
     finally:
         if temp is not None:
             temp.unlink(missing_ok=True)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading without blocking (a FIFO cannot hang us); only a regular
+    file is accepted (not /dev/zero, a FIFO, a directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(0, "not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _chunks(reader: TarReader, size: int, chunk_size: int, m: object) -> Iterator[bytes]:
@@ -112,8 +135,8 @@ def repair(store: Store, problems: list[Problem]) -> RepairResult:
         if not (set(wanted) - res.repaired):
             break
         try:
-            with _tarball(store, source, checksum) as path:
-                n = _rewrite_from(store, path, {d for d in wanted if d not in res.repaired})
+            with _tarball(store, source, checksum) as f:
+                n = _rewrite_from(store, f, {d for d in wanted if d not in res.repaired})
         except JblError as e:
             res.lines.append(f"cannot repair {name}@{version}: {e.message}")
             continue
@@ -123,9 +146,9 @@ def repair(store: Store, problems: list[Problem]) -> RepairResult:
     return res
 
 
-def _rewrite_from(store: Store, tarball: Path, wanted: set[bytes]) -> set[bytes]:
+def _rewrite_from(store: Store, f: BinaryIO, wanted: set[bytes]) -> set[bytes]:
     found: dict[bytes, tuple[int, int, int]] = {}
-    with store.install_lock(), open(tarball, "rb") as f:
+    with store.install_lock():
         reader = TarReader(f, Limits())
         for m in reader.members():
             if m.kind != REG:

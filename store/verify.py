@@ -14,7 +14,10 @@ that use it):
   belong to a running install; files named by gc's unlink journal are a killed gc's leftovers
   that the next gc removes, not damage;
 * ``data=True``: every blob file is read, decoded and re-hashed against its digest, on a
-  thread pool (zstd and hashlib release the GIL, so this uses every core).
+  thread pool (zstd and hashlib release the GIL, so this uses every core);
+* nothing is a link: a blob file that is not a regular file, a shard or ``blobs/tmp`` that
+  is not a directory (planted by someone who may write the store) is reported and never
+  followed (files are reached only through ``BlobStore``, which opens nothing by path).
 
 Unreferenced rows (a version removed, not yet swept) are garbage, not damage: gc sweeps them.
 
@@ -33,9 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import safepath
 from .blobs import CODEC_RAW, CODEC_ZSTD, BlobStore
-from .errors import IntegrityError
-from .gc import blob_path, read_journal, scan_blob_files
+from .errors import IntegrityError, JblError, UnsafeStorePath
+from .gc import read_journal
 from .policy import DEFAULT_GRACE
 from .store import Store
 from .units import format_duration
@@ -46,6 +50,7 @@ MAX_NAMED_VERSIONS = 5  # a blob shared by 200 versions: name a few, count the r
 @dataclass(frozen=True)
 class Problem:
     kind: str  # 'missing' | 'size' | 'corrupt' | 'orphan' | 'temp' | 'reference' | 'content'
+    #            | 'unsafe' (a shard or blobs/tmp that is a link or not a directory)
     subject: str  # "blob <hex>", "content <id>", "entry <id>", "version N@V", a path
     message: str
     versions: tuple[str, ...] = ()
@@ -127,11 +132,24 @@ def _check_blob_data(blobs: BlobStore, digest: bytes, codec: int, size: int) -> 
         return "missing (vanished while verifying)"
     except IntegrityError as e:
         return e.message.split(": ", 1)[-1]
+    except JblError as e:  # e.g. its shard is a planted link
+        return e.message
     except OSError as e:
         return f"unreadable ({e.strerror})"
     if hashlib.sha256(data).digest() != digest:
         return "content does not match its digest (bit rot or tampering)"
     return None
+
+
+def _describe(blobs: BlobStore, digest: bytes) -> str:
+    """What the blob's name is on disk (a link and its target), for a problem line."""
+    h = digest.hex()
+    try:
+        with safepath.opened(safepath.open_store(blobs.store_dir)) as sfd, \
+                safepath.opened(safepath.walk(sfd, ["blobs", h[:2]])) as shard:
+            return safepath.describe(shard, h[2:])
+    except (OSError, JblError):
+        return "unreadable"
 
 
 def _batched(it: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
@@ -158,8 +176,12 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
     res.entries = int(db.scalar("SELECT COUNT(*) FROM entries"))
     res.contents = int(db.scalar("SELECT COUNT(*) FROM contents"))
 
+    # --- the layout itself: a link where a directory belongs is never followed ----------
+    for where, what in store.blobs.unsafe_items():
+        add(Problem("unsafe", where, f"is {what}, not a directory (never followed; "
+                    f"{safepath.FIX_HINT})"))
+
     # --- blob rows <-> files ------------------------------------------------------------
-    root = str(store.blobs.root)
     present: list[tuple[int, bytes, int, int]] = []  # (id, digest, codec, size) to re-hash
     known: set[bytes] = set()
     for bid, digest, size, stored_size, codec in db.iter(
@@ -171,9 +193,16 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
             add(Problem("corrupt", subject, f"unknown codec {codec}", names.of_blob(bid), bid))
             continue
         try:
-            st = os.stat(blob_path(root, digest))
-        except FileNotFoundError:
+            st = store.blobs.stat(digest)
+        except UnsafeStorePath:
+            st = None  # in a shard that is a link: reported above, never followed
+        if st is None:
             add(Problem("missing", subject, "file missing", names.of_blob(bid), bid))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            add(Problem("corrupt", subject, "is not a regular file but " +
+                        _describe(store.blobs, digest) + " (never followed)",
+                        names.of_blob(bid), bid))
             continue
         if st.st_size != stored_size:
             add(Problem("size", subject, f"file has {st.st_size} bytes, index says "
@@ -183,32 +212,37 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
 
     # --- orphans ------------------------------------------------------------------------
     pending = read_journal(store.dir)
-    for digest, entry in scan_blob_files(root):
+    for digest, entry in store.blobs.scan():
         if digest in known:
             continue
         if digest in pending:
             res.pending_unlinks += 1
             continue
         try:
-            age = now - entry.stat(follow_symlinks=False).st_mtime
+            est = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        if age < grace:
+        age = now - est.st_mtime
+        if not stat.S_ISREG(est.st_mode):
+            add(Problem("orphan", f"blob {digest.hex()}", "not a regular file but " +
+                        _describe(store.blobs, digest) + ", without an index row (never "
+                        "followed; run `jbl store gc`)"))
+        elif age < grace:
             res.young_orphans += 1
         else:
             add(Problem("orphan", f"blob {digest.hex()}", f"file without an index row, "
                         f"{format_duration(age)} old (run `jbl store gc`)"))
-    for path in store.blobs.iter_tmp():
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
-        age = now - st.st_mtime
-        if not stat.S_ISREG(st.st_mode) or age >= grace:
-            add(Problem("temp", str(path), f"stale temporary file, {format_duration(age)} old "
-                        "(run `jbl store gc`)"))
-        else:
-            res.young_orphans += 1
+    try:
+        for name, st in store.blobs.iter_tmp():
+            age = now - st.st_mtime
+            if not stat.S_ISREG(st.st_mode) or age >= grace:
+                add(Problem("temp", str(store.blobs.root / "tmp" / name),
+                            f"stale temporary file, {format_duration(age)} old "
+                            "(run `jbl store gc`)"))
+            else:
+                res.young_orphans += 1
+    except UnsafeStorePath:
+        pass  # blobs/tmp is a link: reported above with the other unsafe items
 
     _check_references(store, names, add)
 

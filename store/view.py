@@ -18,9 +18,14 @@ browse a store (tests, ``jbl store info``) can use it directly.
   cache only, via ``preadv(RWF_NOWAIT)``, and decompresses inline only small chunks) and
   ``read_piece`` (may block; run it in a worker thread).
 
-A missing or corrupt blob raises ``IntegrityError`` whose message names the blob digest: every
-whole chunk read (decompressed, or a raw chunk read whole) is sha256-checked against its name;
-a partial range of a big raw chunk is not (that would cost reading the whole chunk).
+A missing or corrupt blob raises ``IntegrityError`` whose message names the blob digest, and
+every byte served has been sha256-checked against its blob's name: a zstd chunk once per
+decode; a raw chunk read whole is checked as read; for a partial range of a raw chunk the
+whole chunk is read once, checked and kept in the LRU like a decompressed one (a sequential
+read reads each chunk once either way; the cost is one hash per MiB). Blob files are opened
+only through ``BlobStore.open_blob``: regular files inside the store, never through a link
+(the store is group-writable and the mount daemon runs as root), so a planted link plus
+index rows gives ``IntegrityError`` (EIO, logged), never a host file's bytes.
 
 Thread-safety: the SQLite part (everything taking ids) uses the Store's one connection and
 belongs to ONE thread (the mount's trio thread). ``read_piece``/``read_piece_nowait``/``read``
@@ -93,6 +98,11 @@ class Piece:
     ref: ChunkRef
     start: int
     end: int
+
+
+def _whole_raw(p: Piece) -> bool:
+    """A raw chunk read from its first to its last byte (checked as read, never cached)."""
+    return p.ref.codec == CODEC_RAW and p.start == 0 and p.end == p.ref.size
 
 
 def _entry(row: tuple[object, ...]) -> Entry:
@@ -227,8 +237,8 @@ class View:
 
     def read_piece(self, p: Piece) -> bytes:
         """Blocking: may read the disk and decompress a whole chunk. Thread-safe."""
-        if p.ref.codec == CODEC_RAW:
-            return self._raw(p, self._pread(p.ref, p.start, p.end - p.start, nowait=False)) or b""
+        if _whole_raw(p):
+            return self._checked(p.ref, self._pread(p.ref, 0, p.ref.size, nowait=False) or b"")
         data = self.cache.get(p.ref.digest)
         if data is None:
             stored = self._pread(p.ref, 0, p.ref.stored_size, nowait=False) or b""
@@ -238,8 +248,11 @@ class View:
     def read_piece_nowait(self, p: Piece) -> bytes | None:
         """The piece if it can be had without waiting for the disk or a big decompression,
         else None (then call ``read_piece`` in a worker thread)."""
-        if p.ref.codec == CODEC_RAW:
-            return self._raw(p, self._pread(p.ref, p.start, p.end - p.start, nowait=True))
+        if _whole_raw(p):
+            if p.ref.size > INLINE_DECODE_MAX:
+                return None  # hashing a big chunk: a worker thread's job
+            data = self._pread(p.ref, 0, p.ref.size, nowait=True)
+            return None if data is None else self._checked(p.ref, data)
         data = self.cache.get(p.ref.digest)
         if data is not None:
             return data[p.start:p.end]
@@ -256,11 +269,10 @@ class View:
             raise IntegrityError(f"blob {ref.digest.hex()} is corrupt (its bytes do not hash "
                                  "to its name; run `jbl store verify`)")
 
-    def _raw(self, p: Piece, data: bytes | None) -> bytes | None:
-        # A whole raw chunk is verified (cheap: small files are one chunk). A partial range
-        # of a big raw chunk is not: that would mean reading the whole chunk per request.
-        if data is not None and p.start == 0 and p.end == p.ref.size:
-            self._check(p.ref, data)
+    def _checked(self, ref: ChunkRef, data: bytes) -> bytes:
+        # A raw chunk read whole: checked as read, not cached (the kernel's page cache keeps
+        # a small file's pages; ours would only hold a second copy).
+        self._check(ref, data)
         return data
 
     def _decode(self, ref: ChunkRef, stored: bytes) -> bytes:
@@ -278,7 +290,7 @@ class View:
         if nowait and not self._nowait_ok:
             return None
         try:
-            fd = os.open(self.blobs.path(ref.digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self.blobs.open_blob(ref.digest)  # a regular file in the store, or an error
         except FileNotFoundError:
             raise IntegrityError(f"blob {ref.digest.hex()} is missing from the store "
                                  "(run `jbl store verify`)") from None
