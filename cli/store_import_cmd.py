@@ -32,6 +32,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--version", help="install as this version instead of runtime.yml's")
     p.add_argument("--checksum", metavar="sha256:HEX",
                    help="refuse the tarball unless its sha256 matches")
+    p.add_argument("--force", action="store_true",
+                   help="replace an installed NAME@VERSION (a different tarball is otherwise "
+                        "refused; a job using the old copy keeps it)")
     add_limit_options(p)
     p.set_defaults(func=run)
 
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             output.progress(args, size, f"importing {path.name}") as bar:
         r = ingest(store, path, source=str(path.resolve()), expected_checksum=args.checksum,
                    name=args.name, version=args.version, progress=bar.advance,
-                   limits=limits)
+                   limits=limits, force=args.force)
     if args.json:
         output.print_json(result_record(r))
     else:

@@ -9,9 +9,13 @@ Single-threaded, one Store per command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +49,27 @@ def _sources(args: argparse.Namespace) -> list[RegistrySource]:
 
 
 def _client(args: argparse.Namespace, store_dir: Path | None) -> RegistryClient:
-    from jbl.store.registry import RegistryClient
+    from jbl.store.registry import RegistryClient, download_settings
 
+    # The one place the download bounds are resolved: config `download:` + JBL_HTTP_TIMEOUT.
+    settings = download_settings(load_config().download, os.environ)
     return RegistryClient(store_dir, refresh=getattr(args, "refresh", False),
-                          warn=lambda msg: log.warning(msg))
+                          warn=lambda msg: log.warning(msg), settings=settings)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends an install like Ctrl-C: as KeyboardInterrupt, so every ``finally`` runs
+    (the download file closes and vanishes, locks are released, nothing is committed) and
+    jbl says "interrupted" (exit 130) instead of dying mid-write."""
+    def handler(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _open(args: argparse.Namespace, *, write: bool = False,
@@ -82,14 +103,15 @@ def cmd_install(args: argparse.Namespace) -> int:
     store = _open(args, create=True)
     assert store is not None
     results: list[dict[str, Any]] = []
-    with store, _client(args, store.dir) as client:
+    with _sigterm_interrupts(), store, _client(args, store.dir) as client:
         entries = [client.find(s, sources) for s in specs]  # resolve all before any download
         for entry in entries:
             # one bar (rich allows one live display): the tarball is read twice, once to
             # download and verify it, once by ingest
             total = None if entry.size is None else 2 * entry.size
             with progress(args, total, f"{entry.spec}") as bar:
-                out = install_entry(store, client, entry, download_progress=bar.advance,
+                out = install_entry(store, client, entry, force=args.force,
+                                    download_progress=bar.advance,
                                     ingest_progress=bar.advance)
             results.append(out)
             if not args.json:
@@ -103,7 +125,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 def _install_line(r: dict[str, Any]) -> str:
     if r["status"] == "already installed":
         return f"{r['name']}@{r['version']} is already installed"
-    return (f"installed {r['name']}@{r['version']}: {r['files']} files, "
+    return (f"{r['status']} {r['name']}@{r['version']}: {r['files']} files, "
             f"{format_size(r['logical_bytes'])} logical, {format_size(r['new_stored_bytes'])} "
             f"new on disk ({format_size(r['dedup_bytes'])} deduplicated) in {r['seconds']:.1f}s")
 
@@ -308,6 +330,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                        description="Install NAME (highest release), NAME@1.3 (highest 1.3.x) "
                                    "or NAME@1.3.2 from a registry.")
     p.add_argument("specs", nargs="+", metavar="NAME[@VERSION]")
+    p.add_argument("--force", action="store_true",
+                   help="reinstall even if installed, replacing the installed copy (a job "
+                        "using it keeps its files)")
     registry_opts(p)
     p.set_defaults(func=cmd_install)
 

@@ -14,29 +14,37 @@ Keys::
       - {name: lab, url: /srv/runtimes}          # a dir holding registry.json, or a file
     store: /var/lib/jbl          # default for --store (after --store and JBL_STORE)
     gc: {...}                    # retention policy; read by store/gc, passed through as a dict
+    download: {...}              # download bounds; read by store/registry (DownloadSettings)
 
 How files combine: ``registries`` lists are concatenated, the user's first (so a user can put
-a registry in front of the admin's; duplicates dropped); ``store`` is overridden; ``gc`` is a
-shallow merge (a user's key replaces the admin's). A relative path in ``registries`` is taken
-relative to the file that names it. Unknown keys are kept in ``extra`` and ignored.
+a registry in front of the admin's; duplicates dropped); ``store`` is overridden; ``gc`` and
+``download`` are shallow merges (a user's key replaces the admin's). A relative path in
+``registries`` is taken relative to the file that names it. Unknown keys are kept in
+``extra`` and ignored.
 
 A missing file is not an error; a malformed one is (UsageError naming the file and the key).
+A config file must be a regular file of at most 1 MiB; its YAML is parsed with bounds
+(``CONFIG_BOUNDS``: anchors and aliases allowed, but their expansion is capped).
 Pure apart from reading the files; thread-safe.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .boundedyaml import Bounds, YamlBoundError
+from .boundedyaml import load as load_bounded
 from .errors import UsageError
 
 SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
 ENV_CONFIG = "JBL_CONFIG"
-_KNOWN = {"registries", "store", "gc"}
+CONFIG_BOUNDS = Bounds(max_bytes=1 << 20, max_depth=32, max_nodes=100_000, allow_aliases=True)
+_KNOWN = {"registries", "store", "gc", "download"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ class Config:
     gc: dict[str, Any] = field(default_factory=dict)
     files: tuple[Path, ...] = ()  # the files actually read, in priority order (lowest first)
     extra: dict[str, Any] = field(default_factory=dict)
+    # registry.DownloadSettings keys: key -> (value, the file that set it, for messages)
+    download: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
 def config_paths(env: Mapping[str, str] | None = None) -> list[Path]:
@@ -91,17 +101,37 @@ def _registry_item(item: Any, i: int, path: Path) -> RegistrySource:
     return RegistrySource(url, name, str(path))
 
 
-def _load_file(path: Path) -> dict[str, Any] | None:
+def _read_bounded(path: Path) -> str | None:
+    """The file's text; None if missing. Non-blocking and type-checked: a FIFO or a device
+    named as a config must not hang or spin jbl."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config {path}: {e}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"config {path} is not a regular file")
+        data = f.read(CONFIG_BOUNDS.max_bytes + 1)
+    if len(data) > CONFIG_BOUNDS.max_bytes:
+        raise UsageError(f"config {path} is larger than {CONFIG_BOUNDS.max_bytes >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"config {path} is not UTF-8") from None
+
+
+def _load_file(path: Path) -> dict[str, Any] | None:
+    text = _read_bounded(path)
+    if text is None:
+        return None
     import yaml  # only when a config file exists: ~12 ms of every `jbl run` otherwise
 
     try:
-        doc = yaml.safe_load(text)
+        doc = load_bounded(text, CONFIG_BOUNDS)
+    except YamlBoundError as e:
+        raise UsageError(f"config {path} {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -118,6 +148,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     registries: list[RegistrySource] = []
     store: Path | None = None
     gc: dict[str, Any] = {}
+    download: dict[str, tuple[Any, str]] = {}
     extra: dict[str, Any] = {}
     read: list[Path] = []
     for path in config_paths(env):
@@ -141,6 +172,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             if not isinstance(doc["gc"], dict):
                 raise UsageError(f"config {path}: 'gc' must be a mapping")
             gc.update(doc["gc"])
+        if doc.get("download") is not None:
+            if not isinstance(doc["download"], dict):
+                raise UsageError(f"config {path}: 'download' must be a mapping")
+            download.update({k: (v, str(path)) for k, v in doc["download"].items()})
         extra.update({k: v for k, v in doc.items() if k not in _KNOWN})
     seen: set[str] = set()
     unique = []
@@ -148,4 +183,4 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         if r.url not in seen:
             seen.add(r.url)
             unique.append(r)
-    return Config(tuple(unique), store, gc, tuple(read), extra)
+    return Config(tuple(unique), store, gc, tuple(read), extra, download=download)

@@ -44,8 +44,9 @@ from . import tarstream as ts
 from .blobs import ZSTD_LEVEL, BlobStore, is_enospc
 from .crashpoints import crashpoint
 from .db import open_db
-from .digest import EMPTY, parse_checksum
+from .digest import EMPTY, HashingReader, parse_checksum
 from .errors import (
+    AlreadyExists,
     ChecksumMismatch,
     LimitExceeded,
     NotFound,
@@ -430,26 +431,63 @@ def _open_source(src: Path | BinaryIO) -> tuple[BinaryIO, bool]:
     return src, False
 
 
+def check_same_tarball(have: VersionInfo, actual: str, source: str) -> None:
+    """The "already installed" rule: ``have`` (same name@version) is a no-op only if it was
+    installed from these very bytes; a different tarball is AlreadyExists naming both
+    digests (``--force`` replaces it). A version recorded without a checksum cannot be
+    compared and counts as the same."""
+    if have.checksum and have.checksum != actual:
+        raise AlreadyExists(f"{have.spec} is already installed from a different tarball "
+                            f"(installed {have.checksum}, {source} is {actual})",
+                            hint="pass --force to replace it")
+
+
+def _already_installed(have: VersionInfo, actual: str, expected: str | None, source: str,
+                       warnings: list[str]) -> IngestResult:
+    """The no-op result for an installed name@version, after every check: a given
+    ``--checksum`` first (exit 5), then the installed tarball's digest (exit 4)."""
+    if expected is not None and actual != expected:
+        raise ChecksumMismatch(source, expected, actual)
+    check_same_tarball(have, actual, source)
+    return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0, warnings)
+
+
+def _rest_checksum(raw: HashingReader) -> str:
+    """Read what is left of the raw stream (the digest is over every byte)."""
+    while raw.read(1 << 20):
+        pass
+    return raw.checksum()
+
+
 def ingest(store: Store, src: Path | BinaryIO, *, source: str,
            expected_checksum: str | None = None, name: str | None = None,
            version: str | None = None, limits: Limits = _DEFAULT_LIMITS,
-           progress: Callable[[int], None] | None = None) -> IngestResult:
-    """Install the runtime tarball ``src`` into ``store`` (see the module docstring)."""
+           progress: Callable[[int], None] | None = None, force: bool = False) -> IngestResult:
+    """Install the runtime tarball ``src`` into ``store`` (see the module docstring).
+
+    An installed name@version is a no-op only for the same tarball (``check_same_tarball``);
+    ``force`` replaces it instead, in the commit's transaction (a job using the old copy
+    keeps it: the old row becomes 'removed', as ``jbl store rm`` leaves it)."""
     if name is not None:
         check_name(name)
     if version is not None:
         check_name(version, "version")
     if expected_checksum is not None:
         expected_checksum = parse_checksum(expected_checksum)
-    if name is not None and version is not None and \
-            (have := store.get_version(name, version)) is not None:
-        return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0, [])
     f, owned = _open_source(src)
+    if name is not None and version is not None and not force and \
+            (have := store.get_version(name, version)) is not None:
+        try:
+            return _already_installed(have, _rest_checksum(HashingReader(f, progress)),
+                                      expected_checksum, source, [])
+        finally:
+            if owned:
+                f.close()
     written: list[dict[bytes, Any]] = []  # the pipeline's new blobs, for cleanup on failure
     try:
         with store.install_lock():
             return _ingest_locked(store, f, source, expected_checksum, name, version, limits,
-                                  progress, written)
+                                  progress, written, force)
     except BaseException:
         if written:
             _discard_uncommitted(store, list(written[0]))
@@ -481,15 +519,15 @@ def _discard_uncommitted(store: Store, digests: list[bytes]) -> None:
 def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
                    name: str | None, version: str | None, limits: Limits,
                    progress: Callable[[int], None] | None,
-                   written: list[dict[bytes, Any]]) -> IngestResult:
+                   written: list[dict[bytes, Any]], force: bool = False) -> IngestResult:
     reader = ts.TarReader(f, limits, progress)
     tree = _Tree()
     installed: list[VersionInfo] = []
 
     def early_check(path: str, text: bytes) -> bool:
         # runtime.yml at the root, or under the only top directory seen so far: if that
-        # name@version is installed, the rest of the archive need not be read at all.
-        if "/" in path and len(tree.root.children or {}) != 1:
+        # name@version is installed, the rest of the archive need only be hashed.
+        if force or ("/" in path and len(tree.root.children or {}) != 1):
             return False
         try:
             m = parse_manifest(text, source=path)
@@ -508,9 +546,9 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
         manifests = _read_archive(reader, tree, pipe, store.chunk_size, early_check)
         if installed:
             ok = True
-            have = installed[0]
-            return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
-                                tree.warnings)
+            reader.close()  # stops the decoding thread: the rest of the raw bytes are ours
+            return _already_installed(installed[0], _rest_checksum(reader.raw), expected,
+                                      source, tree.warnings)
         actual = reader.checksum()
         if expected is not None and actual != expected:
             raise ChecksumMismatch(source, expected, actual)
@@ -526,8 +564,10 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
     store.blobs.sync()
     crashpoint("ingest.before-commit")
     result = _commit(store, tree, root, pipe, name, version, manifest.description,
-                     text.decode("utf-8", "replace"), source, actual)
+                     text.decode("utf-8", "replace"), source, actual, force)
     crashpoint("ingest.after-commit")
+    if not result.created:  # a concurrent install of the same name@version won
+        check_same_tarball(result.version, actual, source)
     if result.created:
         # A version's stored size never changes: cache it once so `list` stays fast.
         from .report import record_stored_size
@@ -591,7 +631,8 @@ def _resolve_bodies(root: _Node) -> None:
 
 
 def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, version: str,
-            description: str, manifest_text: str, source: str, checksum: str) -> IngestResult:
+            description: str, manifest_text: str, source: str, checksum: str,
+            force: bool = False) -> IngestResult:
     db = store.db
     now = time.time()
     # Nodes in DFS preorder with children sorted by name: ids in readdir order.
@@ -606,14 +647,15 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
             kids = sorted(((k.encode(), v) for k, v in node.children.items()), reverse=True)
             stack.extend((v, node, k) for k, v in kids)
     with db.write():
-        if store.get_version(name, version) is not None:  # a concurrent install won
-            have = store.get_version(name, version)
-            assert have is not None
+        have = store.get_version(name, version)
+        if have is not None and not force:  # a concurrent install won
             return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
                                 tree.warnings)
-        gone = db.scalar("SELECT id FROM versions WHERE name=? AND version=? "
-                         "AND state='removed'", (name, version))
-        if gone is not None:
+        if have is not None:  # --force: retire the installed copy exactly as `rm` would
+            db.execute("UPDATE versions SET state='removed', removed_at=? WHERE id=?",
+                       (now, have.id))
+        for (gone,) in db.query("SELECT id FROM versions WHERE name=? AND version=? "
+                                "AND state='removed'", (name, version)):
             # Reinstalling a version that `rm` left in place because a job still used it:
             # if that job has ended, drop the old rows now; if it still runs, rename the old
             # row out of the way (it keeps serving that job by id; gc drops it later).

@@ -12,7 +12,10 @@ A runtime directory holds ``runtime.yml`` and ``isolated/`` (the root filesystem
 
 Validation is strict where the value is used for a mount (a source that leaves the runtime,
 a target that is not an absolute clean path are rejected) and lenient elsewhere (unknown
-keys are kept in ``extra``). Pure and thread-safe.
+keys are kept in ``extra``). The YAML itself is bounded (``RUNTIME_YML_BOUNDS``: 1 MiB, no
+aliases or anchors, 32 levels of nesting) because it comes from an untrusted tarball. Names
+and versions are matched in full (``re.fullmatch``: ``$`` would accept a trailing newline).
+Pure and thread-safe.
 """
 
 from __future__ import annotations
@@ -22,12 +25,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .boundedyaml import Bounds, YamlBoundError
+from .boundedyaml import load as load_bounded
 from .errors import UnsafeArchive, UsageError
 
 MANIFEST_NAME = "runtime.yml"
 ROOTFS_DIR = "isolated"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # always fullmatch
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_MANIFEST_BYTES = 1 << 20  # runtime.yml is a few KiB in practice
+# Joblet's runtime.yml files use no aliases; refusing them is simpler than capping expansion.
+RUNTIME_YML_BOUNDS = Bounds(max_bytes=MAX_MANIFEST_BYTES, max_depth=32, max_nodes=100_000,
+                            allow_aliases=False)
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class Manifest:
 
 
 def check_name(name: str, what: str = "runtime name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(f"invalid {what} {name!r}: use letters, digits, '.', '_', '+', '-' "
                          "(at most 128, not starting with a punctuation mark)")
     return name
@@ -83,12 +92,15 @@ def parse_manifest(data: bytes | str, *, source: str = MANIFEST_NAME) -> Manifes
 
 
 def load_yaml(data: bytes | str, *, source: str = MANIFEST_NAME) -> Any:
-    """runtime.yml's YAML document, unvalidated. ``yaml`` is imported here, not at the top:
-    it costs ~12 ms, and ``jbl run`` takes parsed manifests from a cache (runner/manifests.py)."""
+    """runtime.yml's YAML document, unvalidated but bounded (``RUNTIME_YML_BOUNDS``).
+    ``yaml`` is imported here, not at the top: it costs ~12 ms, and ``jbl run`` takes parsed
+    manifests from a cache (runner/manifests.py)."""
     import yaml
 
     try:
-        return yaml.safe_load(data)
+        return load_bounded(data, RUNTIME_YML_BOUNDS)
+    except YamlBoundError as e:
+        raise UnsafeArchive(f"{source} {e}") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -119,7 +131,7 @@ def manifest_from_doc(doc: Any, *, source: str = MANIFEST_NAME) -> Manifest:
         raise UnsafeArchive(f"{source}: 'environment' must be a mapping")
     env = {}
     for k, v in env_doc.items():
-        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
+        if not isinstance(k, str) or not ENV_KEY_RE.fullmatch(k):
             raise UnsafeArchive(f"{source}: invalid environment variable name", str(k))
         env[k] = "" if v is None else str(v)
     known = {"name", "version", "description", "mounts", "environment"}

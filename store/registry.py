@@ -14,8 +14,17 @@ without touching the network. ``refresh=True`` always refetches. When a refetch 
 stale copy exists, the stale copy is used with a warning (an offline server keeps working);
 under ``refresh`` it is an error instead. Local registries are read directly, never cached.
 
-Downloads stream to a temp file in ``STORE/tmp/``, checking ``size`` and sha256 as bytes
-arrive; nothing reaches ingest unless both match (ingest checks the digest again).
+Downloads stream into an unnamed (``O_TMPFILE``) file in ``STORE/blobs/tmp/``, checking
+``size`` and sha256 as bytes arrive; nothing reaches ingest unless both match (ingest checks
+the digest again), and a failed, interrupted or killed download leaves no file behind.
+
+Every input is bounded (``DownloadSettings``, resolved once by the CLI from the config's
+``download:`` and ``JBL_HTTP_TIMEOUT``): a download by its entry's ``size`` or, without one,
+by ``max_size``; a transfer averaging less than ``speed_limit`` bytes/s over ``speed_time``
+is abandoned (curl's ``--speed-limit``/``--speed-time``; a watchdog thread shuts the socket,
+so a trickling server cannot hold jbl in a blocking read); connect and read timeouts; an
+index by ``MAX_INDEX_BYTES`` and ``MAX_JSON_DEPTH``. A ``file://`` registry's tarballs must
+lie inside the registry's own directory (also after following symlinks) and be regular files.
 
 Errors: network/HTTP failures and malformed registries are RegistryError (exit 7), one line
 naming the URL and what is wrong. Thread-safety: a RegistryClient holds one httpx.Client and a
@@ -25,17 +34,21 @@ dict of loaded registries; use it from one thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
 import re
+import socket
+import stat
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
@@ -44,15 +57,19 @@ from .config import RegistrySource
 from .errors import ChecksumMismatch, IntegrityError, NotFound, RegistryError, UsageError
 from .manifest import check_name
 from .store import Store, VersionInfo
+from .units import format_duration, format_size, parse_duration, parse_size
 from .versions import Spec, select, sort_versions
 from .versions import latest as latest_version
 
 INDEX_NAME = "registry.json"
 TTL = 3600.0  # seconds a fetched index is trusted without asking the server (as Joblet)
 MAX_INDEX_BYTES = 32 << 20
+MAX_JSON_DEPTH = 32  # registry.json needs 5 levels; more is an attack or a mistake
+MAX_URL_LEN = 8192
+MAX_DESCRIPTION_LEN = 64 << 10
 TIMEOUT_ENV = "JBL_HTTP_TIMEOUT"  # seconds/duration without data before giving up (default 30s)
 USER_AGENT = "jbl/0.1"
-_CHECKSUM_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_CHECKSUM_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")  # always fullmatch
 # CPU architecture names as they appear in platform strings ("ubuntu-amd64", "linux/arm64",
 # "x86_64"); a runtime brings its own userland, so only the architecture matters.
 _ARCH_ALIASES = {
@@ -68,6 +85,107 @@ _ARCH_RE = re.compile(r"(?<![a-z0-9])(" + "|".join(sorted(map(re.escape, _ARCH_A
 
 Progress = Callable[[int], None]
 Warn = Callable[[str], None]
+
+
+# --- download bounds -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class DownloadSettings:
+    """The bounds on what a registry may make jbl read (config ``download:``)."""
+
+    max_size: int = 8 << 30      # a tarball whose registry entry gives no ``size``
+    speed_limit: int = 1 << 10   # bytes/s; a transfer slower than this for speed_time ends
+    speed_time: float = 60.0     # seconds; 0 (or speed_limit 0) turns the stall rule off
+    timeout: float = 30.0        # seconds without a byte (read), as JBL_HTTP_TIMEOUT
+    connect_timeout: float = 10.0
+
+    @property
+    def stall_rule(self) -> str:
+        return (f"less than {format_size(self.speed_limit)}/s for "
+                f"{format_duration(self.speed_time)}")
+
+
+_DOWNLOAD_KEYS = {"max_size": parse_size, "speed_limit": parse_size,
+                  "speed_time": parse_duration, "timeout": parse_duration,
+                  "connect_timeout": parse_duration}
+
+
+def download_settings(config: Mapping[str, tuple[Any, str]],
+                      env: Mapping[str, str]) -> DownloadSettings:
+    """The settings from the config's ``download:`` (key -> (value, file)) and the
+    environment (``JBL_HTTP_TIMEOUT`` overrides ``timeout``); UsageError names the key."""
+    values: dict[str, Any] = {}
+    for key, (value, origin) in config.items():
+        parse = _DOWNLOAD_KEYS.get(key)
+        if parse is None:
+            raise UsageError(f"config {origin}: unknown download key {key!r} (known: "
+                             f"{', '.join(sorted(_DOWNLOAD_KEYS))})")
+        values[key] = parse(str(value), what=f"config {origin}: download.{key}")
+    if env.get(TIMEOUT_ENV):
+        values["timeout"] = parse_duration(env[TIMEOUT_ENV], what=TIMEOUT_ENV)
+    settings = DownloadSettings(**values)
+    if settings.timeout <= 0 or settings.connect_timeout <= 0:
+        raise UsageError("download timeouts must be positive (config download.timeout, "
+                         f"download.connect_timeout, {TIMEOUT_ENV})")
+    return settings
+
+
+class _Watchdog:
+    """The stall rule for one HTTP request, on a thread: when fewer than ``speed_limit``
+    bytes a second arrived over a ``speed_time`` window, it shuts the connection's socket,
+    which ends the blocked read in the requesting thread (a read timeout alone never fires
+    for a server that sends one byte every few seconds). The socket comes from httpcore's
+    ``trace`` extension, so the header phase is covered too."""
+
+    def __init__(self, settings: DownloadSettings) -> None:
+        self.limit = settings.speed_limit
+        self.window = settings.speed_time
+        self.fired = False
+        self._sock: socket.socket | None = None
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Watchdog:
+        if self.limit > 0 and self.window > 0:
+            self._thread = threading.Thread(target=self._run, name="jbl-stall", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            with self._lock:
+                self._sock = sock if isinstance(sock, socket.socket) else None
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        tick = min(1.0, self.window / 4)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            if now - start < self.window:
+                continue
+            with self._lock:
+                slow = self._bytes < self.limit * (now - start)
+                self._bytes = 0
+                if slow:
+                    self.fired = True
+                    if self._sock is not None:
+                        # already closed (OSError): the request is ending anyway
+                        with contextlib.suppress(OSError):
+                            self._sock.shutdown(socket.SHUT_RDWR)
+                    return
+            start = now
 
 
 # --- architectures -------------------------------------------------------------------------
@@ -144,37 +262,68 @@ def _fail(url: str, where: str, what: str) -> RegistryError:
     return RegistryError(f"registry {url}: {where}: {what}")
 
 
+def registry_dir(registry_url: str) -> str:
+    """The directory of a ``file://`` registry.json: the only place its tarballs may be."""
+    return os.path.dirname(unquote(urlsplit(registry_url).path))
+
+
+def _confined(url: str, where: str, dl: str, dl_url: str) -> None:
+    """A ``file://`` registry's download_url must name a file inside the registry's
+    directory: no ``..``, no absolute path or ``file://`` URL elsewhere (``/dev/zero``
+    would spin, a FIFO hang, and a checksum error would print a digest of any host file).
+    Symlinks are checked when the file is opened (``_open_confined``)."""
+    base = registry_dir(url)
+    path = unquote(urlsplit(dl_url).path)
+    if ".." in unquote(dl).split("/") or os.path.normpath(path) != path or \
+            not path.startswith(base.rstrip("/") + "/"):
+        raise _fail(url, where, f"download_url {dl!r} leaves the registry's directory {base}")
+
+
 def _entry(url: str, name: str, ver: str, doc: Any, allow_file: bool) -> RegistryEntry:
     where = f"runtimes.{name}.{ver}"
     if not isinstance(doc, dict):
         raise _fail(url, where, "must be an object")
-    if "version" in doc and str(doc["version"]) != ver:
-        raise _fail(url, where, f"'version' says {doc['version']!r}")
+    if "version" in doc and str(doc["version"])[:200] != ver:
+        raise _fail(url, where, f"'version' says {str(doc['version'])[:200]!r}")
     checksum = doc.get("checksum")
-    m = _CHECKSUM_RE.match(checksum) if isinstance(checksum, str) else None
+    m = _CHECKSUM_RE.fullmatch(checksum) if isinstance(checksum, str) else None
     if m is None:
         got = "missing" if checksum is None else f"got {str(checksum)[:80]!r}"
         raise _fail(url, where, f"checksum must be 'sha256:' and 64 hex digits ({got})")
     dl = doc.get("download_url")
     if not isinstance(dl, str) or not dl.strip():
         raise _fail(url, where, "download_url is missing")
+    if len(dl) > MAX_URL_LEN or any(ord(c) < 0x20 or ord(c) == 0x7f for c in dl):
+        raise _fail(url, where, f"download_url is longer than {MAX_URL_LEN} characters or "
+                                "holds control characters")
     dl_url = urljoin(url, dl.strip())
     scheme = urlsplit(dl_url).scheme.lower()
     if scheme not in ("http", "https", "file") or (scheme == "file" and not allow_file):
         # a remote registry must not make us read local files (even checksum-guarded)
-        raise _fail(url, where, f"download_url {dl!r} has an unsupported scheme")
+        raise _fail(url, where, f"download_url {dl[:200]!r} has an unsupported scheme")
+    if scheme == "file":
+        _confined(url, where, dl.strip(), dl_url)
+    description = doc.get("description")
+    if description is not None and (not isinstance(description, str)
+                                    or len(description) > MAX_DESCRIPTION_LEN):
+        raise _fail(url, where, f"description must be a string of at most "
+                                f"{MAX_DESCRIPTION_LEN} characters")
     size = doc.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise _fail(url, where, f"size must be a non-negative integer (got {size!r})")
     plats = doc.get("platforms") or []
-    if not isinstance(plats, list) or not all(isinstance(p, str) for p in plats):
-        raise _fail(url, where, "platforms must be a list of strings")
+    if not isinstance(plats, list) or not all(isinstance(p, str) and len(p) <= 128
+                                              for p in plats) or len(plats) > 64:
+        raise _fail(url, where, "platforms must be a list of at most 64 strings of at most "
+                                "128 characters")
     return RegistryEntry(name, ver, str(doc.get("description") or ""), dl_url,
                          "sha256:" + m.group(1).lower(), size, tuple(plats), url)
 
 
 def parse_registry(data: bytes, url: str, label: str = "") -> Registry:
     """Validate a Joblet-format registry.json strictly; RegistryError names what is wrong."""
+    if len(data) > MAX_INDEX_BYTES:
+        raise RegistryError(f"registry {url} is larger than {MAX_INDEX_BYTES >> 20} MiB")
     try:
         doc = json.loads(data)
     except UnicodeDecodeError:
@@ -182,6 +331,13 @@ def parse_registry(data: bytes, url: str, label: str = "") -> Registry:
     except json.JSONDecodeError as e:
         raise RegistryError(f"registry {url} is not valid JSON (line {e.lineno} column "
                             f"{e.colno}: {e.msg})") from None
+    except RecursionError:  # json's C decoder stops at the interpreter's recursion limit
+        raise RegistryError(f"registry {url} is nested deeper than {MAX_JSON_DEPTH} "
+                            "levels") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise RegistryError(f"registry {url} is not valid JSON ({str(e)[:200]})") from None
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise RegistryError(f"registry {url} is nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(doc, dict):
         raise RegistryError(f"registry {url}: top level must be an object")
     fmt = doc.get("version", "1")
@@ -207,6 +363,22 @@ def parse_registry(data: bytes, url: str, label: str = "") -> Registry:
                 raise _fail(url, f"runtimes.{name}", e.message) from None
             out[name][ver] = _entry(url, name, ver, entry, allow_file)
     return Registry(url, label or url, str(doc.get("updated_at") or ""), out)
+
+
+def _depth(doc: Any) -> int:
+    """Nesting depth of a parsed JSON document, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                return d
+            stack.extend((x, d + 1) for x in node)
+    return deepest
 
 
 def offered_summary(reg: Registry) -> list[dict[str, Any]]:
@@ -246,10 +418,11 @@ class RegistryClient:
     """Loads registries (with the cache) and downloads tarballs. Close it (or use ``with``)."""
 
     def __init__(self, store_dir: Path | None, *, refresh: bool = False, ttl: float = TTL,
-                 warn: Warn | None = None) -> None:
+                 warn: Warn | None = None, settings: DownloadSettings | None = None) -> None:
         self.refresh = refresh
         self.ttl = ttl
         self.warn: Warn = warn or (lambda _msg: None)
+        self.settings = settings or DownloadSettings()
         self.cache_dirs: list[Path] = []
         if store_dir is not None and os.access(store_dir, os.W_OK):
             self.cache_dirs.append(Path(store_dir) / "cache" / "registries")
@@ -271,11 +444,13 @@ class RegistryClient:
     @property
     def http(self) -> httpx.Client:
         if self._http is None:
-            from .units import parse_duration
-
-            read = parse_duration(os.environ.get(TIMEOUT_ENV) or "30s", what=TIMEOUT_ENV)
-            self._http = httpx.Client(timeout=httpx.Timeout(read, connect=min(read, 10.0)),
-                                      follow_redirects=True, headers={"User-Agent": USER_AGENT})
+            s = self.settings
+            # No keep-alive: every request opens its own connection, so the stall watchdog
+            # always learns the socket it may have to shut (httpcore's connect_tcp trace).
+            self._http = httpx.Client(
+                timeout=httpx.Timeout(s.timeout, connect=min(s.timeout, s.connect_timeout)),
+                limits=httpx.Limits(max_keepalive_connections=0), follow_redirects=True,
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
         return self._http
 
     # cache -----------------------------------------------------------------------------
@@ -284,16 +459,25 @@ class RegistryClient:
         return hashlib.sha256(url.encode()).hexdigest() + ".json"
 
     def _cached(self, url: str) -> tuple[bytes, float] | None:
-        """The freshest cached copy of ``url`` and its age in seconds."""
+        """The freshest cached copy of ``url`` and its age in seconds. Read without following
+        links and without blocking (the store's cache dir is group-writable), bounded."""
         best: tuple[bytes, float] | None = None
         for d in self.cache_dirs:
-            p = d / self._cache_name(url)
             try:
-                age = time.time() - p.stat().st_mtime
-                if best is None or age < best[1]:
-                    best = (p.read_bytes(), age)
+                fd = os.open(d / self._cache_name(url),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
+                    continue
+                age = time.time() - st.st_mtime
+                if best is None or age < best[1]:
+                    try:
+                        best = (f.read(MAX_INDEX_BYTES + 1), age)
+                    except OSError:
+                        continue
         return best
 
     def _store_cache(self, url: str, data: bytes) -> None:
@@ -309,22 +493,45 @@ class RegistryClient:
             except OSError:
                 continue  # not writable: try the next dir; no cache is not an error
 
+    # http --------------------------------------------------------------------------------
+    def _get(self, url: str, sink: Callable[[bytes], None], limit: int,
+             too_big: Callable[[], Exception], what: str) -> None:
+        """Stream ``url``'s body into ``sink``: at most ``limit`` bytes (else ``too_big()``),
+        under the stall rule and the timeouts; RegistryError ``what: reason`` otherwise."""
+        with _Watchdog(self.settings) as wd:
+            try:
+                with self.http.stream("GET", url, extensions={"trace": wd.trace}) as r:
+                    if r.status_code != 200:
+                        raise RegistryError(f"{what}: HTTP {r.status_code} {r.reason_phrase}")
+                    announced = r.headers.get("content-length", "")
+                    if announced.isdigit() and int(announced) > limit:
+                        raise too_big()
+                    n = 0
+                    for block in r.iter_bytes():  # as each read returns: the watchdog counts
+                        n += len(block)
+                        if n > limit:
+                            raise too_big()
+                        wd.add(len(block))
+                        sink(block)
+            except httpx.HTTPError as e:
+                if wd.fired:
+                    raise self._stalled(what) from None
+                raise RegistryError(f"{what}: {_http_reason(e)}") from None
+            if wd.fired:  # a shut socket can look like the end of a length-less body
+                raise self._stalled(what)
+
+    def _stalled(self, what: str) -> RegistryError:
+        return RegistryError(f"{what}: stalled: {self.settings.stall_rule} (config "
+                             "download.speed_limit, download.speed_time)")
+
     # loading ---------------------------------------------------------------------------
     def _fetch_http(self, url: str) -> bytes:
-        try:
-            with self.http.stream("GET", url) as r:
-                if r.status_code != 200:
-                    raise RegistryError(f"cannot fetch registry {url}: HTTP {r.status_code} "
-                                        f"{r.reason_phrase}")
-                buf = bytearray()
-                for chunk in r.iter_bytes():
-                    buf += chunk
-                    if len(buf) > MAX_INDEX_BYTES:
-                        raise RegistryError(f"registry {url} is larger than "
-                                            f"{MAX_INDEX_BYTES >> 20} MiB")
-                return bytes(buf)
-        except httpx.HTTPError as e:
-            raise RegistryError(f"cannot fetch registry {url}: {_http_reason(e)}") from None
+        buf = bytearray()
+        self._get(url, buf.extend, MAX_INDEX_BYTES,
+                  lambda: RegistryError(f"registry {url} is larger than "
+                                        f"{MAX_INDEX_BYTES >> 20} MiB"),
+                  f"cannot fetch registry {url}")
+        return bytes(buf)
 
     def load(self, source: RegistrySource | str) -> Registry:
         if isinstance(source, str):
@@ -334,14 +541,8 @@ class RegistryClient:
             return self._loaded[url]
         label = source.name or url
         if url.startswith("file:"):
-            path = Path(unquote(urlsplit(url).path))
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise RegistryError(f"no registry at {path} (no {INDEX_NAME} there)") from None
-            except OSError as e:
-                raise RegistryError(f"cannot read registry {path}: {e.strerror}") from None
-            reg = parse_registry(data, url, label)
+            reg = parse_registry(_read_local_index(Path(unquote(urlsplit(url).path))), url,
+                                 label)
         else:
             reg = self._load_remote(url, label)
         self._loaded[url] = reg
@@ -377,62 +578,67 @@ class RegistryClient:
                        hint="see what is offered: jbl store available")
 
     # downloading -----------------------------------------------------------------------
+    def limit(self, entry: RegistryEntry) -> int:
+        """The most bytes ``entry``'s tarball may have: its ``size``, else ``max_size``."""
+        return entry.size if entry.size is not None else self.settings.max_size
+
+    def _too_big(self, entry: RegistryEntry) -> Exception:
+        if entry.size is not None:
+            return IntegrityError(f"{entry.spec} from {entry.download_url} is larger than the "
+                                  f"{entry.size} bytes its registry says")
+        return RegistryError(f"{entry.spec} from {entry.download_url} is larger than "
+                             f"{format_size(self.settings.max_size)}, the most jbl downloads "
+                             "for an entry without a size (config download.max_size)")
+
     def fetch_tarball(self, entry: RegistryEntry, tmp_dir: Path,
-                      progress: Progress | None = None) -> tuple[Path, bool]:
-        """A local, verified copy of ``entry``'s tarball: (path, is_temporary).
-
-        A ``file://`` tarball is verified in place; an http(s) one streams into ``tmp_dir``.
-        The caller deletes a temporary file when done.
-        """
+                      progress: Progress | None = None) -> BinaryIO:
+        """An open, verified copy of ``entry``'s tarball, positioned at its start; the caller
+        closes it. A ``file://`` tarball is the registry's file itself (opened confined to
+        the registry's directory); an http(s) one streams into an unnamed file in
+        ``tmp_dir`` that vanishes when closed, whatever happens (even SIGKILL)."""
         tick: Progress = progress or (lambda _n: None)
+        limit = self.limit(entry)
+        h, count = hashlib.sha256(), [0]
         if entry.download_url.startswith("file:"):
-            path = Path(unquote(urlsplit(entry.download_url).path))
+            f = _open_confined(entry)
             try:
-                with open(path, "rb") as f:
-                    h, n = hashlib.sha256(), 0
-                    while block := f.read(1 << 20):
-                        h.update(block)
-                        n += len(block)
-                        tick(len(block))
-            except OSError as e:
-                raise RegistryError(f"cannot read {entry.spec} tarball {path}: "
-                                    f"{e.strerror}") from None
-            self._check(entry, n, h.hexdigest())
-            return path, False
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", urlsplit(entry.download_url).path.rsplit("/")[-1])
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="download-", suffix="-" + base[-80:])
-        ok = False
-        try:
-            with os.fdopen(fd, "wb") as f:
-                n, hexdigest = self._stream(entry, f, tick)
-            self._check(entry, n, hexdigest)
-            ok = True
-            return Path(tmp), True
-        finally:
-            if not ok:
-                os.unlink(tmp)
-
-    def _stream(self, entry: RegistryEntry, f: Any, tick: Progress) -> tuple[int, str]:
-        url = entry.download_url
-        h, n = hashlib.sha256(), 0
-        try:
-            with self.http.stream("GET", url) as r:
-                if r.status_code != 200:
-                    raise RegistryError(f"cannot download {entry.spec} from {url}: HTTP "
-                                        f"{r.status_code} {r.reason_phrase}")
-                for block in r.iter_bytes(1 << 20):
-                    n += len(block)
-                    if entry.size is not None and n > entry.size:
-                        raise IntegrityError(f"{entry.spec} from {url} is larger than the "
-                                             f"{entry.size} bytes its registry says")
+                while block := f.read(1 << 20):
+                    count[0] += len(block)
+                    if count[0] > limit:
+                        raise self._too_big(entry)
                     h.update(block)
-                    f.write(block)
                     tick(len(block))
-        except httpx.HTTPError as e:
-            raise RegistryError(f"cannot download {entry.spec} from {url}: "
-                                f"{_http_reason(e)}") from None
-        return n, h.hexdigest()
+                self._check(entry, count[0], h.hexdigest())
+                f.seek(0)
+                return f
+            except OSError as e:
+                f.close()
+                raise RegistryError(f"cannot read {entry.spec} tarball {entry.download_url}: "
+                                    f"{e.strerror}") from None
+            except BaseException:
+                f.close()
+                raise
+        out = _anonymous_file(tmp_dir)
+        try:
+            def sink(block: bytes) -> None:
+                h.update(block)
+                out.write(block)
+                count[0] += len(block)
+                tick(len(block))
+
+            self._get(entry.download_url, sink, limit, lambda: self._too_big(entry),
+                      f"cannot download {entry.spec} from {entry.download_url}")
+            self._check(entry, count[0], h.hexdigest())
+            out.flush()
+            out.seek(0)
+            return out
+        except OSError as e:
+            out.close()
+            raise RegistryError(f"cannot store the download of {entry.spec} in {tmp_dir}: "
+                                f"{e.strerror}") from None
+        except BaseException:
+            out.close()
+            raise
 
     @staticmethod
     def _check(entry: RegistryEntry, n: int, hexdigest: str) -> None:
@@ -445,6 +651,74 @@ class RegistryClient:
             raise IntegrityError(f"{entry.spec}: {n} bytes, registry says {entry.size}")
 
 
+def _read_local_index(path: Path) -> bytes:
+    """A local registry.json: a regular file (a FIFO must not hang us, /dev/zero not spin),
+    at most MAX_INDEX_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RegistryError(f"no registry at {path} (no {INDEX_NAME} there)") from None
+    except OSError as e:
+        raise RegistryError(f"cannot read registry {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RegistryError(f"registry {path} is not a regular file")
+        try:
+            data = f.read(MAX_INDEX_BYTES + 1)
+        except OSError as e:
+            raise RegistryError(f"cannot read registry {path}: {e.strerror}") from None
+    if len(data) > MAX_INDEX_BYTES:
+        raise RegistryError(f"registry {path} is larger than {MAX_INDEX_BYTES >> 20} MiB")
+    return data
+
+
+def _open_confined(entry: RegistryEntry) -> BinaryIO:
+    """Open a ``file://`` registry's tarball only if it really lies inside the registry's
+    directory and is a regular file. The resolved path is checked before opening (no open of
+    a device at all) and the opened file's own path after (``/proc/self/fd``), so a symlink
+    swapped in between cannot lead elsewhere either."""
+    base = os.path.realpath(registry_dir(entry.registry))
+    path = unquote(urlsplit(entry.download_url).path)
+    shown = f"{entry.spec}: {path}"
+
+    def inside(p: str) -> bool:
+        return p.startswith(base.rstrip("/") + "/")
+
+    real = os.path.realpath(path)
+    if not inside(real):
+        raise RegistryError(f"{shown} leads outside the registry's directory {base} "
+                            f"(to {real})")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RegistryError(f"{shown}: no such tarball") from None
+    except OSError as e:
+        raise RegistryError(f"cannot read {shown}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RegistryError(f"{shown} is not a regular file")
+        if not inside(os.readlink(f"/proc/self/fd/{fd}")):
+            raise RegistryError(f"{shown} leads outside the registry's directory {base}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _anonymous_file(tmp_dir: Path) -> BinaryIO:
+    """A file with no name in ``tmp_dir``: O_TMPFILE, else a named one unlinked at once.
+    (``Store.blobs.tmp`` is ``/proc/self/fd/N``: a directory BlobStore checked and pinned.)"""
+    try:
+        fd = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise RegistryError(f"cannot create a download file in {tmp_dir}: "
+                                f"{e.strerror}") from None
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="download-")
+        os.unlink(name)
+    return os.fdopen(fd, "w+b")
+
+
 def _http_reason(e: httpx.HTTPError) -> str:
     if isinstance(e, httpx.TimeoutException):
         return "timed out"
@@ -455,47 +729,43 @@ def _http_reason(e: httpx.HTTPError) -> str:
 
 # --- installing ----------------------------------------------------------------------------
 def install_entry(store: Store, client: RegistryClient, entry: RegistryEntry, *,
-                  download_progress: Progress | None = None,
+                  force: bool = False, download_progress: Progress | None = None,
                   ingest_progress: Progress | None = None) -> dict[str, Any]:
-    """Install one registry entry (a no-op that says so when it is installed already).
+    """Install one registry entry.
 
-    The tarball is downloaded and verified first (``blobs/tmp``, where gc sweeps what a
-    killed download leaves), then handed to ingest, which checks the digest again before its
-    commit. Returns the outcome as a JSON-able dict.
+    Already installed from the same tarball (the registry's checksum is the one recorded at
+    install): a no-op that says so. From a different one: AlreadyExists naming both digests,
+    unless ``force``, which replaces it (ingest swaps the rows in one transaction; a job
+    using the old copy keeps it). The tarball is downloaded and verified first, then handed
+    to ingest, which checks the digest again before its commit. Returns the outcome as a
+    JSON-able dict.
     """
-    from .ingest import ingest  # ingest pulls in the tar machinery; registry reads need none
+    from .ingest import check_same_tarball, ingest  # the tar machinery: only when installing
 
     t0 = time.monotonic()
     out: dict[str, Any] = {"name": entry.name, "version": entry.version,
                            "source": entry.download_url, "checksum": entry.checksum,
                            "registry": entry.registry}
     have = store.get_version(entry.name, entry.version)
-    if have is not None:
-        return {**out, **_existing(have, entry)}
-    path, temporary = client.fetch_tarball(entry, store.blobs.tmp, download_progress)
-    try:
-        res = ingest(store, path, source=entry.download_url, expected_checksum=entry.checksum,
-                     name=entry.name, version=entry.version, progress=ingest_progress)
-    finally:
-        if temporary:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+    if have is not None and not force:
+        check_same_tarball(have, entry.checksum, entry.download_url)
+        return {**out, **_existing(have)}
+    with client.fetch_tarball(entry, store.blobs.tmp, download_progress) as f:
+        res = ingest(store, f, source=entry.download_url, expected_checksum=entry.checksum,
+                     name=entry.name, version=entry.version, progress=ingest_progress,
+                     force=force)
     for w in res.warnings:
         client.warn(f"{entry.spec}: {w}")
-    if not res.created:  # another process installed it meanwhile
-        return {**out, **_existing(res.version, entry)}
-    return {**out, "status": "installed", "files": res.files,
-            "logical_bytes": res.logical_bytes, "new_blobs": res.new_blobs,
+    if not res.created:  # another process installed it meanwhile (ingest compared digests)
+        return {**out, **_existing(res.version)}
+    return {**out, "status": "replaced" if have is not None else "installed",
+            "files": res.files, "logical_bytes": res.logical_bytes, "new_blobs": res.new_blobs,
             "new_stored_bytes": res.new_stored_bytes, "dedup_files": res.dedup_files,
             "dedup_bytes": res.dedup_bytes, "seconds": round(time.monotonic() - t0, 3),
             "warnings": list(res.warnings)}
 
 
-def _existing(have: VersionInfo, entry: RegistryEntry) -> dict[str, Any]:
-    d: dict[str, Any] = {"status": "already installed", "files": have.file_count,
-                         "logical_bytes": have.logical_size, "new_stored_bytes": 0,
-                         "installed_checksum": have.checksum}
-    if have.checksum and have.checksum != entry.checksum:
-        # same NAME@VERSION, different bytes: the registry republished it; we keep ours
-        d["note"] = f"installed from a different tarball ({have.checksum})"
-    return d
+def _existing(have: VersionInfo) -> dict[str, Any]:
+    return {"status": "already installed", "files": have.file_count,
+            "logical_bytes": have.logical_size, "new_stored_bytes": 0,
+            "installed_checksum": have.checksum}

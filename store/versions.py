@@ -5,6 +5,7 @@
 * ``NAME@1.3`` -> the highest release ``1.3.x``; ``NAME@1`` -> highest ``1.x.y``.
 * ``NAME@1.4.0-beta`` -> exactly that version (semver pre-release spelling accepted).
 Versions that are not semver-like still work when named exactly and sort below all others.
+Names and versions are checked in full (``manifest.check_name``: no trailing newline).
 Pure and thread-safe.
 """
 
@@ -19,7 +20,7 @@ from packaging.version import InvalidVersion, Version
 from .errors import NotFound, UsageError
 from .manifest import check_name
 
-_SEMVER_PRE = re.compile(r"^(\d+(?:\.\d+)*)-([0-9A-Za-z.-]+)$")
+_SEMVER_PRE = re.compile(r"(\d+(?:\.\d+)*)-([0-9A-Za-z.-]+)")  # always fullmatch
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def parse_spec(text: str) -> Spec:
 def parse_version(text: str) -> Version | None:
     """packaging Version for semver-ish text (``1.4.0-beta`` -> 1.4.0b0), None if not one."""
     t = text.strip()
-    m = _SEMVER_PRE.match(t)
+    m = _SEMVER_PRE.fullmatch(t)
     try:
         return Version(f"{m.group(1)}-{m.group(2)}" if m else t)
     except InvalidVersion:

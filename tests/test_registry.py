@@ -100,8 +100,12 @@ def test_a_remote_registry_may_not_point_at_local_files() -> None:
                                         "checksum": "sha256:" + "0" * 64}}}}
     with pytest.raises(RegistryError, match="unsupported scheme"):
         parse_registry(json.dumps(doc).encode(), "http://h/registry.json")
+    # a local registry may name only files in its own directory (test_bounded_input.py)
+    with pytest.raises(RegistryError, match="leaves the registry's directory /srv"):
+        parse_registry(json.dumps(doc).encode(), "file:///srv/registry.json")
+    doc["runtimes"]["a"]["1.0.0"]["download_url"] = "file:///srv/a.tar.gz"
     reg = parse_registry(json.dumps(doc).encode(), "file:///srv/registry.json")
-    assert reg.runtimes["a"]["1.0.0"].download_url == "file:///etc/shadow"
+    assert reg.runtimes["a"]["1.0.0"].download_url == "file:///srv/a.tar.gz"
 
 
 def test_config_files_combine_user_first(tmp_path: Path) -> None:
