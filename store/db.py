@@ -18,7 +18,7 @@ from typing import Any
 import apsw
 
 from . import schema
-from .errors import StoreBusy, StoreError
+from .errors import StoreBusy, StoreError, UnsafeStorePath
 
 INDEX_NAME = "index.db"
 Params = tuple[Any, ...] | dict[str, Any]  # bound parameters only, never string formatting
@@ -149,6 +149,14 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
         flags |= apsw.SQLITE_OPEN_CREATE
     try:
         conn = apsw.Connection(os.fspath(path), flags=flags)
+        # The store is group-writable: an index.db that is a link (planted) would have root
+        # migrate, write and chown files elsewhere. SQLite resolves links once, at open, and
+        # uses that name for the file and its -wal/-shm: refuse unless it is the store's own.
+        if conn.db_filename("main") != os.path.join(os.path.realpath(store_dir), INDEX_NAME):
+            conn.close()
+            raise UnsafeStorePath(f"{path} is a symbolic link: jbl never follows links in the "
+                                  "store", hint="if it is yours, move the file it points to "
+                                  "into its place; else remove it")
         _configure(conn, readonly)
         app = _pragma_int(conn, "application_id")
         if app not in (0, schema.APPLICATION_ID):

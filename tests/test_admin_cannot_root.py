@@ -185,6 +185,10 @@ def test_setup_refuses_a_linked_index_and_changes_nothing(server: Server) -> Non
     assert fingerprint(server.secret) == before
     assert (store2 / "index.db").is_symlink()  # left for the admin to sort out
     assert not leaked(server, r.out, r.err)
+    for args in (["store", "gc"], ["store", "verify"]):  # root's other commands refuse it too
+        r = run_jbl(*args, store=store2)
+        assert_one_line_error(r, 10, f"{store2}/index.db is a symbolic link")
+        assert fingerprint(server.secret) == before and not leaked(server, r.out, r.err)
 
 
 # --- gc -----------------------------------------------------------------------------------
