@@ -178,13 +178,19 @@ def run(args: argparse.Namespace) -> int:
                 # ordinary user's job is covered by the shared mount's own lease instead.
                 writable = can_admin(args.store) and os.access(
                     Path(args.store) / "index.db", os.W_OK)
-                store = stack.enter_context(Store.open(args.store, readonly=not writable))
-                info = store.resolve_installed(args.runtime)
                 if writable:
+                    store = stack.enter_context(Store.open(args.store))
+                    info = store.resolve_installed(args.runtime)
                     stack.enter_context(store.lease(info.id, kind="job"))
+                    name, version = info.name, info.version
+                else:  # ordinary users never open the index: its published summary names it
+                    from jbl.store.snapshot import load as load_summary
+
+                    found = load_summary(args.store).resolve(args.runtime)
+                    name, version = found["name"], found["version"]
                 root = stack.enter_context(view_root(args.store))
-                runtime_dir = Path(root) / info.name / info.version
-                label = f"{info.name}@{info.version}"
+                runtime_dir = Path(root) / name / version
+                label = f"{name}@{version}"
             req = build_request(args, runtime_dir, label)
             quiet = bool(getattr(args, "quiet", False))
             result = run_job(req, note=None if quiet else _note, manifest=manifest)

@@ -3,9 +3,11 @@
 What it puts in place (docs/shared-server.md explains each choice):
 
     admin group      G (default jbl-admin): its members may install, remove and gc
-    STORE            root:G 2775; index.db (+ -wal, -shm kept) root:G 0664; lock 0664;
-                     blobs/ and its 256 shard dirs root:G 2770 (users read runtimes only through
-                     the mount); cache/, run/ root:G 2775. Nothing in it is writable by others.
+    STORE            root:G 2775; index.db (+ -wal, -shm kept), lock, publish.lock root:G 0660
+                     (only admins may open, hence lock, them); public/ root:G 2775 with the
+                     summary everyone else reads; blobs/ and its 256 shard dirs root:G 2770
+                     (users read runtimes only through the mount); cache/, run/ root:G 2775.
+                     Nothing in it is writable by others.
     /etc/fuse.conf   ``user_allow_other``
     units            /etc/systemd/system/jbl-mount.service (jbl mount --foreground --allow-other
                      MOUNTPOINT), jbl-gc.service + jbl-gc.timer (daily ``jbl store gc``)
@@ -49,7 +51,7 @@ _GROUP_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}\$?$")
 
 DIR_MODE = 0o2775     # setgid: files made by any admin stay in the admin group
 BLOB_DIR_MODE = 0o2770  # no access for others: runtimes are read through the mount only
-FILE_MODE = 0o664     # index, lock: admins write, everyone reads (list/info/df)
+FILE_MODE = 0o660     # index, lock: admins only; whoever may open a file may lock it
 
 
 @dataclass
@@ -209,9 +211,10 @@ def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
         plan.step("store index", index, True, "create", create)
     elif not plan.dry:
         # Opening read-write once migrates an old index and, with db.py's persistent WAL,
-        # (re)creates -wal and -shm so non-admin readers can open it.
-        Store.open(store).close()
-    for name in (INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-shm", "lock"):
+        # (re)creates -wal and -shm; publishing rewrites the users' summary only if it differs.
+        with Store.open(store) as opened:
+            opened.publish()
+    for name in (INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-shm", "lock", "publish.lock"):
         p = store / name
         if sfd is None or safepath.lstat(sfd, name) is None:
             if name != "lock" or plan.dry or sfd is None:
@@ -219,7 +222,7 @@ def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
             os.close(safepath.open_file(sfd, name, os.O_WRONLY | os.O_CREAT, FILE_MODE,
                                         shown=str(p)))
         _fix(plan, "store file", p, FILE_MODE, gid, at=sfd)
-    for sub in ("cache", "run"):
+    for sub in ("cache", "run", "public"):
         _mkdir(plan, "store directory", store / sub, DIR_MODE, gid, at=sfd)
     blobs = store / "blobs"
     _mkdir(plan, "blob directory", blobs, BLOB_DIR_MODE, gid, at=sfd)

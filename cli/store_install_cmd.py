@@ -19,8 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jbl.store.access import may_open_index
 from jbl.store.config import RegistrySource, load_config
 from jbl.store.errors import JblError, NotInstalled, PermissionDenied, UsageError
+from jbl.store.snapshot import Summary
+from jbl.store.snapshot import load as load_summary
 from jbl.store.store import Store, VersionInfo
 from jbl.store.units import format_size
 from jbl.store.versions import Spec, parse_spec, sort_versions
@@ -83,6 +86,16 @@ def _open(args: argparse.Namespace, *, write: bool = False,
         raise PermissionDenied(f"cannot {'write' if write or create else 'read'} the store at "
                                f"{args.store}: {e.strerror}",
                                hint="run as root or pass --store DIR") from None
+
+
+def _read(args: argparse.Namespace) -> Store | Summary | None:
+    """What ``list``/``info``/``df`` read: the index for those who may write it, else the
+    published summary (ordinary users never open the index: snapshot.py); None: no store."""
+    if not (Path(args.store) / "index.db").exists():
+        return None
+    if may_open_index(args.store):
+        return _open(args)
+    return load_summary(args.store)
 
 
 def _specs(texts: list[str]) -> list[Spec]:
@@ -160,10 +173,13 @@ def cmd_available(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from jbl.store.report import list_rows
 
-    store = _open(args)
-    rows = [] if store is None else list_rows(store)
-    if store is not None:
-        store.close()
+    store = _read(args)
+    if isinstance(store, Summary):
+        rows = store.list_rows()
+    else:
+        rows = [] if store is None else list_rows(store)
+        if store is not None:
+            store.close()
     if args.json:
         print_json(rows)
         return 0
@@ -182,12 +198,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     from jbl.store.report import info
 
     spec = parse_spec(args.spec)
-    store = _open(args)
+    store = _read(args)
     if store is None:
         raise NotInstalled(f"runtime {spec} is not installed (the store {args.store} is empty)",
                            hint=f"install it with: jbl store install {spec}")
-    with store:
-        d = info(store, store.resolve_installed(spec))
+    if isinstance(store, Summary):
+        d = store.resolve(spec)
+    else:
+        with store:
+            d = info(store, store.resolve_installed(spec))
     if args.json:
         print_json(d)
         return 0
@@ -200,11 +219,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("unique to it", f"{format_size(d['unique_bytes'])} (what removing it frees)"),
         ("installed", _when(d["installed_at"])), ("last used", _when(d["last_used_at"])),
         ("pinned", "yes" if d["pinned"] else "no"),
-        ("in use by", ", ".join(f"{u['kind']} {u['pid']}" for u in d["in_use_by"]) or "-"),
-        ("owners", ", ".join(f"{o['uid']}:{o['gid']} ({o['entries']})" for o in d["owners"])
+        ("in use by", "(shown to admins only)" if d["in_use_by"] is None else
+         ", ".join(f"{u['kind']} {u['pid']}" for u in d["in_use_by"]) or "-"),
+        ("owners", "(shown to admins only)" if d.get("owners") is None else
+         ", ".join(f"{o['uid']}:{o['gid']} ({o['entries']})" for o in d["owners"])
          + " as recorded (the mount shows root:root)"),
         ("source", d["source"]), ("checksum", d["checksum"]),
     ]
+    if d.get("manifest_hidden"):
+        lines.append(("runtime.yml", "not shown: other users may not read it in this version"))
     for m in d["mounts"]:
         lines.append(("mount", f"{m['source']} -> {m['target']}"
                                f"{' (ro)' if m['readonly'] else ' (rw)'}"))
@@ -278,7 +301,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_df(args: argparse.Namespace) -> int:
     from jbl.store.report import disk_usage
 
-    store = _open(args)
+    store = _read(args)
     if store is None:
         d: dict[str, Any] = {"runtimes": 0, "versions": 0, "logical_bytes": 0,
                              "physical_bytes": 0, "ratio": None, "per_runtime": []}
@@ -287,8 +310,11 @@ def cmd_df(args: argparse.Namespace) -> int:
         else:
             print(f"no runtimes installed in {args.store}")
         return 0
-    with store:
-        d = disk_usage(store)
+    if isinstance(store, Summary):
+        d = store.df
+    else:
+        with store:
+            d = disk_usage(store)
     if args.json:
         print_json(d)
         return 0

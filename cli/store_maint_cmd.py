@@ -120,6 +120,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.repair:
         access.require_admin("verify --repair", args.store)
     index = args.store / "index.db"
+    if index.exists() and not access.may_open_index(args.store):
+        # verify reads the index and every blob; neither is open to ordinary users (the
+        # summary they read has no per-file rows to check), so say so in one line.
+        access.require_admin("verify", args.store)
     readonly = index.exists() and not os.access(index, os.W_OK)
     with Store.open(args.store, readonly=readonly and not args.repair) as store:
         total = 0

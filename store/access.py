@@ -2,8 +2,11 @@
 
 The rule (docs/shared-server.md):
 
-* Reading a store (list, info, df, mount, run) needs no check here: the index and the mount
-  are readable by everyone; the kernel decides the rest.
+* Opening the index is for those who may change the store (``may_open_index``): the index,
+  its ``-wal``/``-shm`` and the ``lock`` file are 0660 root:G, because whoever can open a
+  file can lock it and so stall every writer. Everyone else reads the published summary
+  (snapshot.py: list, info, df, and the runtime ``jbl run`` resolves) and the mount, where
+  the kernel enforces file modes.
 * Changing a store (install, import, rm, gc, pin, verify --repair) is allowed to
     - root (euid 0), always;
     - the owner of the store directory, when it is not the system store: a user's own
@@ -18,9 +21,9 @@ The rule (docs/shared-server.md):
   default ``jbl-admin``) and says how to make one (``jbl setup --system``).
 
 This check is the friendly front door, not the lock: jbl is not setuid, so the enforcement is
-the file permissions ``jbl setup --system`` puts on the store (index 0664 root:G, blobs 2770,
-nothing writable by others). The check is written to agree with them exactly, so a user who
-passes it can really write and a user who fails it could not have.
+the file permissions ``jbl setup --system`` puts on the store (index and lock 0660 root:G,
+blobs 2770, nothing writable by others). The check is written to agree with them exactly,
+so a user who passes it can really write and a user who fails it could not have.
 
 Thread-safety: pure functions over the filesystem and the group database; safe anywhere.
 """
@@ -114,6 +117,14 @@ def can_admin(store_dir: Path | str | None = None) -> bool:
             return True
     group = store_admin_group(store)
     return group is not None and in_group(group)
+
+
+def may_open_index(store_dir: Path | str) -> bool:
+    """Should the caller read ``store_dir``'s index itself (rather than its published
+    summary)? Only if it may change the store and write the index: a reader who could not
+    write it must not open it at all (its locks would stall the writers; docs/concurrency.md)."""
+    index = Path(store_dir) / "index.db"
+    return can_admin(store_dir) and os.access(index, os.R_OK | os.W_OK)
 
 
 def command_action(argv: list[str] | None = None) -> str:

@@ -35,6 +35,9 @@ class DB:
     def __init__(self, conn: apsw.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        # Set by a committed write the published summary must reflect (snapshot.py); the
+        # Store refreshes the summary when it closes.
+        self.changed = False
 
     def query(self, sql: str, params: Params = ()) -> list[Row]:
         return list(self.conn.execute(sql, params))
@@ -59,8 +62,11 @@ class DB:
         self.conn.executemany(sql, rows)
 
     @contextmanager
-    def write(self) -> Iterator[DB]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ROLLBACK on any exception)."""
+    def write(self, *, public: bool = True) -> Iterator[DB]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ROLLBACK on any exception).
+
+        ``public=False`` for writes the published summary need not show at once (leases:
+        the mount's lease worker must not pay for a refresh on a user's first ``ls``)."""
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
@@ -68,6 +74,7 @@ class DB:
         try:
             yield self
             self.conn.execute("COMMIT")
+            self.changed = self.changed or public
         except BaseException as e:
             if not self.conn.getautocommit():  # still in the transaction: undo it
                 self.conn.execute("ROLLBACK")
@@ -87,10 +94,11 @@ def _configure(conn: apsw.Connection, readonly: bool) -> None:
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")
         # Keep `-wal` and `-shm` when the last writer closes (SQLite deletes them otherwise):
-        # a user who may not write the store directory can open a WAL index read-only only
-        # while both files exist (SQLite >= 3.22 then reads `-shm` read-only / from heap).
-        # They are created with the index's own mode and owner, so 0664 root:jbl-admin
-        # (docs/shared-server.md). journal_size_limit trims the kept WAL after checkpoints.
+        # an admin-group member who may not write the store directory's files can open a WAL
+        # index read-only only while both exist. SQLite creates them with the index's own
+        # mode and owner (0660 root:jbl-admin, see create_index): nobody else may open them,
+        # so nobody else can hold the locks writers need (docs/concurrency.md).
+        # journal_size_limit trims the kept WAL after checkpoints.
         persist = ctypes.c_int(1)
         conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(persist))
         conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
@@ -115,13 +123,14 @@ def _pragma_int(conn: apsw.Connection, name: str) -> int:
     return value
 
 
-def _migrate(conn: apsw.Connection, path: Path) -> None:
+def _migrate(conn: apsw.Connection, path: Path) -> bool:
+    """Bring the schema up to date; True if it changed anything."""
     current = _pragma_int(conn, "user_version")
     if current > schema.SCHEMA_VERSION:
         raise StoreError(f"store index {path} has schema version {current}, newer than this "
                          f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")
     if current == schema.SCHEMA_VERSION:
-        return
+        return False
     # One IMMEDIATE transaction for all steps: a deferred one that reads user_version and then
     # writes fails at once with BUSY when two processes create the same store concurrently.
     conn.execute("BEGIN IMMEDIATE")
@@ -138,13 +147,35 @@ def _migrate(conn: apsw.Connection, path: Path) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    return True
+
+
+INDEX_MODE = 0o660  # root/owner and the admin group; no one else may open (and so lock) it
+
+
+def create_index(path: Path) -> None:
+    """Make an empty index file with INDEX_MODE before SQLite opens it (SQLite would create
+    it 0644 & ~umask: readable, hence lockable, by everyone). SQLite gives ``-wal`` and
+    ``-shm`` the same mode. An existing file is left alone."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     INDEX_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, INDEX_MODE)  # exact, whatever the umask
+    finally:
+        os.close(fd)
 
 
 def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) -> DB:
     path = Path(store_dir) / INDEX_NAME
     if not path.exists() and not create:
         raise StoreError(f"no jbl store at {store_dir} (install a runtime first, or pass --store)")
+    if create and not readonly:
+        create_index(path)
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    migrated = False
     if create:
         flags |= apsw.SQLITE_OPEN_CREATE
     try:
@@ -167,7 +198,7 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
                 raise StoreError(f"store index {path} has schema version {v}, newer than this "
                                  f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")
         else:
-            _migrate(conn, path)
+            migrated = _migrate(conn, path)
     except apsw.CantOpenError:
         wal = path.with_name(path.name + "-wal")
         if readonly and not wal.exists() and not os.access(path.parent, os.W_OK):
@@ -180,4 +211,6 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
                          f"({'read-only' if readonly else 'read-write'})") from None
     except apsw.NotADBError:
         raise StoreError(f"{path} is not a SQLite database (corrupt store index?)") from None
-    return DB(conn, path)
+    db = DB(conn, path)
+    db.changed = migrated  # a new store: publish its (empty) summary
+    return db

@@ -99,7 +99,7 @@ def record_stored_size(store: Store, version_id: int) -> int:
     return size
 
 
-def _stored_sizes(store: Store, version_id: int | None = None) -> dict[int, int]:
+def stored_sizes(store: Store, version_id: int | None = None) -> dict[int, int]:
     """version id -> stored bytes: the cached column, computed (not saved) where it is NULL."""
     out: dict[int, int] = {}
     sql = "SELECT id, stored_size FROM versions"
@@ -112,40 +112,70 @@ def _stored_sizes(store: Store, version_id: int | None = None) -> dict[int, int]
 
 
 # --- list / info -----------------------------------------------------------------------------
+LIST_KEYS = ("name", "version", "files", "logical_bytes", "stored_bytes", "installed_at",
+             "last_used_at", "pinned")  # a list row: also a subset of every info dict
+
+
 def list_rows(store: Store) -> list[dict[str, Any]]:
-    stored = _stored_sizes(store)
+    stored = stored_sizes(store)
     return [{"name": v.name, "version": v.version, "files": v.file_count,
              "logical_bytes": v.logical_size, "stored_bytes": stored.get(v.id, 0),
              "installed_at": v.installed_at, "last_used_at": v.last_used_at,
              "pinned": v.pinned} for v in store.versions()]
 
 
-def info(store: Store, v: VersionInfo) -> dict[str, Any]:
+def manifest_fields(v: VersionInfo) -> tuple[list[dict[str, Any]], dict[str, str],
+                                             dict[str, Any]]:
+    """(mounts, environment, other fields) of a version's runtime.yml, as info shows them."""
     try:
         m = parse_manifest(v.manifest_text)
-        mounts = [asdict(x) for x in m.mounts]
-        env, extra = dict(m.environment), dict(m.extra)
+        return [asdict(x) for x in m.mounts], dict(m.environment), dict(m.extra)
     except Exception:  # an index from an older jbl with laxer rules: show what we have
-        mounts, env, extra = [], {}, {}
-    kinds: dict[int, int] = dict(store.db.query(
-        # the runtime's own directory (and any top directory above it) is not "in" it
-        "SELECT kind, COUNT(*) FROM entries WHERE version_id = ? AND parent_id IS NOT NULL "
-        "AND id <> ? GROUP BY kind", (v.id, v.root_id)))
-    users = [lease for lease in store.live_leases() if lease[1] == v.id]
+        return [], {}, {}
+
+
+def entry_kinds(store: Store, version_id: int | None = None) -> dict[int, dict[int, int]]:
+    """version id -> {file type: count} of the entries *in* each version (or one version).
+
+    The runtime's own directory (and any top directory above it) is not "in" it.
+    """
+    where, params = ("AND e.version_id = ?", (version_id,)) if version_id is not None else ("", ())
+    out: dict[int, dict[int, int]] = defaultdict(dict)
+    for vid, kind, n in store.db.query(
+            "SELECT e.version_id, e.kind, COUNT(*) FROM entries e JOIN versions v "
+            "ON v.id = e.version_id WHERE e.parent_id IS NOT NULL AND e.id <> v.root_id "
+            f"{where} GROUP BY e.version_id, e.kind", params):
+        out[vid][kind] = n
+    return dict(out)
+
+
+def version_facts(v: VersionInfo, *, kinds: dict[int, int], stored: int,
+                  unique: int) -> dict[str, Any]:
+    """What ``info`` shows of one version apart from its live users: one place for the keys,
+    shared by the live report and the published summary (snapshot.py)."""
+    mounts, env, extra = manifest_fields(v)
     return {
         "name": v.name, "version": v.version, "description": v.description,
         "mounts": mounts, "environment": env, "manifest_extra": extra,
         "files": v.file_count, "directories": kinds.get(stat.S_IFDIR, 0),
         "symlinks": kinds.get(stat.S_IFLNK, 0),
         "logical_bytes": v.logical_size,
-        "stored_bytes": _stored_sizes(store, v.id).get(v.id, 0),
-        "unique_bytes": unique_to_version(store, v.id),
+        "stored_bytes": stored,
+        "unique_bytes": unique,
         "installed_at": v.installed_at, "last_used_at": v.last_used_at,
         "source": v.source, "checksum": v.checksum, "pinned": v.pinned,
-        "in_use_by": [{"kind": kind, "pid": pid} for _, _, kind, pid in users],
-        "owners": recorded_owners(store, v.id),
         "manifest": v.manifest_text,
     }
+
+
+def info(store: Store, v: VersionInfo) -> dict[str, Any]:
+    users = [lease for lease in store.live_leases() if lease[1] == v.id]
+    d = version_facts(v, kinds=entry_kinds(store, v.id).get(v.id, {}),
+                      stored=stored_sizes(store, v.id).get(v.id, 0),
+                      unique=unique_to_version(store, v.id))
+    d["in_use_by"] = [{"kind": kind, "pid": pid} for _, _, kind, pid in users]
+    d["owners"] = recorded_owners(store, v.id)
+    return d
 
 
 def recorded_owners(store: Store, version_id: int) -> list[dict[str, int]]:
@@ -179,10 +209,10 @@ def _du(path: str) -> tuple[int, int, int]:
     return n, size, alloc
 
 
-def disk_usage(store: Store) -> dict[str, Any]:
+def disk_usage(store: Store, share: Sharing | None = None) -> dict[str, Any]:
     installed = store.versions()
     logical = sum(v.logical_size for v in installed)
-    share = sharing(store)
+    share = sharing(store) if share is None else share
     blob_rows, blob_row_bytes = store.db.one(
         "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM blobs") or (0, 0)
     files, apparent, allocated = _du(str(store.blobs.root))

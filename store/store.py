@@ -6,6 +6,10 @@
     STORE/lock            flock: installs hold it SHARED while writing blobs and committing;
                           gc/rm sweeps hold it EXCLUSIVE while deleting rows and unlinking
                           files. So a sweep never races a half-done install (docs/concurrency.md).
+                          Mode 0660 like the index: only those who may write the store can
+                          open it, so no one else can hold it (flock ignores the mode).
+    STORE/public/         the summary users who may not open the index read (snapshot.py);
+                          refreshed when a Store that changed the index closes.
     STORE/cache/          fetched registry indexes (registry.py)
     STORE/run/            mount.log, the mount daemons' log (fusefs/mounttab.py)
 
@@ -15,8 +19,11 @@ another Store per thread/process that needs one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -26,8 +33,8 @@ from typing import Any
 
 from . import versions as versions_mod
 from .blobs import BlobStore
-from .db import DB, open_db
-from .errors import NotInstalled, StoreBusy
+from .db import DB, INDEX_MODE, open_db
+from .errors import NotInstalled, StoreBusy, StoreError
 from .versions import Spec, parse_spec
 
 _VERSION_COLS = ("id, name, version, description, manifest, root_id, state, source, checksum, "
@@ -103,7 +110,27 @@ class Store:
         return cls(store_dir, db, readonly)
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            if not self.readonly and self.db.changed:
+                self.publish()
+        finally:
+            self.db.close()
+
+    def publish(self) -> bool:
+        """Refresh the published summary (snapshot.py) now; True if it changed. A failure is
+        a warning: the change itself is committed, users see it after the next refresh."""
+        from .snapshot import publish
+
+        try:
+            changed = publish(self)
+        except Exception as e:  # the change is committed: never report it as failed
+            logging.getLogger("jbl").warning(
+                "the public summary of %s was not refreshed (%s: %s); users who are not admins "
+                "see the previous state until the next change", self.dir, type(e).__name__, e,
+                exc_info=logging.getLogger("jbl").isEnabledFor(logging.DEBUG))
+            return False
+        self.db.changed = False
+        return changed
 
     def __enter__(self) -> Store:
         return self
@@ -151,8 +178,23 @@ class Store:
     # --- locks --------------------------------------------------------------------------
     @contextmanager
     def _flock(self, mode: int, blocking: bool, what: str) -> Iterator[None]:
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Read-only is enough for flock; O_NOFOLLOW | O_NONBLOCK: a planted link or FIFO is
+        # refused, never followed or waited on.
         try:
+            fd = os.open(self.dir / "lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, INDEX_MODE)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise StoreError(f"{self.dir / 'lock'} is a symbolic link; not following it",
+                             hint="an admin should remove it; jbl recreates it") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{self.dir / 'lock'} is not a regular file",
+                                 hint="an admin should remove it; jbl recreates it")
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != INDEX_MODE:
+                os.fchmod(fd, INDEX_MODE)  # a new lock file: exact mode whatever the umask
             try:
                 fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -177,7 +219,7 @@ class Store:
         pid = os.getpid() if pid is None else pid
         start = proc_starttime(pid) or 0
         now = time.time()
-        with self.db.write():
+        with self.db.write(public=False):
             self.db.execute("INSERT INTO leases(version_id, kind, pid, pid_start, created_at) "
                             "VALUES (?, ?, ?, ?, ?)", (version_id, kind, pid, start, now))
             lease_id = self.db.conn.last_insert_rowid()
@@ -188,8 +230,30 @@ class Store:
         try:
             yield lease_id
         finally:
-            with self.db.write():
+            with self.db.write(public=False):
                 self.db.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+
+    def note_holder(self, lease_id: int, uid: int, pid: int) -> None:
+        """Record who a mount saw using the version of its lease (schema v2 columns)."""
+        with self.db.write():
+            self.db.execute("UPDATE leases SET holder_uid=?, holder_pid=? WHERE id=?",
+                            (uid, pid, lease_id))
+
+    def removed_holders(self) -> list[tuple[str, str, float, str, int, int | None, int | None]]:
+        """Removed versions still held by a live lease: (name, version, removed_at, kind,
+        holder pid, requester uid, requester pid) -- the requester as the mount saw it, None
+        when unknown (a job's own lease, or an index not yet at schema v2, read-only)."""
+        import apsw
+
+        sql = ("SELECT v.name, v.version, v.removed_at, l.kind, l.pid, l.pid_start, {} "
+               "FROM leases l JOIN versions v ON v.id = l.version_id "
+               "WHERE v.state = 'removed' ORDER BY v.name, v.version, l.id")
+        try:
+            rows = self.db.query(sql.format("l.holder_uid, l.holder_pid"))
+        except apsw.SQLError:  # no such column: a v1 index opened read-only
+            rows = self.db.query(sql.format("NULL, NULL"))
+        return [(r[0], r[1], r[2] or 0.0, r[3], r[4], r[6], r[7]) for r in rows
+                if pid_alive(r[4], r[5])]
 
     def live_leases(self) -> list[tuple[int, int, str, int]]:
         """(lease id, version id, kind, pid) of leases whose holder still runs."""

@@ -125,8 +125,10 @@ def test_setup_lays_out_a_least_privilege_store(server: Server) -> None:
     g = server.users.admin_group
     s = server.store
     assert _mode(s) == (0o2775, g, 0)
-    for name in ("index.db", "index.db-wal", "index.db-shm", "lock"):
-        assert _mode(s / name) == (0o664, g, 0), name
+    for name in ("index.db", "index.db-wal", "index.db-shm", "lock", "publish.lock"):
+        assert _mode(s / name) == (0o660, g, 0), name  # no one else may open (so lock) them
+    assert _mode(s / "public") == (0o2775, g, 0)
+    assert stat.S_IMODE((s / "public/summary.json").stat().st_mode) == 0o644
     assert _mode(s / "blobs") == (0o2770, g, 0)
     assert _mode(s / "blobs" / "a7")[:2] == (0o2770, g)
     # nothing in the store is writable by others
@@ -207,7 +209,8 @@ def test_store_internals_are_closed_to_ordinary_users(server: Server) -> None:
     assert sh_as(alice, f"touch {s}/evil").returncode != 0
     assert sh_as(alice, f"ls {s}/blobs").returncode != 0  # runtimes only through the mount
     assert sh_as(alice, f"echo x >> {s}/index.db").returncode != 0
-    assert sh_as(alice, f"test -r {s}/index.db").returncode == 0
+    assert sh_as(alice, f"test -r {s}/index.db").returncode != 0  # the public summary instead
+    assert sh_as(alice, f"test -r {s}/public/summary.json").returncode == 0
     assert not (s / "evil").exists()
 
 
