@@ -71,13 +71,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     engine = args.engine or os.environ.get("JBL_MOUNT_ENGINE") or mount.DEFAULT_ENGINE
     if engine not in mount.ENGINES:
         raise UsageError(f"JBL_MOUNT_ENGINE={engine!r}: use raw or pyfuse3")
+    from jbl.store.config import load_config
+
+    hold = load_config().removed_hold_limit  # a malformed config: one line, exit 2
     if args.foreground:
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
         with contextlib.suppress(KeyboardInterrupt):
-            mount.serve(args.store, mp, allow_other=args.allow_other, engine=engine)
+            mount.serve(args.store, mp, allow_other=args.allow_other, engine=engine,
+                        hold_limit=hold)
         return 0
-    proc = mount.spawn(args.store, mp, allow_other=args.allow_other, engine=engine)
+    proc = mount.spawn(args.store, mp, allow_other=args.allow_other, engine=engine,
+                       hold_limit=hold)
     proc.returncode = 0  # detached on purpose: it outlives us (and Popen must not warn)
     output.note(args, f"mounted {args.store} on {mp} (pid {proc.pid}, {engine} engine; "
                       f"log {mount.log_path(args.store)})")

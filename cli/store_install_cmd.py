@@ -334,6 +334,11 @@ def cmd_df(args: argparse.Namespace) -> int:
     w = max(len(r[1]) for r in rows)
     for label, size, what in rows:
         print(f"{label:<9} {size:>{w}}  {what}")
+    if d.get("removed_held"):
+        from jbl.store.report import held_line
+
+        for h in d["removed_held"]:
+            print(f"held      {held_line(h)}")
     if d["per_runtime"]:
         print()
         emit(args, [{**r, "logical": format_size(r["logical_bytes"]),

@@ -82,8 +82,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     policy = _policy(args)
     if not args.dry_run:
         access.require_admin("gc", args.store)
+    from jbl.store.report import held_line, removed_held
+
     with Store.open(args.store) as store:
         res = gc_mod.collect(store, policy, dry_run=args.dry_run)
+        held = removed_held(store)  # what gc could not free, and who keeps it
     deferred = set(res.deferred)
     rows = [{"version": s.info.spec, "reason": s.reason,
              "last_used": _when(s.info.last_used_at), "installed": _when(s.info.installed_at),
@@ -94,6 +97,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         output.print_json({
             "dry_run": res.dry_run, "policy": res.policy, "versions": rows,
             "removed": res.removed, "deferred": res.deferred, "in_use": res.in_use,
+            "removed_held": held,
             "purged": sw.purged,
             "contents": sw.contents, "blobs": sw.blobs, "orphans": sw.orphans,
             "temp_files": sw.temp_files, "freed_bytes": sw.freed_bytes})
@@ -112,6 +116,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if res.in_use:
         print(f"kept while in use by a job or a mount: {', '.join(res.in_use)} "
               "(a later gc takes them once released)")
+    for h in held:
+        print(f"removed but held: {held_line(h)}")
     return 0
 
 

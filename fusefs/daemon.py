@@ -25,6 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
+from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import ExitCode, JblError
 
 from . import mount
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lock", type=Path)
     p.add_argument("--hold", type=Path)
     p.add_argument("--detach", action="store_true")
+    p.add_argument("--removed-hold-limit", default=None,
+                   help="seconds, or never (config removed_hold_limit, resolved by the CLI)")
     a = p.parse_args(argv)
     # `jbl run` blocks job-control signals before starting a private view (so only its
     # supervisor takes them), and a child inherits the mask across exec: unblock, or the
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.linger is not None and a.lock is not None and a.hold is not None:
             idle = IdleWatch(a.lock, a.hold, a.linger)
         mount.serve(a.store, a.mountpoint, allow_other=a.allow_other, ready=ready,
-                    private=a.private, parent_pid=a.parent_pid, engine=a.engine, idle=idle)
+                    private=a.private, parent_pid=a.parent_pid, engine=a.engine, idle=idle,
+                    hold_limit=_hold_limit(a.removed_hold_limit))
     except JblError as e:
         ready(str(e))
         logging.error("%s", e)
@@ -115,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 a.mountpoint.rmdir()
     return 0
+
+
+def _hold_limit(text: str | None) -> float | None:
+    if text is None:
+        return REMOVED_HOLD_LIMIT
+    return None if text == "never" else float(text)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ Writes go through a separate read-write Store used only from worker threads, one
 of a version does wait for its lease (so gc cannot slip in between the open and the lease);
 a failure to take it is logged and the open goes ahead (serving beats protecting).
 
+Removed versions are not held forever: once a version has been ``removed`` for
+``hold_limit`` seconds (config ``removed_hold_limit``, default 6 h; None = never) the keeper
+drops its lease and takes none for it again, even while the kernel still holds its inode (a
+shell ``cd``'d into it, a process with a file open). The next ``jbl store gc`` then frees it
+and the holder's next access fails (``ENOENT``/``ESTALE``; reads of open files ``EIO``).
+Until then ``store df``/``gc`` name the holder: the raw engine records, on the lease row,
+the uid and pid of the last request it saw for the version (``note_holder``).
+
 Thread-safety: the public methods run on the trio thread; the Store belongs to the workers.
 """
 
@@ -28,27 +36,50 @@ from jbl.store.store import Store
 log = logging.getLogger("jbl.fusefs")
 
 LINGER = 30.0  # seconds a lease outlives the last handle into its version
+Who = tuple[int, int]  # (uid, pid) of a FUSE request
 
 
-def _take_lease(store_dir: Path, store: Store | None, version_id: int
+def _take_lease(store_dir: Path, store: Store | None, version_id: int, who: Who | None = None
                 ) -> tuple[contextlib.ExitStack | None, Store | None]:
     """Both keepers' lease step: open the write connection on first use, take a 'mount'
-    lease. Returns (the lease to close later, or None if refused — logged; the connection)."""
+    lease (noting ``who`` asked). Returns (the lease to close later, or None if refused —
+    logged; the connection). The stack's ``lease_id`` attribute is the row's id."""
     try:
         if store is None:
             store = Store.open(store_dir)
         stack = contextlib.ExitStack()
-        stack.enter_context(store.lease(version_id, "mount"))
+        lease_id = stack.enter_context(store.lease(version_id, "mount"))
+        stack.lease_id = lease_id  # type: ignore[attr-defined]
+        if who is not None:
+            store.note_holder(lease_id, *who)
         return stack, store
     except Exception as e:
         log.warning("could not take a mount lease on version %d: %s", version_id, e)
         return None, store
 
 
+def overdue(store: Store, held: list[int], hold_limit: float | None, now: float) -> list[int]:
+    """The versions among ``held`` removed at least ``hold_limit`` seconds ago."""
+    if hold_limit is None or not held:
+        return []
+    marks = ",".join("?" * len(held))
+    rows = store.db.query(f"SELECT id FROM versions WHERE state='removed' AND removed_at <= ? "
+                          f"AND id IN ({marks})", (now - hold_limit, *held))
+    return sorted(r[0] for r in rows)
+
+
+def check_period(hold_limit: float | None) -> float:
+    """How often a keeper looks for overdue removed versions."""
+    return 3600.0 if hold_limit is None else min(60.0, max(0.5, hold_limit / 4))
+
+
 class LeaseKeeper:
-    def __init__(self, store_dir: Path, linger: float = LINGER) -> None:
+    def __init__(self, store_dir: Path, linger: float = LINGER,
+                 hold_limit: float | None = None) -> None:
         self.store_dir = store_dir
         self.linger = linger
+        self.hold_limit = hold_limit
+        self._expired: set[int] = set()  # removed versions held past hold_limit: never again
         self.counts: dict[int, int] = {}
         self._held: dict[int, contextlib.ExitStack] = {}
         self._pending: dict[int, trio.Event] = {}
@@ -63,7 +94,9 @@ class LeaseKeeper:
             async with trio.open_nursery() as n:
                 self._nursery = n
                 task_status.started()
-                await trio.sleep_forever()
+                while True:
+                    await trio.sleep(check_period(self.hold_limit))
+                    await self._release_overdue()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
@@ -75,9 +108,29 @@ class LeaseKeeper:
     def held(self) -> list[int]:
         return sorted(self._held)
 
+    async def _release_overdue(self) -> None:
+        held = self.held()
+        if self.hold_limit is None or not held or self._store is None:
+            return
+        import time
+
+        store = self._store
+        try:
+            late = await trio.to_thread.run_sync(
+                lambda: overdue(store, held, self.hold_limit, time.time()),
+                limiter=self._limiter)
+        except Exception as e:
+            log.warning("looking for removed versions held too long: %s", e)
+            return
+        for vid in late:
+            log.info("version %d was removed over removed_hold_limit (%gs) ago: releasing it "
+                     "while still in use", vid, self.hold_limit)
+            self._expired.add(vid)
+            await self._drop(vid)
+
     async def acquire(self, version_id: int) -> None:
         self.counts[version_id] = self.counts.get(version_id, 0) + 1
-        if version_id in self._held:
+        if version_id in self._held or version_id in self._expired:
             return
         if trio.current_time() - self._failed.get(version_id, -1e9) < self.linger:
             return  # do not retry (and wait on SQLite) for every open after a failure
@@ -139,29 +192,35 @@ class ThreadLeaseKeeper:
     the held leases belong to the worker.
     """
 
-    def __init__(self, store_dir: Path, linger: float = LINGER) -> None:
+    def __init__(self, store_dir: Path, linger: float = LINGER,
+                 hold_limit: float | None = None) -> None:
         import queue
         import threading
 
         self.store_dir = store_dir
         self.linger = linger
-        self._q: queue.Queue[tuple[str, int, object]] = queue.Queue()
+        self.hold_limit = hold_limit
+        self._q: queue.Queue[tuple[str, int, object, Who | None]] = queue.Queue()
         self._held: dict[int, contextlib.ExitStack] = {}
+        self._who: dict[int, Who] = {}     # version -> the last requester noted on its lease
+        self._expired: set[int] = set()    # removed versions held past hold_limit
         self._drop_at: dict[int, float] = {}
         self._failed: dict[int, float] = {}
         self._store: Store | None = None
         self._thread = threading.Thread(target=self._run, name="jbl-leases", daemon=True)
         self._thread.start()
 
-    def acquire(self, version_id: int, then: Callable[[], None]) -> None:
-        self._q.put(("acquire", version_id, then))
+    def acquire(self, version_id: int, then: Callable[[], None], who: Who | None = None
+                ) -> None:
+        """Hold ``version_id``, then call ``then``; ``who`` (uid, pid) made the request."""
+        self._q.put(("acquire", version_id, then, who))
 
     def release(self, version_id: int) -> None:
-        self._q.put(("release", version_id, None))
+        self._q.put(("release", version_id, None, None))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Drop every lease and close the Store (waits for the worker)."""
-        self._q.put(("stop", 0, None))
+        self._q.put(("stop", 0, None, None))
         self._thread.join(timeout)
 
     def held(self) -> list[int]:
@@ -171,16 +230,20 @@ class ThreadLeaseKeeper:
         import queue
         import time
 
+        next_check = time.monotonic() + check_period(self.hold_limit)
         while True:
             now = time.monotonic()
-            wait = min(self._drop_at.values(), default=now + 3600) - now
+            wait = min(min(self._drop_at.values(), default=now + 3600), next_check) - now
             try:
-                op, vid, then = self._q.get(timeout=max(0.0, wait))
+                op, vid, then, who = self._q.get(timeout=max(0.0, wait))
             except queue.Empty:
                 for v, at in list(self._drop_at.items()):
                     if at <= time.monotonic():
                         del self._drop_at[v]
                         self._drop(v)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + check_period(self.hold_limit)
+                    self._release_overdue()
                 continue
             if op == "stop":
                 for v in list(self._held):
@@ -193,23 +256,61 @@ class ThreadLeaseKeeper:
                     self._drop_at[vid] = time.monotonic() + self.linger
                 continue
             self._drop_at.pop(vid, None)
-            if (vid not in self._held
+            if vid in self._expired:
+                pass  # held past removed_hold_limit: served, never leased again
+            elif (vid not in self._held
                     and time.monotonic() - self._failed.get(vid, -1e9) >= self.linger):
-                stack = self._enter(vid)
+                stack = self._enter(vid, who)
                 if stack is None:
                     self._failed[vid] = time.monotonic()
                 else:
                     self._held[vid] = stack
+                    if who is not None:
+                        self._who[vid] = who
+            elif vid in self._held and who is not None and self._who.get(vid) != who:
+                self._note(vid, who)
             try:
                 then()  # type: ignore[operator]
             except Exception:
                 log.exception("replying after the lease on version %d", vid)
 
-    def _enter(self, version_id: int) -> contextlib.ExitStack | None:
-        stack, self._store = _take_lease(self.store_dir, self._store, version_id)
+    def _enter(self, version_id: int, who: Who | None = None) -> contextlib.ExitStack | None:
+        stack, self._store = _take_lease(self.store_dir, self._store, version_id, who)
         return stack
 
+    def _note(self, version_id: int, who: Who) -> None:
+        """A new requester for a held version: record it on the lease (a rare write: the
+        kernel caches the version's top directory, so few requests reach us for it)."""
+        stack = self._held[version_id]
+        if self._store is None:
+            return
+        try:
+            self._store.note_holder(stack.lease_id, *who)  # type: ignore[attr-defined]
+            self._who[version_id] = who
+        except Exception as e:
+            log.warning("could not note who uses version %d: %s", version_id, e)
+
+    def _release_overdue(self) -> None:
+        import time
+
+        if self._store is None or not self._held:
+            return
+        try:
+            late = overdue(self._store, sorted(self._held), self.hold_limit, time.time())
+        except Exception as e:
+            log.warning("looking for removed versions held too long: %s", e)
+            return
+        for vid in late:
+            who = self._who.get(vid)
+            log.info("version %d was removed over removed_hold_limit (%gs) ago: releasing it "
+                     "although %s still uses it", vid, self.hold_limit,
+                     f"uid {who[0]} pid {who[1]}" if who else "someone")
+            self._expired.add(vid)
+            self._drop_at.pop(vid, None)
+            self._drop(vid)
+
     def _drop(self, version_id: int) -> None:
+        self._who.pop(version_id, None)
         stack = self._held.pop(version_id, None)
         if stack is not None:
             try:

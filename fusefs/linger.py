@@ -20,6 +20,11 @@ either finds the view before the daemon decided (and its SH hold then keeps the 
 or after the daemon is gone. A dead job's locks die with its descriptors: a SIGKILLed
 ``jbl run`` cannot keep the view up beyond one linger after its last touch.
 
+Each of these is opened without following links and without blocking (``O_NOFOLLOW |
+O_NONBLOCK``) and must be a regular file of ours (``fstat``); ``K.current`` is read through
+fusefs/trust.py. Anything else in their place (a FIFO, a link, someone else's file) makes the
+job fall back to a view of its own, never hang or follow it.
+
 The daemon never blocks on these locks (its request loop answers FUSE requests that a job
 holding ``K.lock`` may be waiting for, e.g. ``stat`` of the mount).
 
@@ -30,6 +35,7 @@ plain functions for the caller's main thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -41,7 +47,8 @@ from pathlib import Path
 
 from jbl.store.errors import UsageError
 
-from .mounttab import records_dir
+from . import trust
+from .mounttab import make_dirs, records_dir
 
 ENV = "JBL_VIEW_LINGER"
 DEFAULT_LINGER = 60.0  # seconds a view outlives its last job
@@ -83,15 +90,20 @@ def views_dir() -> Path | None:
     home, someone else's, writable by others): then jobs get a view each, as before."""
     d = records_dir().parent / "views"
     try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(d.parent)
+        d.mkdir(exist_ok=True, mode=0o700)
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             return None
         if st.st_mode & 0o077:
             os.chmod(d, 0o700)
-        return Path(os.path.realpath(d))
     except OSError:
         return None
+    fd = trust.owned_dir(d, os.geteuid())  # and nobody else may write above it
+    if fd is None:
+        return None
+    os.close(fd)
+    return Path(os.path.realpath(d))
 
 
 def view_files(store_dir: Path) -> ViewFiles | None:
@@ -102,8 +114,15 @@ def view_files(store_dir: Path) -> ViewFiles | None:
 
 
 def _open(path: Path) -> int:
-    # O_NOFOLLOW: the directory is ours and 0700, but never follow a planted link anyway
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """An fd on our own regular file ``path`` (created if missing). O_NOFOLLOW|O_NONBLOCK:
+    the directory is ours and 0700, but never follow or wait on what was planted there."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(errno.EPERM, "not a regular file of ours", str(path))
+    return fd
 
 
 @contextlib.contextmanager
@@ -140,9 +159,18 @@ def release_hold(fd: int) -> None:
 
 
 def read_current(files: ViewFiles) -> Path | None:
+    dfd = trust.owned_dir(files.dir, os.geteuid())
+    if dfd is None:
+        return None
     try:
-        text = files.current.read_text().strip()
-    except OSError:
+        data = trust.read_small(dfd, files.current.name, os.geteuid(), limit=8192)
+    finally:
+        os.close(dfd)
+    try:
+        text = (data or b"").decode().strip()
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith("/") or "\0" in text:
         return None
     p = Path(text)
     # only a mountpoint we made: a child of our own views directory with our key

@@ -6,7 +6,8 @@
     status(store_dir)   the live or stale mounts of one store (pid, since, state)
     unmount(mp)         stop the daemon (SIGTERM) or, if it died, detach the stale mount
     view_root(store)    a directory with <name>/<version>/ for the runner: a live `jbl mount`
-                        of that store, else the user's lingering private view of it
+                        of that store by this user or root (``mounttab.usable_views``: never
+                        another user's), else the user's lingering private view of it
                         (fusefs/linger.py), else a private daemon for the caller's lifetime
 
 Which daemon serves which mountpoint is the per-host mount table (fusefs/mounttab.py): each
@@ -34,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import MountError
 from jbl.store.store import Store, pid_alive, proc_starttime
 
@@ -43,10 +45,11 @@ from .linger import IdleWatch
 # re-exported: the names callers (the CLI, the runner, tests) use from the lifecycle module
 from .mounttab import FSTYPE as FSTYPE
 from .mounttab import MountStatus as MountStatus
-from .mounttab import _mount_at, open_log
+from .mounttab import _mount_at, open_log, usable_views
 from .mounttab import answers as answers
 from .mounttab import find as find_record
 from .mounttab import force_unmount as force_unmount
+from .mounttab import fs_source as fs_source
 from .mounttab import is_stale as is_stale
 from .mounttab import jbl_mounts as jbl_mounts
 from .mounttab import log_path as log_path
@@ -95,19 +98,22 @@ def check_mountpoint(mountpoint: Path) -> None:
 def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
           ready: Callable[[str | None], None] | None = None, private: bool = False,
           parent_pid: int | None = None, engine: str = DEFAULT_ENGINE,
-          idle: IdleWatch | None = None) -> None:
+          idle: IdleWatch | None = None,
+          hold_limit: float | None = REMOVED_HOLD_LIMIT) -> None:
     """Mount ``store_dir`` on ``mountpoint`` and serve until SIGTERM/SIGINT or unmount.
 
     ``ready(None)`` is called once requests are being served; ``ready(reason)`` if mounting
     failed (then MountError is raised too). With ``parent_pid``, the mount ends when that
     process does (the runner's per-job view); with ``idle``, once no job has held it for
     ``idle.seconds`` (the lingering view, fusefs/linger.py). ``engine``: "raw" (rawfs.py,
-    /dev/fuse spoken directly) or "pyfuse3" (ops.py)."""
+    /dev/fuse spoken directly) or "pyfuse3" (ops.py). ``hold_limit``: seconds a removed
+    version stays held for whoever still uses it (fusefs/leases.py; None: forever)."""
     if engine not in ENGINES:
         raise MountError(f"unknown mount engine {engine!r}", hint="use raw or pyfuse3")
     if engine == "raw":
         return _serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready,
-                          private=private, parent_pid=parent_pid, idle=idle)
+                          private=private, parent_pid=parent_pid, idle=idle,
+                          hold_limit=hold_limit)
     import pyfuse3
     import trio
     from jbl.store.store import Store
@@ -127,9 +133,9 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         if ready:
             ready(str(e))
         raise
-    leases = LeaseKeeper(store_dir)
+    leases = LeaseKeeper(store_dir, hold_limit=hold_limit)
     ops = JblOperations(View(store), leases)
-    opts = {"fsname=jbl", "subtype=jbl", "ro", "default_permissions"}
+    opts = {f"fsname={fs_source(store_dir)}", "subtype=jbl", "ro", "default_permissions"}
     if allow_other:
         opts.add("allow_other")
     try:
@@ -192,7 +198,8 @@ def _open_store(store_dir: Path, mountpoint: Path,
 
 def _serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
                ready: Callable[[str | None], None] | None, private: bool,
-               parent_pid: int | None, idle: IdleWatch | None) -> None:
+               parent_pid: int | None, idle: IdleWatch | None,
+               hold_limit: float | None) -> None:
     from .rawmount import serve_raw
 
     mountpoint = Path(os.path.realpath(mountpoint))
@@ -205,7 +212,7 @@ def _serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
 
     serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready, private=private,
               parent_pid=parent_pid, store=store, started=started,
-              idle=idle.expired if idle is not None else None)
+              idle=idle.expired if idle is not None else None, hold_limit=hold_limit)
 
 
 async def _until_signal(scope: object) -> None:
@@ -248,7 +255,8 @@ _BOOT = ("import json, site, sys; [site.addsitedir(d) for d in json.loads(sys.ar
 def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
           private: bool = False, timeout: float = READY_TIMEOUT,
           engine: str = DEFAULT_ENGINE, linger: float = 0.0,
-          view: lingermod.ViewFiles | None = None) -> subprocess.Popen[bytes]:
+          view: lingermod.ViewFiles | None = None,
+          hold_limit: float | None = REMOVED_HOLD_LIMIT) -> subprocess.Popen[bytes]:
     """Start a detached daemon serving ``store_dir`` on ``mountpoint``; return it once the
     mount is ready. Its output goes to ``log_path(store_dir)``, never this terminal. A caller
     that outlives the daemon should ``wait()`` for it (it is our child until we exit).
@@ -271,6 +279,7 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
             "--log", str(logp)]
     if allow_other:
         argv.append("--allow-other")
+    argv += ["--removed-hold-limit", "never" if hold_limit is None else repr(hold_limit)]
     if private and view is not None:
         argv += ["--private", "--linger", repr(linger), "--lock", str(view.lock),
                  "--hold", str(view.hold), "--detach"]
@@ -375,15 +384,19 @@ def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
     unmounts when it exits, is interrupted, or this process dies. The caller still takes
     ``store.lease(version_id, "job")`` for the version it uses."""
     store_dir = Path(os.path.realpath(store_dir))
-    for st in status(store_dir):
-        if st.alive and not st.private and os.path.realpath(st.store) == str(store_dir):
-            yield Path(st.mountpoint)
-            return
+    for st in usable_views(store_dir):
+        yield Path(st.mountpoint)
+        return
     engine = engine or os.environ.get("JBL_MOUNT_ENGINE") or DEFAULT_ENGINE
     secs = lingermod.linger_seconds() if linger is None else linger
     view = lingermod.view_files(store_dir) if secs > 0 else None
     if view is not None:
-        hold = _lingering_view(store_dir, view, secs, engine, timeout)
+        try:
+            hold = _lingering_view(store_dir, view, secs, engine, timeout)
+        except OSError as e:  # e.g. something not ours planted as K.lock (linger.py)
+            log.warning("lingering view of %s unusable (%s); using a view for this job",
+                        store_dir, e)
+            hold = None
         if hold is not None:
             fd, mp = hold
             try:
@@ -406,6 +419,7 @@ def _lingering_view(store_dir: Path, view: lingermod.ViewFiles, secs: float, eng
             if old is not None:
                 found = find_record(old)
                 st = found[1] if found else None
+                # find_record checked it against mountinfo (our uid, this store's source)
                 if (st is not None and st.alive and st.private and st.linger > 0
                         and st.uid == os.geteuid() and st.store == str(store_dir)):
                     return fd, old

@@ -15,6 +15,16 @@ must be the device mounted at MNT now, and its ``pid``/``pid_start`` say whether
 still runs. A record is believed only about a process owned by the record's user (a user
 cannot make root signal someone else's process by writing a file).
 
+What a record must be to be believed at all (issue 10; the reading rules are
+fusefs/trust.py): a regular file of at most 64 KiB, owned by the user whose directory holds
+it, in a directory only that user (or root) can write; its fields of the right types; its
+``uid`` that user's. And the mount it names must be what it says: mountinfo shows a
+``fuse.jbl`` mount at its mountpoint whose ``user_id=`` (set by the kernel or fusermount3,
+not by the user) is the record's user and whose source is ``fs_source(store)``, the store
+the record names. A record that fails any of this is skipped, never deleted (it may be
+someone else's). ``usable_views(store)`` goes further for the runner: only the caller's own
+and root's mounts, never another user's, and root's jobs only root's.
+
 States: ``mounted`` (daemon running, mount answers), ``not answering`` (daemon running,
 ``stat`` fails), ``stale`` (the daemon is dead: its pid is gone, or the kernel says the
 connection is gone: ENOTCONN), ``gone`` (neither mount nor daemon: the record is deleted
@@ -32,17 +42,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
 import os
 import pwd
+import re
 import subprocess
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from jbl.store.errors import MountError
 from jbl.store.store import pid_alive
+
+from . import trust
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -50,6 +65,7 @@ FSTYPE = "fuse.jbl"
 MNT_DETACH = 2
 ROOT_RECORDS = Path("/run/jbl/mounts")
 LOG_MAX = 4 << 20  # bytes; one generation (mount.log.1) is kept
+OTHERS_TIMEOUT = 2.0  # seconds for anything on another user's paths or mount (trust.within)
 
 
 @dataclass
@@ -84,6 +100,7 @@ class MountInfo:
     fstype: str
     dev: str              # major:minor
     uid: int | None       # FUSE's user_id= (who mounted it), None for other filesystems
+    source: str = ""      # the mount source (FUSE: fsname); jbl's is fs_source(store)
 
 
 def _mountinfo() -> list[MountInfo]:
@@ -92,13 +109,27 @@ def _mountinfo() -> list[MountInfo]:
         for line in f:
             left, _, right = line.partition(" - ")
             fields_ = left.split()
-            fstype, _src, opts = (right.split() + ["", ""])[:3]
+            fstype, src, opts = (right.split() + ["", ""])[:3]
             uid = None
             for o in opts.split(","):
                 if o.startswith("user_id="):
                     uid = int(o[8:])
-            out.append(MountInfo(_unescape(fields_[4]), fstype, fields_[2], uid))
+            out.append(MountInfo(_unescape(fields_[4]), fstype, fields_[2], uid,
+                                 _unescape(src)))
     return out
+
+
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@-]{0,200}")
+
+
+def fs_source(store_dir: Path | str) -> str:
+    """The mount source (fsname) of a jbl mount of ``store_dir`` (its real path): how
+    mountinfo says which store a mount serves. A path with characters mount options or
+    mountinfo would mangle (``,``, spaces, ...) or a long one is named by its hash."""
+    path = os.fspath(store_dir)
+    if _PLAIN_PATH.fullmatch(path):
+        return f"jbl:{path}"
+    return "jbl:sha256:" + hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
 
 
 def mount_info(mountpoint: Path | str) -> MountInfo | None:
@@ -248,10 +279,24 @@ def open_log(path: Path) -> int:
 
 
 # --- records -----------------------------------------------------------------------------
+def make_dirs(d: Path, mode: int = 0o755) -> None:
+    """``mkdir -p`` giving each directory it creates exactly ``mode`` (not what the umask
+    leaves): a group-writable component would make every record below it untrusted."""
+    missing = []
+    p = d
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=mode)
+            os.chmod(p, mode)
+
+
 def write_record(st: MountStatus) -> Path:
     """Record a mount that is up (atomically; 0644 so other users can find root's)."""
     d = records_dir()
-    d.mkdir(parents=True, exist_ok=True, mode=0o755)
+    make_dirs(d)
     path = record_path(st.mountpoint, d)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = asdict(st)
@@ -269,55 +314,136 @@ def _proc_uid(pid: int) -> int | None:
         return None
 
 
-def _load(path: Path, owner: int, mounts: dict[str, MountInfo]) -> MountStatus | None:
-    """Read a record and work out its state; delete it if it is ``gone``."""
+# field -> the types a record may give it (bool is an int to Python: checked first)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "mountpoint": (str,), "store": (str,), "pid": (int,), "pid_start": (int,),
+    "since": (int, float), "allow_other": (bool,), "private": (bool,), "engine": (str,),
+    "dev": (str,), "uid": (int,), "linger": (int, float),
+}
+_REQUIRED = {"mountpoint", "store", "pid", "pid_start", "since", "allow_other", "private"}
+
+
+def parse_record(data: bytes) -> MountStatus | None:
+    """A record's fields, or None unless every one has its type and the paths are absolute
+    (a record is another process's word: nothing in it is taken on trust)."""
     try:
-        raw = json.loads(path.read_text())
-        names = {f.name for f in fields(MountStatus)} - {"alive", "state"}
-        st = MountStatus(**{k: v for k, v in raw.items() if k in names})
-    except (OSError, ValueError, TypeError):
+        raw = json.loads(data)
+    except (ValueError, RecursionError):
         return None
-    # A process that is not the record's user's is not its daemon (pid reuse, or a forgery).
+    if not isinstance(raw, dict) or not raw.keys() >= _REQUIRED:
+        return None
+    vals: dict[str, Any] = {}
+    for k, types in _TYPES.items():
+        if k not in raw:
+            continue
+        v = raw[k]
+        if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
+            return None
+        vals[k] = v
+    for k in ("mountpoint", "store"):
+        if not vals[k].startswith("/") or "\0" in vals[k] or len(vals[k]) > 4096:
+            return None
+    if vals["pid"] <= 0:
+        return None
+    return MountStatus(**vals)
+
+
+def _load(dfd: int, name: str, owner: int, mounts: dict[str, MountInfo]) -> MountStatus | None:
+    """Read the record ``name`` in the directory ``dfd`` of ``owner`` and work out its
+    state; None if it is not to be believed (module docstring). A ``gone`` record in our
+    own directory is deleted."""
+    data = trust.read_small(dfd, name, owner)
+    st = None if data is None else parse_record(data)
+    if st is None or st.uid != owner:
+        return None
+    # A process that is not the record's user's is not its daemon (pid reuse, or a forgery);
+    # a pid we cannot see (hidepid) is not running either.
     running = pid_alive(st.pid, st.pid_start) and _proc_uid(st.pid) == owner
     m = mounts.get(st.mountpoint)
     mounted = m is not None and m.fstype == FSTYPE and (not st.dev or m.dev == st.dev)
     if not mounted:
         st.state = "gone"
-        if not running:  # neither daemon nor mount: nothing will ever clean this up but us
+        if not running and owner == os.geteuid():
+            # neither daemon nor mount: nothing will ever clean this up but us
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(name, dir_fd=dfd)
         return st
-    probe = _probe(st.mountpoint)
+    assert m is not None
+    if m.uid != owner or m.source != fs_source(st.store):
+        return None  # the mount there is not the one the record describes
+    probe = _probe(st.mountpoint) if owner in (0, os.geteuid()) else \
+        trust.within(OTHERS_TIMEOUT, lambda: _probe(st.mountpoint))
     if not running or probe == errno.ENOTCONN:
         st.state = "stale"
-    elif probe in (0, errno.EACCES):  # EACCES: a user's mount without allow_other (to root)
+    elif probe == 0:
         st.state, st.alive = "mounted", True
-    else:
+    elif probe == errno.EACCES:  # a user's mount without allow_other (to root): not usable
+        st.state = "mounted"
+    else:  # an errno, or None: no answer within OTHERS_TIMEOUT
         st.state = "not answering"
     return st
+
+
+def _read_dir(d: Path, uid: int, mounts: dict[str, MountInfo],
+              only: str | None = None) -> list[MountStatus]:
+    """The believable records in ``d`` (a directory of ``uid``); ``only``: that name."""
+    dfd = trust.owned_dir(d, uid)
+    if dfd is None:
+        return []
+    try:
+        wanted = [only] if only is not None else trust.names(dfd, "mount-", ".json")
+        return [st for n in wanted if (st := _load(dfd, n, uid, mounts)) is not None]
+    finally:
+        os.close(dfd)
+
+
+def _records_of(uid: int, mounts: dict[str, MountInfo],
+                only: str | None = None) -> list[tuple[Path, MountStatus]]:
+    """(path, record) of every record ``uid``'s daemons left; another user's paths are read
+    under a deadline (their home may be on a FUSE mount that never answers)."""
+    def read() -> list[tuple[Path, MountStatus]]:
+        out = []
+        for d in _dirs_of(uid):
+            for st in _read_dir(d, uid, mounts, only):
+                out.append((record_path(st.mountpoint, d), st))
+        return out
+
+    if uid in (0, os.geteuid()):
+        return read()
+    return trust.within(OTHERS_TIMEOUT, read) or []
 
 
 def records(uids: set[int] | None = None) -> list[MountStatus]:
     """Every live or stale mount recorded by the daemons of ``uids`` (default: ours and
     root's; as root, also those of every user who has a jbl mount now). ``gone`` records
-    are pruned, not returned."""
+    are pruned (our own) or skipped, never returned."""
     mounts = {m.mountpoint: m for m in _mountinfo()}
     if uids is None:
         uids = {0, os.geteuid()}
         if os.geteuid() == 0:
             uids |= {m.uid for m in mounts.values() if m.fstype == FSTYPE and m.uid is not None}
-    out: list[MountStatus] = []
-    seen: set[Path] = set()
+    out: dict[tuple[int, str], MountStatus] = {}
     for uid in sorted(uids):
-        for d in _dirs_of(uid):
-            if d in seen:
-                continue
-            seen.add(d)
-            for p in sorted(d.glob("mount-*.json")) if d.is_dir() else ():
-                st = _load(p, uid, mounts)
-                if st is not None and st.state != "gone":
-                    out.append(st)
-    return sorted(out, key=lambda s: s.since)
+        for _p, st in _records_of(uid, mounts):
+            if st.state != "gone":
+                out.setdefault((uid, st.mountpoint), st)
+    return sorted(out.values(), key=lambda s: s.since)
+
+
+def usable_views(store_dir: Path | str) -> list[MountStatus]:
+    """The live, shared (not private) mounts of ``store_dir`` a job of this user may use:
+    its own and root's (root's only when they allow other users, for a user), never another
+    user's; root's jobs use root's alone. Checked against mountinfo by ``_load``."""
+    real = os.path.realpath(store_dir)
+    me = os.geteuid()
+    out = []
+    for st in records({0, me}):
+        if not st.alive or st.private or st.store != real:
+            continue
+        if st.uid != me and not (st.uid == 0 and st.allow_other):
+            continue
+        out.append(st)
+    return out
 
 
 def unrecorded() -> list[MountStatus]:
@@ -325,15 +451,18 @@ def unrecorded() -> list[MountStatus]:
     record root cannot find): daemon unknown, state from the mount alone."""
     known = {s.mountpoint for s in records()}
     out = []
+    me = os.geteuid()
     for m in _mountinfo():
         if m.fstype != FSTYPE or m.mountpoint in known:
             continue
         st = MountStatus(m.mountpoint, "?", 0, 0, 0.0, False, False, "?", m.dev,
                          -1 if m.uid is None else m.uid)
-        probe = _probe(m.mountpoint)
-        st.alive = probe in (0, errno.EACCES)
+        mp = m.mountpoint
+        probe = _probe(mp) if m.uid in (0, me) else \
+            trust.within(OTHERS_TIMEOUT, functools.partial(_probe, mp))
+        st.alive = probe == 0
         st.state = ("stale" if probe == errno.ENOTCONN
-                    else "mounted" if st.alive else "not answering")
+                    else "mounted" if probe in (0, errno.EACCES) else "not answering")
         out.append(st)
     return out
 
@@ -346,11 +475,9 @@ def find(mountpoint: Path | str) -> tuple[Path, MountStatus] | None:
     if m is not None and m.uid is not None:
         uids.add(m.uid)
     mounts = {mp: m} if m is not None else {}
+    name = record_path(mp, Path("/")).name
     for uid in sorted(uids, key=lambda u: u != (m.uid if m else -1)):  # the owner's first
-        for d in _dirs_of(uid):
-            p = record_path(mp, d)
-            if p.exists() and (st := _load(p, uid, mounts)) is not None:
-                if st.state == "gone":
-                    continue
+        for p, st in _records_of(uid, mounts, only=name):
+            if st.state != "gone" and st.mountpoint == mp:
                 return p, st
     return None

@@ -104,6 +104,7 @@ class RawFS:
         self.stopping = False
         self.initialized = False
         self.tick: Callable[[], None] | None = None  # extra periodic work (parent watch)
+        self.requester = (0, 0)  # (uid, pid) of the request being handled: noted on leases
         self._notes: queue.Queue[bytes | None] = queue.Queue()
         self._notifier = threading.Thread(target=self._notify_loop, name="jbl-notify",
                                           daemon=True)
@@ -169,7 +170,8 @@ class RawFS:
             self.pool.shutdown(wait=True, cancel_futures=False)
 
     def dispatch(self, req: memoryview) -> None:
-        length, op, unique, nodeid, _uid, _gid, _pid, _ext, _pad = K.IN_HEADER.unpack_from(req)
+        length, op, unique, nodeid, uid, _gid, pid, _ext, _pad = K.IN_HEADER.unpack_from(req)
+        self.requester = (uid, pid)
         name = self._names.get(op, str(op))
         self.stats[name] = self.stats.get(name, 0) + 1
         quick = self._quick.get(op)
@@ -274,8 +276,8 @@ class RawFS:
         """Reply ``payload`` once the lease worker holds every version in ``vids``."""
         assert self.leases is not None
         for vid in vids[:-1]:
-            self.leases.acquire(vid, lambda: None)
-        self.leases.acquire(vids[-1], lambda: self.reply(unique, payload))
+            self.leases.acquire(vid, lambda: None, self.requester)
+        self.leases.acquire(vids[-1], lambda: self.reply(unique, payload), self.requester)
 
     # --- handlers -----------------------------------------------------------------------
     def op_init(self, unique: int, nodeid: int, body: memoryview) -> bytes:

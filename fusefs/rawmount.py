@@ -5,7 +5,8 @@
                                      a socketpair (``_FUSE_COMMFD``, SCM_RIGHTS)
     serve_raw(...)                 the raw engine's counterpart of ``mount.serve``
 
-The mount is ``fuse.jbl`` with source ``jbl`` (what ``mount.status`` looks for), MS_RDONLY |
+The mount is ``fuse.jbl`` with source ``mounttab.fs_source(store)`` (how discovery checks that
+a mount serves the store its record names), MS_RDONLY |
 MS_NOSUID | MS_NODEV, ``default_permissions`` (the kernel checks modes), ``allow_other`` on
 request.
 
@@ -35,7 +36,7 @@ log = logging.getLogger("jbl.fusefs")
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 
 
-def fuse_mount(mountpoint: Path, allow_other: bool) -> int:
+def fuse_mount(mountpoint: Path, allow_other: bool, source: str = "jbl") -> int:
     """Mount a new FUSE connection on ``mountpoint``; return its /dev/fuse fd."""
     mp = os.fsencode(mountpoint)
     if os.geteuid() == 0:
@@ -43,7 +44,7 @@ def fuse_mount(mountpoint: Path, allow_other: bool) -> int:
         opts = (f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},"
                 "default_permissions" + (",allow_other" if allow_other else ""))
         libc = ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library forks ldconfig
-        if libc.mount(b"jbl", mp, b"fuse.jbl", MS_RDONLY | MS_NOSUID | MS_NODEV,
+        if libc.mount(os.fsencode(source), mp, b"fuse.jbl", MS_RDONLY | MS_NOSUID | MS_NODEV,
                       opts.encode()) != 0:
             e = ctypes.get_errno()
             os.close(fd)
@@ -51,7 +52,7 @@ def fuse_mount(mountpoint: Path, allow_other: bool) -> int:
         return fd
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        opts = "ro,nosuid,nodev,default_permissions,fsname=jbl,subtype=jbl"
+        opts = f"ro,nosuid,nodev,default_permissions,fsname={source},subtype=jbl"
         if allow_other:
             opts += ",allow_other"
         r = subprocess.run(["fusermount3", "-o", opts, "--", os.fsdecode(mp)],
@@ -78,7 +79,8 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
               ready: Callable[[str | None], None] | None, private: bool,
               parent_pid: int | None, store: Store,
               started: Callable[[], Callable[[], None]],
-              idle: Callable[[], bool] | None = None) -> None:
+              idle: Callable[[], bool] | None = None,
+              hold_limit: float | None = None) -> None:
     """Mount with the raw engine and serve until SIGTERM/SIGINT/SIGHUP, unmount, the
     death of ``parent_pid``, or ``idle()`` saying so (checked once per tick: the lingering
     view, fusefs/linger.py). ``started()`` (mount.py: status file) is called once mounted
@@ -86,12 +88,12 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     from jbl.store.view import View
 
     from .leases import ThreadLeaseKeeper
-    from .mounttab import _mount_at, force_unmount
+    from .mounttab import _mount_at, force_unmount, fs_source
     from .rawfs import RawFS
 
     try:
         fs = RawFS(View(store), -1)
-        fs.fd = fuse_mount(mountpoint, allow_other)
+        fs.fd = fuse_mount(mountpoint, allow_other, fs_source(store_dir))
     except Exception as e:
         store.close()
         if ready:
@@ -99,7 +101,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
         raise
     fd = fs.fd
     our_dev = (_mount_at(mountpoint) or ("", ""))[1]
-    leases = fs.leases = ThreadLeaseKeeper(store_dir)
+    leases = fs.leases = ThreadLeaseKeeper(store_dir, hold_limit=hold_limit)
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(w)
 

@@ -14,6 +14,8 @@ Keys::
       - {name: lab, url: /srv/runtimes}          # a dir holding registry.json, or a file
     store: /var/lib/jbl          # default for --store (after --store and JBL_STORE)
     gc: {...}                    # retention policy; read by store/gc, passed through as a dict
+    removed_hold_limit: 6h       # how long a mount keeps holding a removed version someone
+                                 # still has open or cd'd into (fusefs/leases.py); never = no limit
     download: {...}              # download bounds; read by store/registry (DownloadSettings)
 
 How files combine: ``registries`` lists are concatenated, the user's first (so a user can put
@@ -44,7 +46,8 @@ from .errors import UsageError
 SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
 ENV_CONFIG = "JBL_CONFIG"
 CONFIG_BOUNDS = Bounds(max_bytes=1 << 20, max_depth=32, max_nodes=100_000, allow_aliases=True)
-_KNOWN = {"registries", "store", "gc", "download"}
+_KNOWN = {"registries", "store", "gc", "download", "removed_hold_limit"}
+REMOVED_HOLD_LIMIT = 6 * 3600.0  # seconds; the default of removed_hold_limit
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
     # registry.DownloadSettings keys: key -> (value, the file that set it, for messages)
     download: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    removed_hold_limit: float | None = REMOVED_HOLD_LIMIT  # seconds; None = never released
 
 
 def config_paths(env: Mapping[str, str] | None = None) -> list[Path]:
@@ -150,6 +154,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     gc: dict[str, Any] = {}
     download: dict[str, tuple[Any, str]] = {}
     extra: dict[str, Any] = {}
+    hold: float | None = REMOVED_HOLD_LIMIT
     read: list[Path] = []
     for path in config_paths(env):
         doc = _load_file(path)
@@ -176,6 +181,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             if not isinstance(doc["download"], dict):
                 raise UsageError(f"config {path}: 'download' must be a mapping")
             download.update({k: (v, str(path)) for k, v in doc["download"].items()})
+        if doc.get("removed_hold_limit") is not None:
+            hold = _hold_limit(doc["removed_hold_limit"], path)
         extra.update({k: v for k, v in doc.items() if k not in _KNOWN})
     seen: set[str] = set()
     unique = []
@@ -183,4 +190,21 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         if r.url not in seen:
             seen.add(r.url)
             unique.append(r)
-    return Config(tuple(unique), store, gc, tuple(read), extra, download=download)
+    return Config(tuple(unique), store, gc, tuple(read), extra, download=download,
+                  removed_hold_limit=hold)
+
+
+def _hold_limit(value: Any, path: Path) -> float | None:
+    """``removed_hold_limit``: a duration (``90s``, ``6h``; a bare number is seconds) or
+    ``never``."""
+    from .units import parse_duration
+
+    if isinstance(value, str) and value.strip().lower() == "never":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise UsageError(f"config {path}: 'removed_hold_limit' must be a duration or never")
+    secs = float(value) if not isinstance(value, str) else \
+        parse_duration(value, what=f"removed_hold_limit in {path}")
+    if not secs >= 0 or secs == float("inf"):
+        raise UsageError(f"config {path}: 'removed_hold_limit' must be 0 or more")
+    return secs

@@ -243,5 +243,32 @@ def disk_usage(store: Store, share: Sharing | None = None) -> dict[str, Any]:
         "unreferenced_bytes": max(blob_row_bytes - share.referenced_bytes, 0)
         + max(apparent - blob_row_bytes, 0),
         "removed_in_use_versions": removed,
+        "removed_held": removed_held(store),
         "per_runtime": sorted(per_runtime.values(), key=lambda r: -r["unique_bytes"]),
     }
+
+
+def removed_held(store: Store) -> list[dict[str, Any]]:
+    """Removed versions a live lease still keeps from gc, each with who holds it: ``kind``
+    and ``holder_pid`` of the lease, and for a mount the ``uid``/``pid`` of the last request
+    it saw for the version (None when unknown). A mount lets go at ``removed_hold_limit``."""
+    return [{"version": f"{n}@{v}", "removed_at": at, "kind": kind, "holder_pid": hpid,
+             "uid": uid, "pid": pid}
+            for n, v, at, kind, hpid, uid, pid in store.removed_holders()]
+
+
+def held_line(h: dict[str, Any]) -> str:
+    """One line for a ``removed_held`` item, for people."""
+    import datetime as dt
+    import pwd
+
+    when = dt.datetime.fromtimestamp(h["removed_at"]).isoformat(sep=" ", timespec="minutes")
+    if h["uid"] is not None:
+        try:
+            user = f"{pwd.getpwuid(h['uid']).pw_name} (uid {h['uid']})"
+        except KeyError:
+            user = f"uid {h['uid']}"
+        who = f"{user}, pid {h['pid']}, through the mount of pid {h['holder_pid']}"
+    else:
+        who = f"the {h['kind']} of pid {h['holder_pid']}"
+    return f"{h['version']} (removed {when}) is still held by {who}"

@@ -109,6 +109,13 @@ CREATE TABLE leases (                  -- live users of a version: gc roots
 CREATE INDEX leases_by_version ON leases(version_id);
 """
 
+# v2: who a mount saw using a version it holds, so `store df`/`gc` can name whoever keeps a
+# removed version alive (fusefs/leases.py). NULL for other leases: the holder is ``pid``.
+_V2 = """
+ALTER TABLE leases ADD COLUMN holder_uid INTEGER;  -- last requester's uid (FUSE header)
+ALTER TABLE leases ADD COLUMN holder_pid INTEGER;  -- last requester's pid (FUSE header)
+"""
+
 # MIGRATIONS[i] upgrades user_version i -> i + 1.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
