@@ -57,6 +57,13 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     j.add_argument("--volume", metavar="HOST:JOB[:ro]", action="append", default=[],
                    help="share a host directory with the job (repeatable)")
     j.add_argument("--user", metavar="NAME", help="run the job as this user (root only)")
+    t = j.add_mutually_exclusive_group()
+    t.add_argument("--tty", dest="terminal", action="store_const", const="tty",
+                   help="give the job a fresh pseudo-terminal (default when stdin and stdout "
+                        "are terminals)")
+    t.add_argument("--no-tty", dest="terminal", action="store_const", const="pipes",
+                   help="no pseudo-terminal: stdout and stderr stay apart")
+    p.set_defaults(terminal="auto")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
     p.set_defaults(func=run, exit_now=True)  # nothing left to clean up after run(): cli/main
 
@@ -146,7 +153,7 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str) -> An
         uploads=tuple(Path(u) for u in args.upload), volumes=parse_volumes(args.volume),
         limits=parse_limits(args), timeout=timeout, kill_after=kill_after, user=args.user,
         require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
-        runtime_label=label)
+        runtime_label=label, terminal=args.terminal)
 
 
 # ---- the command --------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 ``build_plan(req, manifest, rootfs_entries, ids)`` turns a :class:`JobRequest` into a
 :class:`Plan`: a tuple of small frozen steps in bubblewrap's fixed order ::
 
-    NoNewPrivs, JoinCgroup, Unshare, IdMap,          (helper, in the host PID namespace)
+    NewSession, NoNewPrivs, JoinCgroup, Unshare, IdMap,  (helper, in the host PID namespace)
     ForkInit,                                          (-> PID 1 of the new PID namespace)
     RootTmpfs, Bind/BindRO/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
     ProtectProc, RootReadonly, PivotRoot, Hostname,
     ForkJob,                                           (-> the job's process)
-    SetUser (drops the bounding set first), DropCaps, Env, Chdir, Exec
+    NewSession (its own, with its pty as controlling terminal when it has one),
+    SetUser (drops the bounding set first), NewKeyring, DropCaps, Env, Chdir, Exec
 
 Paths in steps: ``source`` is a host path, ``target`` a path inside the job. The plan goes
 to the sandbox helper as ``marshal`` data (``Plan.to_wire``); the helper (``sandbox.py``)
@@ -29,6 +30,9 @@ from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 from jbl.store.errors import UsageError
 from jbl.store.manifest import Manifest
 
+# "tty" is the device 5:0, "my controlling terminal", resolved per process at open: the job
+# is in its own session, so it opens the job's own pty, or fails with ENXIO when it has none.
+# It never names the caller's terminal (bubblewrap binds the same node).
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 # Top-level names of a runtime's rootfs that a job always gets fresh (never the runtime's).
 JOB_OWNED = frozenset({"proc", "dev", "tmp"})
@@ -80,6 +84,9 @@ class JobRequest:
     user: str | None = None  # root only: run the job as this user
     require_limits: bool = False  # unenforceable limits are an error instead of a note
     runtime_label: str = ""  # "name@version" for messages and --json
+    # auto: a fresh pty when the caller's stdin and stdout are both terminals; tty: always;
+    # pipes: never (runner/stdio.py). Either way the job never gets the caller's terminal.
+    terminal: Literal["auto", "tty", "pipes"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ class RootfsEntry:
 # ``step`` builds the same behaviour (positional/keyword __init__ with defaults, frozen,
 # __eq__/__hash__ by type and values, __repr__) from shared generic methods, because
 # ``@dataclass`` compiles six methods per class with ``exec``: ~0.45 ms a class, ~11 ms for
-# the 24 steps, on the start-up path of every job (docs/runner.md, "Start-up").
+# the 26 steps, on the start-up path of every job (docs/runner.md, "Start-up").
 
 _S = TypeVar("_S")
 
@@ -179,6 +186,14 @@ class Step(_FrozenRecord):
             v = getattr(self, name)
             d[name] = list(v) if isinstance(v, tuple) else v
         return d
+
+
+@step
+class NewSession(Step):
+    """setsid(): out of the caller's session and process group (no signal, no TIOCSTI back
+    into them); with ``ctty`` the job's fd 0, a fresh pty, becomes its controlling tty."""
+    op = "new_session"
+    ctty: bool = False
 
 
 @step
@@ -316,6 +331,12 @@ class SetUser(Step):
 
 
 @step
+class NewKeyring(Step):
+    """A new, empty session keyring: the caller's (Kerberos caches, tokens) stays out of reach."""
+    op = "new_keyring"
+
+
+@step
 class DropCaps(Step):
     op = "drop_caps"
 
@@ -377,16 +398,17 @@ def _under(path: str, top: str) -> bool:
 
 def build_plan(req: JobRequest, manifest: Manifest,
                rootfs_entries: Mapping[str, Sequence[RootfsEntry]], ids: Ids,
-               host_env: Mapping[str, str] | None = None) -> Plan:
+               host_env: Mapping[str, str] | None = None, ctty: bool = False) -> Plan:
     """The whole setup of one job. ``rootfs_entries`` maps each manifest mount source whose
-    target is ``/`` to its top-level entries (the caller lists the directory)."""
+    target is ``/`` to its top-level entries (the caller lists the directory). ``ctty``: the
+    job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal."""
     if not req.argv:
         raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
     workdir = clean_job_path(req.workdir, "--workdir")
     if workdir == "/" or any(_under(workdir, "/" + n) for n in JOB_OWNED):
         raise UsageError(f"invalid --workdir {workdir!r}: must not be /, /proc, /dev or /tmp")
     rt = Path(req.runtime_dir)
-    steps: list[Step] = [NoNewPrivs(), JoinCgroup(),
+    steps: list[Step] = [NewSession(), NoNewPrivs(), JoinCgroup(),
                          Unshare(user=ids.userns, net=req.network == "none")]
     if ids.userns:
         steps.append(IdMap(ids.euid, ids.egid))
@@ -427,12 +449,13 @@ def build_plan(req: JobRequest, manifest: Manifest,
         steps.append(LoopbackUp())
     if not ids.userns:
         steps.append(ProtectProc())
-    steps += [RootReadonly(), PivotRoot(), Hostname(req.job_id), ForkJob()]
+    steps += [RootReadonly(), PivotRoot(), Hostname(req.job_id), ForkJob(), NewSession(ctty)]
     if ids.job_uid is not None:  # before DropCaps: setuid needs CAP_SETUID
         steps.append(SetUser(ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid,
                              ids.job_groups))
-    steps += [DropCaps(), Env(job_env(req, manifest, workdir, host_env)), Chdir(workdir),
-              Exec(tuple(req.argv))]
+    # after SetUser, so the new keyring belongs to the job's user
+    steps += [NewKeyring(), DropCaps(), Env(job_env(req, manifest, workdir, host_env)),
+              Chdir(workdir), Exec(tuple(req.argv))]
     return Plan(tuple(steps), req.limits, req.job_id)
 
 

@@ -8,10 +8,12 @@ the steps in order. Three processes come out of it::
 
     helper (host PID ns) --ForkInit--> init (PID 1: mounts, pivot_root) --ForkJob--> job (exec)
 
-The helper and init stay behind as relays: they forward signals that did not come from the
-terminal (``si_code != SI_KERNEL``: the job, in the same foreground process group, already got
-those) and exit with the status of their child (128+N for a signal). Both die with their
-parent (``PR_SET_PDEATHSIG``); when init dies the kernel kills everything in the PID namespace.
+The helper and init stay behind as relays: they forward the signals in FORWARD to their child
+and exit with its status (128+N for a signal). Both die with their parent
+(``PR_SET_PDEATHSIG``); when init dies the kernel kills everything in the PID namespace. The
+helper leaves the caller's session first and the job makes its own (``new_session``), so no
+terminal signals either of them directly and nothing in the job can signal the caller's
+process group: every signal the job gets comes through ``jbl`` (or its own pty).
 
 A failing step writes one line ``<step>: <strerror>`` to STATUS_FD and exits with status 12;
 STATUS_FD is close-on-exec, so a successful ``execve`` of the job closes it with nothing written.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import _signal
 import ctypes
+import errno
 import fcntl
 import gc
 import marshal
@@ -44,9 +47,10 @@ ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
             (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
 PR_SET_PDEATHSIG, PR_CAPBSET_READ, PR_CAPBSET_DROP = 1, 23, 24
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
-SYS_CAPSET, SYS_PIVOT_ROOT, SYS_CLOSE_RANGE = 126, 155, 436  # x86_64
+SYS_CAPSET, SYS_PIVOT_ROOT, SYS_KEYCTL, SYS_CLOSE_RANGE = 126, 155, 250, 436  # x86_64
 CLOSE_RANGE_CLOEXEC = 4
-SI_KERNEL = 0x80
+KEYCTL_JOIN_SESSION_KEYRING = 1
+TIOCSCTTY = 0x540E
 SIGCHLD, SIGKILL, SIGPIPE, SIGXFSZ = _signal.SIGCHLD, _signal.SIGKILL, _signal.SIGPIPE, 25
 FORWARD = {_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGUSR1,
            _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGWINCH}
@@ -185,6 +189,14 @@ class Sandbox:
             os.write(self.status_fd, message.encode("utf-8", "replace") + b"\n")
         finally:
             os._exit(SETUP_FAILED)
+
+    def op_new_session(self, ctty: bool) -> None:
+        try:
+            os.setsid()
+            if ctty:  # fd 0 is the pty jbl made for this job, nobody's terminal yet
+                fcntl.ioctl(0, TIOCSCTTY, 0)
+        except OSError as e:
+            raise StepFailed(f"new session: {e.strerror}") from None
 
     def op_no_new_privs(self) -> None:
         prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
@@ -347,6 +359,14 @@ class Sandbox:
         except OSError as e:
             raise StepFailed(f"set user {uid}:{gid}: {e.strerror}") from None
 
+    def op_new_keyring(self) -> None:
+        if libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+            err = ctypes.get_errno()
+            # No keyrings at all (ENOSYS), or keyctl refused by a seccomp filter (EPERM, as
+            # in a container): the job, under the same filter, cannot reach any keyring either.
+            if err not in (errno.ENOSYS, errno.EPERM):
+                raise StepFailed(f"new session keyring: {os.strerror(err)}")
+
     def op_drop_caps(self) -> None:
         drop_bounding_set()
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
@@ -401,7 +421,7 @@ def relay(child: int) -> NoReturn:
                 if pid == child:
                     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
                              else 128 + os.WTERMSIG(status))
-        elif info.si_code != SI_KERNEL:  # the terminal signalled the job's group itself
+        else:  # no terminal signals us (own session): this came from jbl, pass it on
             try:  # noqa: SIM105 (contextlib would cost start-up time here)
                 os.kill(child, info.si_signo)
             except ProcessLookupError:

@@ -2,11 +2,12 @@
 
 ``run_job(req) -> JobResult`` is the runner's API. It blocks the job-control signals in the
 calling thread for the job's lifetime and takes them with ``sigtimedwait`` (so call it from
-the main thread, before starting other threads, which inherit the mask): SIGTERM, SIGHUP and
-a SIGINT that did not come from the terminal are forwarded to the job (a terminal's Ctrl-C
-reaches the job directly: it shares our foreground process group). The first such signal
-starts the grace period (``req.kill_after``); when it runs out, or at a second signal, the
-whole cgroup is killed. A timeout sends SIGTERM, then the same grace and kill.
+the main thread, before starting other threads, which inherit the mask): they are all
+forwarded to the job, which is in a session of its own (a terminal's Ctrl-C reaches jbl only;
+with a pty it reaches the job as a byte through its pty). The first SIGINT, SIGTERM, SIGHUP
+or SIGQUIT starts the grace period (``req.kill_after``); when it runs out, or at a second
+signal, the whole cgroup is killed. A timeout sends SIGTERM, then the same grace and kill.
+While waiting it relays the job's stdio (``stdio.py``) when a terminal is involved.
 
 Teardown (cgroup killed and removed, pipes closed) is in ``finally``, so it also runs when
 ``jbl`` is interrupted; if ``jbl`` itself is SIGKILLed, the helper's parent-death signal
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import marshal
 import os
@@ -37,9 +39,10 @@ from .cgroups import JobCgroup
 from .errors import CgroupError, LimitsNotEnforced, SandboxSetupError
 from .manifests import load_manifest as load_manifest
 from .plan import Ids, JobRequest, Plan, RootfsEntry, build_plan
+from .stdio import TTY_STOPS, JobStdio
+from .terminal import wants_pty
 
 SANDBOX = os.path.abspath(_sandbox_module.__file__)
-SI_KERNEL = 0x80
 TERMINATE = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 PASS_ON = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT}
 WAITED = TERMINATE | PASS_ON | {signal.SIGCHLD}
@@ -96,9 +99,10 @@ def job_ids(req: JobRequest) -> Ids:
     return Ids(0, 0, userns=False, job_uid=pw.pw_uid, job_gid=pw.pw_gid, job_groups=groups)
 
 
-def prepare(req: JobRequest, manifest: Manifest | None = None) -> Plan:
+def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False) -> Plan:
     """Read the runtime directory and the host facts the pure planner needs. ``manifest``:
-    the runtime's, when the caller has read it already from ``req.runtime_dir``."""
+    the runtime's, when the caller has read it already from ``req.runtime_dir``; ``pty``:
+    the job gets a fresh pty as its controlling terminal."""
     rt = Path(os.path.realpath(req.runtime_dir))
     if manifest is None:
         manifest = load_manifest(rt)
@@ -119,7 +123,7 @@ def prepare(req: JobRequest, manifest: Manifest | None = None) -> Plan:
             raise UsageError(f"--volume {v.source}: no such file or directory")
     req2 = dataclasses.replace(req, runtime_dir=rt,
                                uploads=tuple(Path(os.path.abspath(u)) for u in req.uploads))
-    return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ)
+    return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ, ctty=pty)
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -127,7 +131,8 @@ def prepare(req: JobRequest, manifest: Manifest | None = None) -> Plan:
 def run_job(req: JobRequest, note: Callable[[str], None] | None = None,
             manifest: Manifest | None = None) -> JobResult:
     """Run ``req`` to its end. Setup failures raise JobError subclasses (one line)."""
-    plan = prepare(req, manifest)
+    pty = wants_pty(req.terminal)
+    plan = prepare(req, manifest, pty)
     try:
         cg = JobCgroup.create(plan.job_id, plan.limits)
     except OSError as e:
@@ -139,7 +144,7 @@ def run_job(req: JobRequest, note: Callable[[str], None] | None = None,
                 raise LimitsNotEnforced(text, hint="run without --require-limits to accept")
             if note:
                 note(text + "; running anyway")
-        return _run(req, plan.with_cgroup(cg.procs_files), cg)
+        return _run(req, plan.with_cgroup(cg.procs_files), cg, pty)
     finally:
         cg.remove()
 
@@ -152,23 +157,30 @@ def single_threaded() -> bool:
         return False
 
 
-def _spawn_helper(plan: Plan, status_w: int) -> int:
-    """Start the sandbox helper; return its pid. The status pipe's write end stays ours to
-    close. Forked when we are single-threaded, else exec'd (docs/runner.md, "Start-up")."""
+def _spawn_helper(plan: Plan, status_w: int, stdio: tuple[int, int, int]) -> int:
+    """Start the sandbox helper with ``stdio`` as its fds 0, 1, 2; return its pid. The status
+    pipe's write end stays ours to close. Forked when we are single-threaded, else exec'd
+    (docs/runner.md, "Start-up")."""
     if single_threaded():
         wire = plan.to_wire()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            try:
+                _child_stdio(stdio)
+            except BaseException as e:  # never run a job with the wrong (the caller's) fds
+                why = e.strerror if isinstance(e, OSError) else repr(e)
+                _sandbox_module.Sandbox(status_w, "").fail(f"set up stdio: {why}")
             _sandbox_module.run_forked(wire, status_w, parent)  # never returns
         return pid
     import subprocess  # only here: ~2 ms on every job otherwise
 
     plan_r, plan_w = os.pipe()
     try:
+        given = [None if fd == n else fd for n, fd in enumerate(stdio)]  # None: inherit ours
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", SANDBOX, str(plan_r), str(status_w), str(os.getpid())],
-            pass_fds=(plan_r, status_w))
+            pass_fds=(plan_r, status_w), stdin=given[0], stdout=given[1], stderr=given[2])
         proc.returncode = 0  # reaped by _wait, not by Popen: keeps Popen.__del__ quiet
         os.close(plan_r)
         plan_r = -1
@@ -182,21 +194,44 @@ def _spawn_helper(plan: Plan, status_w: int) -> int:
     return proc.pid
 
 
-def _run(req: JobRequest, plan: Plan, cg: JobCgroup) -> JobResult:
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+def _child_stdio(fds: tuple[int, int, int]) -> None:
+    """In the forked helper, before anything else: make ``fds`` its 0, 1, 2 (through copies
+    above 2 first, so no source is overwritten before it is used; the copies are closed by
+    ``run_forked``)."""
+    if fds == (0, 1, 2):
+        return
+    copies = []
+    for fd in fds:
+        try:
+            copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
+            copies.append(-1)  # a caller's closed fd stays closed
+    for target, fd in enumerate(copies):
+        if fd >= 0:
+            os.dup2(fd, target)
+
+
+def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool) -> JobResult:
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED | TTY_STOPS)
     status_r, status_w = os.pipe()
     pid: int | None = None
     reaped = False
     start = time.monotonic()
+    stdio: JobStdio | None = None
     try:
         if signal.sigpending() & TERMINATE:  # interrupted while preparing: do not start
             signal.sigtimedwait(TERMINATE, 0)  # consume it, or it fires when unblocked
             raise KeyboardInterrupt
-        pid = _spawn_helper(plan, status_w)
+        stdio = JobStdio.open(pty)
+        pid = _spawn_helper(plan, status_w, stdio.child_fds)
         os.close(status_w)
         status_w = -1
-        status, reason = _wait(pid, req, cg, start)
+        stdio.started(WAITED)
+        status, reason = _wait(pid, req, cg, start, stdio)
         reaped = True
+        stdio.drain()
         wall = time.monotonic() - start
         message = _read_status(status_r)
         if message and status == ExitCode.JOB_SETUP:
@@ -226,15 +261,18 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup) -> JobResult:
         for fd in (status_r, status_w):
             if fd >= 0:
                 os.close(fd)
+        if stdio is not None:
+            stdio.close()  # the caller's terminal back as it was, also after an error
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _wait(pid: int, req: JobRequest, cg: JobCgroup, start: float) -> tuple[int, str | None]:
-    """Wait for the helper; forward signals; enforce the timeout. Returns (status, reason)."""
+def _wait(pid: int, req: JobRequest, cg: JobCgroup, start: float,
+          stdio: JobStdio) -> tuple[int, str | None]:
+    """Wait for the helper; relay stdio; forward signals; enforce the timeout. Returns
+    (status, reason)."""
     deadline = start + req.timeout if req.timeout else None
     kill_at: float | None = None
     reason: str | None = None
-    fg = _foreground()
     while True:
         done, wstatus = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -250,31 +288,29 @@ def _wait(pid: int, req: JobRequest, cg: JobCgroup, start: float) -> tuple[int, 
             _kill(pid, signal.SIGTERM)
             kill_at = min(kill_at or now + req.kill_after, now + req.kill_after)
         waits = [t - now for t in (deadline, kill_at) if t is not None]
-        info = (signal.sigtimedwait(WAITED, max(0.0, min(waits))) if waits
-                else signal.sigwaitinfo(WAITED))
+        timeout = max(0.0, min(waits)) if waits else None
+        if stdio.pumps:
+            stdio.wait(timeout)  # relays until a signal is pending (or the timeout)
+            info = signal.sigtimedwait(WAITED, 0)
+        else:
+            info = (signal.sigtimedwait(WAITED, timeout) if timeout is not None
+                    else signal.sigwaitinfo(WAITED))
         if info is None or info.si_signo == signal.SIGCHLD:
             continue
         sig = signal.Signals(info.si_signo)
-        from_tty = info.si_code == SI_KERNEL and fg
+        if sig == signal.SIGWINCH and stdio.pty:
+            stdio.window_changed()  # the kernel signals the job's foreground group itself
+            continue
         if sig in TERMINATE:
             reason = reason or "interrupted"
             now = time.monotonic()
             kill_at = now if kill_at is not None else now + req.kill_after
-        if not from_tty:
-            _kill(pid, sig)
+        _kill(pid, sig)  # the job is in its own session: nothing reached it but this
 
 
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def _foreground() -> bool:
-    """Are we in the terminal's foreground process group (so Ctrl-C reaches the job too)?"""
-    try:
-        return os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
 
 
 def _read_status(fd: int) -> str:
