@@ -49,9 +49,10 @@ def configured_group() -> str:
     that the error message (and ``jbl setup``) treats as the admins.
     """
     try:
-        import yaml
+        from .boundedyaml import load as load_bounded
+        from .config import CONFIG_BOUNDS  # the same YAML bounds as every config file
 
-        data = yaml.safe_load(SYSTEM_CONFIG.read_text())
+        data = load_bounded(SYSTEM_CONFIG.read_bytes(), CONFIG_BOUNDS)
     except (OSError, ValueError, ImportError):
         return DEFAULT_ADMIN_GROUP
     except Exception:  # a malformed YAML file: its owner (an admin) sees it elsewhere

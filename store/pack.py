@@ -48,7 +48,7 @@ COMPRESSIONS = {"gz": ".tar.gz", "zst": ".tar.zst", "none": ".tar"}
 GZIP_LEVEL = 6
 ZSTD_PACK_LEVEL = 9
 REGISTRY_FILE = "registry.json"
-_PLATFORM_RE = re.compile(r"^[a-z0-9][a-z0-9._]*-[a-z0-9_]+$")
+_PLATFORM_RE = re.compile(r"[a-z0-9][a-z0-9._]*-[a-z0-9_]+")  # always fullmatch (no "\n")
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
          "armv7l": "armhf", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
@@ -214,7 +214,7 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
     reg_dir = Path(reg_dir)
     plats = platforms or host_platforms()
     for p in plats:
-        if not _PLATFORM_RE.match(p):
+        if not _PLATFORM_RE.fullmatch(p):
             raise UsageError(f"invalid platform {p!r}: expected DISTRO-ARCH, e.g. ubuntu-amd64")
     if reg_dir.exists() and not reg_dir.is_dir():
         raise UsageError(f"--registry {reg_dir} must be a directory")
