@@ -6,9 +6,9 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
+import cgroup_probe
 import conftest_run
 import pytest
 from conftest_run import JBL, host_pids_with, jbl
@@ -69,17 +69,22 @@ for path in ("/usr/lib/x", "/etc/passwd", "/x", "/usr/bin/cat"):
 
 def test_tmp_is_private_per_job(rt: str) -> None:
     Path("/tmp/jbl-host-marker").write_text("host")
+    a = subprocess.Popen([JBL, "run", "--runtime-dir", rt, "--", "sh", "-c",
+                          "echo a > /tmp/mine && echo written; read x; ls -A /tmp"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        a = subprocess.Popen([JBL, "run", "--runtime-dir", rt, "--", "sh", "-c",
-                              "echo a > /tmp/mine; sleep 0.6; ls -A /tmp"],
-                             stdout=subprocess.PIPE, text=True)
-        time.sleep(0.2)
-        b = jbl("run", "--runtime-dir", rt, "--", "sh", "-c", "ls -A /tmp; echo end")
-        out, _ = a.communicate(timeout=30)
+        assert a.stdout is not None and a.stdout.readline() == "written\n"
+        # both jobs exist at once: a has written its file and waits until b has looked
+        b = jbl("run", "--runtime-dir", rt, "--", "sh", "-c",
+                "ls -A /tmp; echo b > /tmp/theirs; echo end")
+        out, _ = a.communicate("go\n", timeout=30)
     finally:
+        a.kill()
+        a.wait()
         os.unlink("/tmp/jbl-host-marker")
-    assert out == "mine\n"
+    assert (a.returncode, out) == (0, "mine\n")
     assert b.stdout == "end\n"
+    assert not os.path.lexists("/tmp/mine") and not os.path.lexists("/tmp/theirs")
 
 
 def test_host_is_invisible(rt: str) -> None:
@@ -162,22 +167,41 @@ def test_setup_failures_name_their_step(rt: str, shared_dir: Path) -> None:
     r = jbl("run", "--runtime-dir", rt, "--volume", f"{shared_dir}:/bin/x", "--", "true")
     assert r.returncode == 12
     assert r.stderr == "jbl: error: bind /bin/x: /bin: a path component is a symlink\n"
+    # refused before anything was made: not on the host, not in the runtime the link names
+    assert not os.path.lexists("/bin/x") and not os.path.lexists("/usr/bin/x")
+    assert not os.path.lexists(Path(rt) / "isolated/usr/bin/x")
+    assert os.path.islink(Path(rt) / "isolated/bin")  # the link the refusal is about
 
 
 def test_sigterm_is_forwarded_and_cgroup_removed(rt: str) -> None:
+    marker = "765.125"  # a background child the trap does not wait for
     p = subprocess.Popen([JBL, "run", "--json", "--runtime-dir", rt, "--", "sh", "-c",
-                          "trap 'echo got-term; exit 5' TERM; echo ready; "
+                          f"trap 'echo got-term; exit 5' TERM; sleep {marker} & "
+                          f"until grep -qs {marker} /proc/$!/cmdline; do :; done; echo ready; "
                           "while :; do sleep 0.05; done"],
                          stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    assert p.stdout.readline() == "ready\n"
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=20)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+        # the positive control: the job's processes are in job cgroups that exist right now
+        sleeper = cgroup_probe.pids_running("sleep", marker)
+        assert len(sleeper) == 1
+        dirs = cgroup_probe.cgroup_dirs_of(sleeper[0])
+        assert dirs and all(d.is_dir() for d in dirs), dirs
+        assert all(str(sleeper[0]) in (d / "cgroup.procs").read_text().split() for d in dirs)
+        assert dirs == cgroup_probe.job_cgroup_dirs(p.pid)  # one cgroup set for the whole job
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=20)
+    finally:
+        p.kill()  # a failed assertion must not leave the job running (PDEATHSIG ends it)
+        p.wait()
     assert p.returncode == 5
     assert out.startswith("got-term\n")
     record = json.loads(out[len("got-term\n"):])
     assert record["reason"] == "interrupted"
-    assert not host_pids_with(record["job_id"])
+    assert {d.name for d in dirs} == {record["job_id"]}
+    assert not cgroup_probe.pids_running("sleep", marker)
+    assert not [d for d in dirs if d.exists()]
 
 
 def test_timeout_kills_double_forked_daemon(rt: str) -> None:

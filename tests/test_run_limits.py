@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
+import cgroup_probe
 import conftest_run
 import pytest
-from conftest_run import jbl
-from jbl.runner.cgroups import ROOT, own_cgroups, v2_root
+from conftest_run import JBL, jbl
 
 # fixtures, shared through a module rather than tests/conftest.py
 rt = conftest_run.rt
@@ -23,24 +24,53 @@ def _record(stdout: str) -> dict[str, object]:
     return json.loads(stdout[stdout.index("{\n"):])
 
 
-def job_cgroup_dirs(job_id: str) -> list[Path]:
-    if v2_root() is not None:
-        return [ROOT / "jbl" / job_id]
-    own = own_cgroups()
-    return [ROOT / c / own.get(c, "/").lstrip("/") / "jbl" / job_id
-            for c in ("memory", "pids", "freezer", "cpu", "cpuset")]
+def start_held(rt: str, *args: str, then: str) -> tuple[subprocess.Popen[str], set[Path]]:
+    """Start ``jbl run --json --runtime-dir rt ARGS -- python3`` with a job that says "held"
+    and waits for a line on stdin before it runs ``then``; return the process and the host
+    directories of the job's cgroups, read from the host while the job is held (the
+    positive control: they exist and hold the job)."""
+    code = f"import sys; print('held', flush=True); sys.stdin.readline(); {then}"
+    p = subprocess.Popen([JBL, "run", "--json", "--runtime-dir", rt, *args, "--", "python3",
+                          "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "held\n"
+        dirs = cgroup_probe.job_cgroup_dirs(p.pid)
+        assert dirs and all(d.is_dir() for d in dirs), dirs
+        held = set(cgroup_probe.descendants(p.pid))
+        for d in dirs:
+            assert set(map(int, (d / "cgroup.procs").read_text().split())) <= held
+            assert (d / "cgroup.procs").read_text().split()
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    return p, dirs
+
+
+def release(p: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return p.communicate("go\n", timeout=60)
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_memory_hog_is_killed_and_reported(rt: str) -> None:
-    r = jbl("run", "--json", "--runtime-dir", rt, "--memory", "64M", "--", "python3", "-c",
-            "b = bytearray(256 << 20); print('survived')")
-    assert r.returncode == 138, r.stderr
-    assert "survived" not in r.stdout
-    assert r.stderr.splitlines()[-1].endswith("was killed: out of memory (limit 64.0M)")
-    rec = _record(r.stdout)
+    p, dirs = start_held(rt, "--memory", "64M",
+                         then="b = bytearray(256 << 20); print('survived')")
+    memory = [d for d in dirs if d.parts[4] == "memory" or cgroup_probe.is_v2()]
+    limit = "memory.max" if cgroup_probe.is_v2() else "memory.limit_in_bytes"
+    assert [int((d / limit).read_text()) for d in memory] == [64 << 20]
+    out, err = release(p)
+    assert p.returncode == 138, err
+    assert "survived" not in out
+    assert err.splitlines()[-1].endswith("was killed: out of memory (limit 64.0M)")
+    rec = _record(out)
     assert rec["reason"] == "oom" and rec["exit_status"] == 138
     assert isinstance(rec["peak_memory"], int) and rec["peak_memory"] >= 48 << 20
-    assert not any(d.exists() for d in job_cgroup_dirs(str(rec["job_id"])))
+    assert {d.name for d in dirs} == {rec["job_id"]}
+    assert not [d for d in dirs if d.exists()]
 
 
 def test_within_memory_limit_runs(rt: str) -> None:
@@ -88,6 +118,10 @@ def test_cpu_cores(rt: str) -> None:
 
 
 def test_cgroup_removed_after_plain_job(rt: str) -> None:
-    r = jbl("run", "--json", "--runtime-dir", rt, "--pids", "50", "--", "true")
-    assert r.returncode == 0
-    assert not any(d.exists() for d in job_cgroup_dirs(str(_record(r.stdout)["job_id"])))
+    p, dirs = start_held(rt, "--pids", "50", then="pass")
+    assert {d.parts[4] for d in dirs} >= ({"memory", "pids", "freezer", "cpu"}
+                                          if not cgroup_probe.is_v2() else set())
+    out, err = release(p)
+    assert p.returncode == 0, err
+    assert {d.name for d in dirs} == {_record(out)["job_id"]}
+    assert not [d for d in dirs if d.exists()]
