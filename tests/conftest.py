@@ -65,11 +65,7 @@ def assert_one_line_error(r: Result, rc: int | None = None, contains: str | None
 def assert_store_ok(store_dir: Path) -> None:
     """The integrity check: index <-> blobs consistent (``jbl store verify``)."""
     if not (store_dir / "index.db").exists():
-        return
-    try:
-        from jbl.store import verify  # noqa: F401
-    except ImportError:
-        return  # verify not written yet
+        return  # the test never made a store (nothing to check, nothing to hide)
     r = run_jbl("store", "verify", store=store_dir)
     assert r.rc == 0, f"store verify failed:\n{r.out}\n{r.err}"
 

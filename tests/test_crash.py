@@ -7,6 +7,7 @@ Versions are installed with the real `jbl store import` of small runtime tarball
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from jbl.store.store import Store
 
 KILLED = -signal.SIGKILL
 VERSIONS = ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]
+REPO = Path(__file__).resolve().parents[1]
+GC_POINTS = ["gc.after-mark", "gc.rows-deleted", "gc.mid-unlink"]
+RM_POINT = "rm.rows-deleted"
+INGEST_POINTS = ["ingest.blobs-written", "ingest.before-commit", "ingest.after-commit"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def import_all(store_dir: Path, tarballs: dict[str, Path]) -> None:
         run_jbl("store", "import", tarballs[v], store=store_dir).ok()
 
 
-@pytest.mark.parametrize("point", ["gc.after-mark", "gc.rows-deleted", "gc.mid-unlink"])
+@pytest.mark.parametrize("point", GC_POINTS)
 def test_gc_killed_at_each_step(store_dir: Path, tarballs: dict[str, Path], point: str) -> None:
     import_all(store_dir, tarballs)
     r = run_jbl("store", "gc", "--keep-latest", "1", store=store_dir, env=crash_env(point))
@@ -76,17 +81,16 @@ def test_gc_killed_at_each_step(store_dir: Path, tarballs: dict[str, Path], poin
 
 def test_rm_killed_after_its_rows_are_gone(store_dir: Path, tarballs: dict[str, Path]) -> None:
     import_all(store_dir, tarballs)
-    r = run_jbl("store", "rm", "rt@1.0.0", store=store_dir, env=crash_env("rm.rows-deleted"))
+    r = run_jbl("store", "rm", "rt@1.0.0", store=store_dir, env=crash_env(RM_POINT))
     assert r.rc == KILLED, r.err
     assert "rt@1.0.0" not in installed(store_dir)
-    assert_verify_ok(store_dir)
+    assert_verify_ok(store_dir, "--data")
     r = run_jbl("store", "gc", "--json", store=store_dir).ok()
     assert json.loads(r.out)["freed_bytes"] > 0  # its unique blobs are freed now
     assert_no_leftovers(store_dir)
 
 
-@pytest.mark.parametrize("point", ["ingest.blobs-written", "ingest.before-commit",
-                                   "ingest.after-commit"])
+@pytest.mark.parametrize("point", INGEST_POINTS)
 def test_import_killed_at_each_step(store_dir: Path, tarballs: dict[str, Path],
                                     point: str) -> None:
     run_jbl("store", "import", tarballs["1.0.0"], store=store_dir).ok()
@@ -103,10 +107,21 @@ def test_import_killed_at_each_step(store_dir: Path, tarballs: dict[str, Path],
     assert_no_leftovers(store_dir)
 
 
+def crashpoint_calls() -> set[str]:
+    """Every ``crashpoint("NAME")`` call in the shipped packages (the code, not its doc)."""
+    found: set[str] = set()
+    for pkg in ("store", "fusefs", "runner", "cli"):
+        for f in (REPO / pkg).rglob("*.py"):
+            found |= set(re.findall(r"""crashpoint\(\s*["']([^"']+)["']\s*\)""",
+                                    f.read_text()))
+    return found
+
+
 def test_every_named_crash_point_is_tested() -> None:
     doc = crashpoints.__doc__ or ""
-    names = {ln.split()[0] for ln in doc.splitlines()
-             if ln.startswith("    ") and "." in ln.split()[0]}
-    tested = {"gc.after-mark", "gc.rows-deleted", "gc.mid-unlink", "rm.rows-deleted",
-              "ingest.blobs-written", "ingest.before-commit", "ingest.after-commit"}
-    assert names == tested
+    documented = {ln.split()[0] for ln in doc.splitlines()
+                  if ln.startswith("    ") and "." in ln.split()[0]}
+    in_code = crashpoint_calls()
+    assert in_code, "no crashpoint(...) call found: the scan is broken"
+    assert in_code == documented  # the module's list is the code's
+    assert in_code == {*GC_POINTS, RM_POINT, *INGEST_POINTS}  # and each has its test

@@ -7,11 +7,21 @@ each test sets install/last-use times exactly; the user-facing part runs the rea
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 from conftest import assert_one_line_error, run_jbl
-from fixtures_gc import add_version, age, files_for, hash_version, lease_holder
+from fixtures_gc import (
+    add_version,
+    age,
+    expected_hashes,
+    files_for,
+    hash_version,
+    lease_holder,
+)
 from jbl.store.blobs import BlobStore
 from jbl.store.store import Store
 
@@ -70,11 +80,44 @@ def test_keep_latest_is_per_runtime_and_semver_ordered(store_dir: Path) -> None:
     assert installed(store_dir) == ["other@0.1.0", "rt@1.10.0", "rt@2.0.0-beta"]
     assert out["freed_bytes"] > 0
     # what remains still reads back byte for byte
-    with Store.open(store_dir) as s:
-        v = s.get_version("rt", "1.10.0")
-        assert v is not None
-        got = hash_version(s, v.id)
-    assert len(got) == len(files_for("1.10.0")) + 1
+    for name, ver in (("rt", "1.10.0"), ("rt", "2.0.0-beta"), ("other", "0.1.0")):
+        with Store.open(store_dir) as s:
+            v = s.get_version(name, ver)
+            assert v is not None
+            got = hash_version(s, v.id)
+        assert got == expected_hashes(files_for(ver), name, ver)
+
+
+class ReadingJob:
+    """A real process that leases ``spec`` as a job does and, on each request, reads every
+    file of the version through its own store connection and answers {path: sha256}."""
+
+    def __init__(self, store_dir: Path, spec: str) -> None:
+        code = textwrap.dedent(f"""
+            import json, sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from fixtures_gc import hash_version
+            from jbl.store.store import Store
+            with Store.open({str(store_dir)!r}) as s:
+                info = s.resolve_installed({spec!r})
+                with s.lease(info.id, "job"):
+                    print("leased", flush=True)
+                    for _ in sys.stdin:
+                        print(json.dumps(hash_version(s, info.id)), flush=True)
+        """)
+        self.p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout is not None and self.p.stdout.readline() == "leased\n"
+
+    def read_all(self) -> dict[str, str]:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write("read\n")
+        self.p.stdin.flush()
+        return dict(json.loads(self.p.stdout.readline()))
+
+    def end(self) -> None:
+        self.p.communicate("", timeout=30)
+        assert self.p.returncode == 0
 
 
 def test_unused_for_counts_last_use_else_install_time(store_dir: Path) -> None:
@@ -197,18 +240,18 @@ def test_bad_options_are_one_line_usage_errors(store_dir: Path) -> None:
 
 def test_rm_of_a_version_in_use_defers_until_the_job_ends(store_dir: Path) -> None:
     series(store_dir, "rt", ["1.0.0", "1.1.0"])
-    job = lease_holder(store_dir, "rt@1.0.0")
+    job = ReadingJob(store_dir, "rt@1.0.0")
+    want = expected_hashes(files_for("1.0.0"), "rt", "1.0.0")
     try:
+        assert job.read_all() == want  # the control: the job reads it before the rm
         r = run_jbl("store", "rm", "rt@1.0.0", "--json", store=store_dir).ok()
         assert json.loads(r.out)["deferred"] == ["rt@1.0.0"]
         assert installed(store_dir) == ["rt@1.1.0"]  # hidden from new users at once
-        # the running job still reads every file, and gc keeps it while the job runs
+        # gc keeps it while the job runs, and the running job itself still reads every file
         assert gc(store_dir)["purged"] == []
-        with Store.open(store_dir) as s:
-            vid = s.db.scalar("SELECT id FROM versions WHERE name='rt' AND version='1.0.0'")
-            assert len(hash_version(s, vid)) == len(files_for("1.0.0")) + 1
+        assert job.read_all() == want
     finally:
-        job.communicate("")
+        job.end()
     out = gc(store_dir)
     assert out["purged"] == ["rt@1.0.0"] and out["freed_bytes"] > 0
     with Store.open(store_dir) as s:

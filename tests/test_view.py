@@ -17,6 +17,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from fixtures_mount import build_rt, import_tarball, make_tarball
+from jbl.fusefs.errors import guarded
 from jbl.fusefs.ops import JblOperations
 from jbl.store.errors import IntegrityError
 from jbl.store.store import Store
@@ -208,10 +209,22 @@ async def test_a_missing_blob_is_eio_and_a_log_line_naming_it(
                 await ops.read(fi.fh, 0, 4096)
             assert ei.value.errno == errno.EIO
             assert ref.digest.hex() in caplog.text
-            # anything unexpected is EIO too, never an escaping exception
+            # a handle that was never opened is EBADF (an answer, not a crash)
             with pytest.raises(pyfuse3.FUSEError) as ei:
                 await ops.read(10**9, 0, 1)
             assert ei.value.errno == errno.EBADF
+            # and anything unexpected is EIO with its traceback logged, never an escaping
+            # exception (the guard every handler is wrapped in)
+            @guarded
+            async def handler_with_a_bug() -> None:
+                raise ZeroDivisionError("a bug")
+
+            caplog.clear()
+            with caplog.at_level(logging.ERROR, "jbl.fusefs"), \
+                    pytest.raises(pyfuse3.FUSEError) as ei:
+                await handler_with_a_bug()
+            assert ei.value.errno == errno.EIO
+            assert "unexpected error" in caplog.text and "ZeroDivisionError" in caplog.text
         finally:
             path.write_bytes(saved)
             os.chmod(path, 0o444)
