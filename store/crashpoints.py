@@ -11,17 +11,34 @@ Tests use them to prove that a kill at every step of install and gc leaves a sto
     gc.mid-unlink             half of the unreferenced files unlinked
     rm.rows-deleted           a removed version's rows committed, its blobs not swept
 
-Cost when unset: one dict lookup.
+``JBL_PAUSE_AT=<name>=<dir>`` makes the process pause there instead: it creates
+``<dir>/<name>.<pid>`` and waits until that file is removed. Tests use it to force a race
+(hold one install just before its commit while another commits) and to see that it happened.
+
+Cost when unset: two dict lookups.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "JBL_CRASH_AT"
+PAUSE_ENV = "JBL_PAUSE_AT"
 
 
 def crashpoint(name: str) -> None:
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    pause = os.environ.get(PAUSE_ENV)
+    if pause and pause.partition("=")[0] == name:
+        _pause(name, pause.partition("=")[2])
+
+
+def _pause(name: str, directory: str) -> None:
+    flag = os.path.join(directory, f"{name}.{os.getpid()}")
+    with open(flag, "x"):
+        pass
+    while os.path.exists(flag):  # a test-only wait: polling keeps it free of any protocol
+        time.sleep(0.005)

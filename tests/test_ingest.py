@@ -19,6 +19,7 @@ import pytest
 from conftest import JBL, assert_one_line_error, run_jbl
 from fixtures_ingest import gnu_tar, source_tree, stored_tree
 from jbl.store.blobs import BlobStore
+from pausepoints import Pauses
 
 MiB = 1 << 20
 
@@ -122,14 +123,32 @@ def test_two_imports_at_once_both_succeed(tmp_path: Path, store_dir: Path) -> No
         p = tmp_path / f"{name}-{i}.tar"
         p.write_bytes(data)
         tarballs.append(p)
-    procs = [subprocess.Popen([JBL, "--store", str(store_dir), "store", "import", str(t)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for t in tarballs]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outs
-    assert "installed left@1.0.0" in outs[0][0]
-    said = sorted(o[0].split(" (")[0].strip() for o in outs[1:])
-    assert said == ["installed right@1.0.0", "right@1.0.0 is already installed"]
+    pauses = Pauses(tmp_path / "pauses")
+
+    def start(t: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+        return subprocess.Popen([JBL, "--store", str(store_dir), "store", "import", str(t)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **env})
+
+    # left and the first right have read everything and written their blobs, and are held
+    # just before their commit; the second right then runs start to end and commits
+    held = [start(t, pauses.env("ingest.before-commit")) for t in tarballs[:2]]
+    try:
+        flags = pauses.wait("ingest.before-commit", held)
+        late = start(tarballs[2], {})
+        late_out = late.communicate(timeout=120)
+        assert late.returncode == 0, late_out
+        assert late_out[0].startswith("installed right@1.0.0"), late_out
+        pauses.release(flags)
+        outs = [p.communicate(timeout=120) for p in held]
+    finally:
+        for p in held:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in held] == [0, 0], outs
+    assert outs[0][0].startswith("installed left@1.0.0"), outs
+    # the first right found the second's commit only inside its own transaction: the re-check
+    assert outs[1][0].strip() == "right@1.0.0 is already installed", outs
     con = apsw.Connection(str(store_dir / "index.db"), flags=apsw.SQLITE_OPEN_READONLY)
     assert sorted(con.execute("SELECT name FROM versions")) == [("left",), ("right",)]
     con.close()

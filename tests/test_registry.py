@@ -20,6 +20,7 @@ from fixtures_registry import RegistryServer, publish, sha256_file
 from jbl.store.config import load_config
 from jbl.store.errors import RegistryError, UsageError
 from jbl.store.registry import location_url, normalize_arch, parse_registry
+from pausepoints import Pauses
 
 VERSIONS = ["1.2.0", "1.3.0", "1.3.2", "1.9.0", "1.10.0", "2.0.0-beta"]
 
@@ -343,10 +344,29 @@ def test_two_installs_at_once_in_two_processes(tmp_path: Path, store_dir: Path) 
             env=env_for(tmp_path)).ok()  # the store exists; now race two writers
     env = {**os.environ, **env_for(tmp_path)}
     env.pop("JBL_STORE", None)
-    procs = [subprocess.Popen([JBL, "--store", str(store), "store", "install", spec,
-                               "--registry", str(root)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for spec in ("demo@1.1.0", "other", "demo@1.1.0")]
-    outs = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    pauses = Pauses(tmp_path / "pauses")
+
+    def start(spec: str, pause: bool) -> subprocess.Popen[str]:
+        extra = pauses.env("ingest.before-commit") if pause else {}
+        return subprocess.Popen([JBL, "--store", str(store), "store", "install", spec,
+                                 "--registry", str(root)], env={**env, **extra}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # two installs downloaded and stored their blobs and are held before their commits;
+    # a third install of one of the same versions runs start to end meanwhile
+    held = [start("demo@1.1.0", True), start("other", True)]
+    try:
+        flags = pauses.wait("ingest.before-commit", held)
+        late = start("demo@1.1.0", False)
+        late_out = late.communicate(timeout=120)
+        assert late.returncode == 0 and late_out[0].startswith("installed demo@1.1.0"), late_out
+        pauses.release(flags)
+        outs = [p.communicate(timeout=120) + (p.returncode,) for p in held]
+    finally:
+        for p in held:
+            p.kill()
+            p.wait()
     assert all(rc == 0 for _, _, rc in outs), outs
+    assert outs[0][0].strip() == "demo@1.1.0 is already installed", outs  # the re-check
+    assert outs[1][0].startswith("installed other@1.0.0"), outs
     assert installed(store, tmp_path) == ["demo@1.0.0", "demo@1.1.0", "other@1.0.0"]
