@@ -9,6 +9,9 @@ Three kinds of real processes share one store for ~15 s:
   ``store/view.py`` in 128 KiB pieces (as the mount does) and compare each sha256 with the
   tarball's. A version removed before the lease is taken is skipped (a job would be told
   "not installed"); once leased, no read may ever fail.
+A fourth process holds a lease on the oldest version throughout: gc's own output must show it
+met that version and kept it (``in_use``) while it removed the other old ones. Each import
+waits for a gc run that started after it, so gc really sees every version.
 At the end `verify --data` passes, only the 2 latest versions remain, nothing leaked.
 """
 
@@ -20,11 +23,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 from conftest import JBL, run_jbl
-from fixtures_gc import files_for, make_tarball
+from fixtures_gc import files_for, lease_holder, make_tarball
 from jbl.store.blobs import BlobStore
 from jbl.store.store import Store
 
@@ -100,25 +102,36 @@ def test_gc_loop_with_concurrent_imports_and_readers(store_dir: Path, tmp_path: 
                                  str(tmp_path / "expected.json"), str(stop)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
-    gc_runs: list[int] = []
+    gc_outs: list[dict] = []
     gc_errors: list[str] = []
+    ran = threading.Condition()
 
     def gc_loop() -> None:
         while not stop.exists():
             p = subprocess.run([JBL, "--store", str(store_dir), "store", "gc", "--json",
                                 "--keep-latest", "2", "--grace", "0s"],
                                capture_output=True, text=True)
-            if p.returncode != 0:
-                gc_errors.append(p.stderr)
-            gc_runs.append(p.returncode)
+            with ran:
+                if p.returncode != 0:
+                    gc_errors.append(p.stderr)
+                else:
+                    gc_outs.append(json.loads(p.stdout))
+                ran.notify_all()
 
+    def gc_runs_after_now(n: int) -> None:
+        """Wait until ``n`` gc runs started after this moment (one may be under way)."""
+        with ran:
+            want = len(gc_outs) + len(gc_errors) + 1 + n
+            assert ran.wait_for(lambda: len(gc_outs) + len(gc_errors) >= want, timeout=60)
+
+    # a job that holds the oldest version all along: every gc that would take it meets it
+    holder = lease_holder(store_dir, "rt@1.0.0")
     t = threading.Thread(target=gc_loop)
     t.start()
     try:
         for tb in tarballs[1:]:
             run_jbl("store", "import", tb, store=store_dir).ok()
-            time.sleep(0.5)  # let readers and gc see each version
-        time.sleep(1)
+            gc_runs_after_now(1)  # gc sees each version before the next arrives
     finally:
         stop.touch()
         t.join()
@@ -127,7 +140,14 @@ def test_gc_loop_with_concurrent_imports_and_readers(store_dir: Path, tmp_path: 
     results = [json.loads(out) for out, _err in outs]
     assert [r["failures"] for r in results] == [[], []]
     assert sum(r["reads"] for r in results) >= 10  # the readers really read
-    assert gc_errors == [] and len(gc_runs) >= 5
+    assert gc_errors == [] and len(gc_outs) >= len(VERSIONS)
+    # gc met the leased version and kept it, every time, and took the unleased old ones
+    assert any(o["in_use"] == ["rt@1.0.0"] for o in gc_outs), gc_outs
+    assert not any("rt@1.0.0" in o["removed"] for o in gc_outs)
+    assert {v for o in gc_outs for v in o["removed"]} >= {f"rt@{v}" for v in VERSIONS[1:-2]}
+    holder.communicate("", timeout=30)
+    assert json.loads(run_jbl("store", "gc", "--json", "--keep-latest", "2", "--grace", "0s",
+                              store=store_dir).ok().out)["removed"] == ["rt@1.0.0"]
 
     # quiet now: one last sweep, then the store holds exactly the 2 latest and no leftovers
     run_jbl("store", "gc", "--keep-latest", "2", "--grace", "0s", store=store_dir).ok()
