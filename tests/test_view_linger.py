@@ -84,12 +84,27 @@ def test_back_to_back_jobs_reuse_one_view_which_goes_away_after_the_linger(store
 
 
 def test_concurrent_jobs_share_one_view(store: Path) -> None:
-    jobs = [start(store, "/bin/sh", "-c", "sleep 1; echo done", linger="2") for _ in range(4)]
-    outs = [j.communicate(timeout=60) for j in jobs]
+    # four jobs started at once (none finds a view yet), all running together until the
+    # test has seen them all up: they overlap, so sharing cannot come from serial reuse
+    jobs = [subprocess.Popen([JBL, "--store", str(store), "run", "--runtime", SPEC, "--",
+                              "/bin/sh", "-c", "echo up; read x; echo done"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JBL_VIEW_LINGER": "2"}) for _ in range(4)]
+    try:
+        for j in jobs:
+            assert j.stdout is not None and j.stdout.readline() == "up\n"
+        assert daemons_started(store) == 1
+        [view] = views(store)
+        outs = [j.communicate("go\n", timeout=60) for j in jobs]
+    finally:
+        for j in jobs:
+            j.kill()
+            j.wait()
     assert [(j.returncode, o) for j, (o, _e) in zip(jobs, outs, strict=True)] == \
         [(0, "done\n")] * 4, [e for _o, e in outs]
     assert daemons_started(store) == 1
-    assert len(views(store)) == 1
+    assert [v["pid"] for v in views(store)] == [view["pid"]]
 
 
 def test_a_running_job_keeps_the_view_beyond_the_linger(store: Path) -> None:
