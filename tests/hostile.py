@@ -14,8 +14,10 @@ all to a directory: ``python tests/hostile.py OUTDIR``.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +311,82 @@ def _cases() -> dict[str, Case]:
                                 window_log=28), "zstd window")
     c["bomb_zstd"] = Case(zst(tar(file(b"isolated/zeros", bytes(16 << 20)))),
                           "expands more than 1000:1")
+    c.update(_more_cases(good))
     return c
+
+
+def _more_cases(good: bytes) -> dict[str, Case]:
+    """The refusals docs/store-format.md lists that the cases above do not reach."""
+    c: dict[str, Case] = {}
+    # --- link targets: empty, too long, and '..' through pax linkpath and GNU 'K'
+    c["symlink_empty_target"] = Case(tar(symlink(b"isolated/s", b"")),
+                                     "symlink with an empty target", "isolated/s")
+    c["symlink_target_too_long"] = Case(tar(pax({b"linkpath": b"a/" * 2100}),
+                                            symlink(b"isolated/s", b"x")),
+                                        "symlink target longer than 4096 bytes", "isolated/s")
+    c["pax_linkpath_dotdot"] = Case(tar(pax({b"linkpath": b"../../etc/shadow"}),
+                                        hardlink(b"isolated/h", b"isolated/bin/hello")),
+                                    "hardlink target path contains '..'", "../../etc/shadow")
+    c["gnu_longlink_dotdot"] = Case(tar(gnu_long(b"../../etc/shadow", type=b"K"),
+                                        hardlink(b"isolated/h", b"isolated/bin/hello")),
+                                    "hardlink target path contains '..'", "../../etc/shadow")
+    # --- numbers and header fields
+    c["size_negative"] = Case(tar(header(b"isolated/n", size_field=b256(-1, 12))),
+                              "negative member size", "isolated/n")
+    c["gid_negative"] = Case(tar(file(b"isolated/g", b"x", gid_field=b256(-1, 8))),
+                             "negative gid", "isolated/g")
+    c["header_field_not_octal"] = Case(tar(header(b"isolated/f", size_field=b"0000000001x\0")),
+                                       "corrupt header field size", "isolated/f")
+    c["no_ustar_magic"] = Case(tar(header(b"isolated/f", magic=bytes(6), version=bytes(2))),
+                               "unsupported tar format (no ustar/pax/GNU magic)")
+    c["pax_mtime_corrupt"] = Case(tar(pax({b"mtime": b"12x"}), file(b"isolated/m", b"x")),
+                                  "corrupt pax mtime", "isolated/m")
+    c["pax_size_corrupt"] = Case(tar(pax({b"size": b"1e3"}), file(b"isolated/s", b"x")),
+                                 "corrupt pax size ('1e3')", "isolated/s")
+    c["pax_record_without_equals"] = Case(
+        tar(header(b"././@PaxHeader", type=b"x", size=8) + pad(b"8 pathx\n"),
+            file(b"isolated/p", b"x")), "corrupt pax extended header", "././@PaxHeader")
+    # --- the tree and the container
+    c["root_not_a_directory"] = Case(tar(file(b"./", b"x")),
+                                     "the archive root is not a directory", ".")
+    c["pax_header_without_member"] = Case(runtime(pax({b"path": b"isolated/x"})) + END,
+                                          "extended header without a member")
+    c["gnu_longname_without_member"] = Case(runtime(gnu_long(b"isolated/x")) + END,
+                                            "extended header without a member")
+    c["padding_over_1_mib"] = Case(good + bytes((1 << 20) + 10240),
+                                   "trailing data or a second archive")
+    # --- runtime.yml
+    c["runtime_yml_over_1_mib"] = Case(_manifest(MANIFEST + b"#" * (1 << 20)),
+                                       "runtime.yml is larger than 1048576 bytes", "runtime.yml")
+    c["runtime_yml_invalid_yaml"] = Case(_manifest(b"name: [unclosed\nversion: 1.0.0\n"),
+                                         "runtime.yml is not valid YAML (line 2)")
+    c["runtime_yml_without_name"] = Case(_manifest(b"version: 1.0.0\n"),
+                                         "runtime.yml lacks 'name' or 'version'")
+    c["runtime_yml_without_version"] = Case(_manifest(b"name: x\n"),
+                                            "runtime.yml lacks 'name' or 'version'")
+    # --- xz and bzip2 are decoded as strictly as gzip and zstd
+    for kind, pack in (("xz", lzma.compress), ("bzip2", bz2.compress)):
+        packed = pack(good)
+        c[f"{kind}_truncated"] = Case(packed[:-10], f"truncated {kind} stream")
+        c[f"{kind}_trailing"] = Case(packed + b"garbage", f"trailing data after the {kind} "
+                                                          "stream")
+        c[f"{kind}_corrupt"] = Case(_flip(packed, len(packed) // 2), f"corrupt {kind} stream")
+    # --- zstd frames and blocks walked by hand
+    zd = zst(good)
+    c["zstd_reserved_header_bit"] = Case(zd[:4] + bytes([zd[4] | 0x08]) + zd[5:],
+                                         "corrupt zstd stream (reserved frame header bit set)")
+    c["zstd_reserved_block_type"] = Case(_zstd_first_block_type_3(zd),
+                                         "corrupt zstd stream (reserved block type)")
+    return c
+
+
+def _zstd_first_block_type_3(zd: bytes) -> bytes:
+    """``zd`` with its first block's type set to 3 (reserved)."""
+    fhd = zd[4]
+    single, did, fcs = fhd >> 5 & 1, fhd & 3, fhd >> 6
+    hlen = 5 + (0 if single else 1) + (0, 1, 2, 4)[did] + ((1 if single else 0), 2, 4, 8)[fcs]
+    block = int.from_bytes(zd[hlen:hlen + 3], "little") | 3 << 1
+    return zd[:hlen] + block.to_bytes(3, "little") + zd[hlen + 3:]
 
 
 def _with_manifest_symlink() -> bytes:

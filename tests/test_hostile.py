@@ -109,3 +109,20 @@ def test_neutralised_member_installs_with_a_warning(tmp_path: Path, store_dir: P
     else:
         assert leaf in rows and rows[leaf][1] & 0o6000 == 0
         assert rows[leaf][1] & 0o777 in (0o755, 0o775)  # the other bits are kept
+
+
+def test_xz_dictionary_over_the_window_limit_is_refused(seeded, store_dir: Path) -> None:
+    """The xz dictionary an archive demands is bounded like the zstd window: a 4 MiB
+    dictionary needs more than 2^(20+1) bytes to decode (--max-window-log 20), and the same
+    tarball installs with the default limit."""
+    import lzma
+
+    store, before, d = seeded
+    tarball = d / "dict.tar.xz"
+    tarball.write_bytes(lzma.compress(hostile.tar(), format=lzma.FORMAT_XZ, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 1, "dict_size": 4 << 20}]))
+    r = run_jbl("store", "import", tarball, "--max-window-log", "20", store=store)
+    assert_one_line_error(r, 6, "xz dictionary exceeds the limit")
+    assert snapshot(store) == before
+    assert "installed hostile@1.0.0" in run_jbl("store", "import", tarball,
+                                                store=store_dir).ok().out
