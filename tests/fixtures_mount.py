@@ -47,7 +47,7 @@ def build_rt(name: str, version: str, tmp_path_factory: pytest.TempPathFactory,
                          extra=extra)
 
 
-ENGINES = ["raw", "pyfuse3"]  # every mount test runs against both FUSE engines
+ENGINES = ["raw", "pyfuse3"]  # the tests of shared behaviour run on both (docs/mount.md)
 
 
 @pytest.fixture(scope="module", params=ENGINES)

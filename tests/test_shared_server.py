@@ -190,6 +190,21 @@ def test_user_reads_while_an_admin_is_writing(server: Server) -> None:
         conn.close()
 
 
+def test_ordinary_user_sees_what_is_available_without_writing_the_store(
+        server: Server) -> None:
+    alice = server.users.alice
+    files = tree_state(server.store)
+    r = as_user(alice, "store", "available", "--json", "--registry", server.reg,
+                store=server.store).ok()
+    offered = json.dumps(json.loads(r.out))
+    assert RT in offered and "1.0.0" in offered and "1.1.0" in offered, r.out
+    assert "1.1.0" in as_user(alice, "store", "available", "--registry", server.reg,
+                              store=server.store).ok().out
+    assert tree_state(server.store) == files  # no cache written into the system store
+    assert not [p for p in server.store.rglob("*")
+                if p.lstat().st_uid == server.users.uid(alice)]
+
+
 def test_ordinary_user_cannot_change_the_store(server: Server) -> None:
     alice, g = server.users.alice, server.users.admin_group
     files, index = tree_state(server.store), index_dump(server.store)
