@@ -12,6 +12,8 @@ This module is the one place for both facts. Packages above ``store`` (``fusefs`
     │   └── ChecksumMismatch               names both digests
     ├── UnsafeArchive             exit 6   hostile or malformed tarball (names the member)
     │   └── LimitExceeded                  size/entry/depth/window limit hit
+    ├── NotARuntime               exit 13  a well-formed tarball that is no runtime root
+    │   └── BuildRecipe                    Joblet's build recipe (manifest.yaml + setup*.sh)
     ├── RegistryError             exit 7   unreachable registry, bad registry.json
     ├── PermissionDenied          exit 8   not root / not in the admin group
     ├── StoreBusy                 exit 9   a lock could not be had in time
@@ -42,6 +44,7 @@ class ExitCode(enum.IntEnum):
     STORE = 10
     MOUNT = 11
     JOB_SETUP = 12
+    NOT_A_RUNTIME = 13
     # Statuses of a job that jbl ended itself (distinct from any 128+signal):
     JOB_TIMEOUT = 124  # as coreutils `timeout`
     JOB_OOM = 137 + 1  # 138: killed by the OOM killer (a plain SIGKILL is 137)
@@ -105,6 +108,18 @@ class UnsafeArchive(JblError):
 
 class LimitExceeded(UnsafeArchive):
     pass
+
+
+class NotARuntime(JblError):
+    """A tarball that is safe and well formed but holds no runtime root (``runtime.yml`` +
+    ``isolated/``): nothing hostile about it, so not exit 6."""
+
+    exit_code = ExitCode.NOT_A_RUNTIME
+
+
+class BuildRecipe(NotARuntime):
+    """Joblet's published build recipe of a runtime (``<name>/manifest.yaml`` and
+    ``setup-<os>-<arch>.sh`` scripts): it builds a runtime on a host, it is not one."""
 
 
 class RegistryError(JblError):
