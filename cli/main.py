@@ -3,12 +3,15 @@
 Each command group lives in its own module exposing ``register(subparsers, parents)``; the
 handler set with ``set_defaults(func=...)`` takes the parsed ``args`` and returns an exit code.
 Expected failures are ``JblError`` subclasses: one line on stderr, their ``exit_code``.
-Anything else is a bug: one line plus "run with --debug", or the traceback under ``--debug``.
+An ``OSError`` no command translated is still one line naming the path (exit 8 for a
+permission, else 1). Anything else is a bug: one line plus "run with --debug", or the
+traceback under ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -42,7 +45,8 @@ class _Parser(argparse.ArgumentParser):
     usage dump: sub-parsers inherit this class through ``add_subparsers``."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        # main() already prints "jbl: error: "; the help pointer names the subcommand
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _chosen_modules(argv: Sequence[str]) -> list[str]:
@@ -104,6 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         return int(ExitCode.ERROR)
+    except OSError as e:
+        # A path the system refused that no command translated (each should, with what to
+        # do): still one line naming the path, not a traceback or "internal error".
+        if debug:
+            raise
+        name = e.filename if e.filename is not None else ""
+        where = f"{name}: " if name else ""
+        print(f"jbl: error: {where}{e.strerror or e} (run with --debug for details)",
+              file=sys.stderr)
+        return int(ExitCode.PERMISSION if e.errno in (errno.EACCES, errno.EPERM)
+                   else ExitCode.ERROR)
     except Exception as e:  # a bug: say so in one line unless debugging
         if debug:
             raise

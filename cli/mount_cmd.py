@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jbl.store.errors import MountError, UsageError
+from jbl.store.storepath import require_store
 
 from . import output
 
@@ -32,6 +33,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--allow-other", action="store_true",
                    help="let every user read the trees (file modes enforced); needs root "
                         "or user_allow_other in /etc/fuse.conf")
+    p.add_argument("--nonempty", action="store_true",
+                   help="mount over a directory that is not empty (its files are hidden "
+                        "while mounted)")
     p.add_argument("--status", action="store_true",
                    help="list the live or stale mounts of the store, and where")
     p.add_argument("--all", action="store_true",
@@ -56,6 +60,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.status:
         if args.mountpoint is not None:
             raise UsageError("--status takes no MOUNTPOINT")
+        if args.nonempty:
+            raise UsageError("--nonempty goes with a MOUNTPOINT, not --status")
         return _status(args)
     if args.all:
         raise UsageError("--all goes with --status")
@@ -66,6 +72,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not mount.is_stale(mp) and not os.path.isdir(mp):
         raise MountError(f"mountpoint {args.mountpoint} does not exist or is not a directory",
                          hint=f"create it: mkdir -p {args.mountpoint}")
+    # before anything is started or written (the log lives in the store): a mistyped
+    # --store is not an empty store, and a mount must not silently hide a directory's files
+    require_store(args.store, "mount")
+    mount.check_mountpoint(mp, nonempty=args.nonempty)
     if args.allow_other and os.geteuid() != 0 and not _user_allow_other():
         raise MountError("--allow-other needs root or 'user_allow_other' in /etc/fuse.conf")
     engine = args.engine or os.environ.get("JBL_MOUNT_ENGINE") or mount.DEFAULT_ENGINE

@@ -7,10 +7,13 @@ runtime tarballs and an offline registry. One line per result, or ``--json`` rec
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
 from jbl.store import pack as packmod
+from jbl.store.errors import JblError, PermissionDenied, UsageError
 from jbl.store.units import format_size
 
 from . import output
@@ -57,8 +60,36 @@ def _compression(args: argparse.Namespace) -> str:
     return "gz"
 
 
+def _cannot(e: OSError, doing: str, path: Path, hint: str) -> JblError:
+    """One line for an OSError about a path the user named (exit 8 when it is a matter of
+    permissions, else 2: the path given was wrong)."""
+    cls = PermissionDenied if e.errno in (errno.EACCES, errno.EPERM) else UsageError
+    why = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e))
+    if e.errno in (errno.ENOENT, errno.ENOTDIR) and doing.startswith("write") and \
+            not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        why = f"{os.path.dirname(os.path.abspath(path))} is not a directory you can write in"
+    return cls(f"cannot {doing} {path}: {why}", hint=hint)
+
+
+def _writes(path: Path, e: OSError) -> bool:
+    """Whether ``e`` is about writing ``path`` (its temp file beside it, or the rename)."""
+    names = [n for n in (e.filename, e.filename2) if isinstance(n, str)]
+    return any(os.path.dirname(os.path.abspath(n)) == os.path.dirname(os.path.abspath(path))
+               for n in names)
+
+
 def run_pack(args: argparse.Namespace) -> int:
-    res = packmod.pack(args.dir, args.output, _compression(args))
+    if args.output.is_dir():
+        raise UsageError(f"-o {args.output} is a directory",
+                         hint=f"name the tarball, e.g. -o {args.output / 'NAME-VERSION.tar.gz'}")
+    try:
+        res = packmod.pack(args.dir, args.output, _compression(args))
+    except OSError as e:
+        if _writes(args.output, e):
+            raise _cannot(e, "write", args.output, "choose another -o in a directory you may "
+                          "write") from None
+        raise _cannot(e, "read", Path(e.filename or args.dir), "jbl pack reads every file "
+                      "of the runtime directory") from None
     for w in res.warnings:
         output.note(args, f"jbl: warning: {w}")
     if args.json:
@@ -72,8 +103,15 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_registry_add(args: argparse.Namespace) -> int:
-    added = packmod.registry_add(args.registry, args.tarballs, platforms=args.platforms,
-                                 base_url=args.base_url)
+    try:
+        added = packmod.registry_add(args.registry, args.tarballs, platforms=args.platforms,
+                                     base_url=args.base_url)
+    except OSError as err:
+        if err.filename is None or _writes(args.registry / packmod.REGISTRY_FILE, err) or \
+                os.path.abspath(err.filename) == os.path.abspath(args.registry):
+            raise _cannot(err, "write the registry", args.registry, "choose a --registry "
+                          "directory you may write") from None
+        raise _cannot(err, "read", Path(err.filename), "check the TARBALL paths") from None
     if args.json:
         output.print_json(added)
     else:

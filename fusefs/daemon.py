@@ -46,7 +46,13 @@ class BoundedLog(logging.Handler):
         try:
             line = (self.format(record) + "\n").encode(errors="replace")
             rotated = rotate_log(self.path)
-            fd = open_log(self.path)
+            try:
+                fd = open_log(self.path, make_dir=False)
+            except FileNotFoundError:
+                # the store (or its run/) was removed under us: never recreate it; the
+                # line goes where spawn() pointed stderr
+                os.write(2, line)
+                return
             try:
                 os.write(fd, line)
                 if rotated:
@@ -99,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
         a.ready_fd = None
 
+    idle = None
     try:
-        idle = None
         if a.linger is not None and a.lock is not None and a.hold is not None:
             idle = IdleWatch(a.lock, a.hold, a.linger)
         mount.serve(a.store, a.mountpoint, allow_other=a.allow_other, ready=ready,
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.private:
             with contextlib.suppress(OSError):
                 a.mountpoint.rmdir()
+        if idle is not None:  # a lingering view leaves nothing behind (fusefs/linger.py)
+            idle.forget(a.mountpoint)
     return 0
 
 

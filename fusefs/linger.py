@@ -13,6 +13,9 @@ Everything lives in ``views_dir()``, the user's own 0700 directory beside the mo
                whether it still lives)
     K-XXXXXX/  that mountpoint (mkdtemp: 0700), removed by its daemon when it exits
 
+and the daemon removes all four when it exits with nobody holding or looking for its view
+(``IdleWatch.forget``), so nothing of a view outlives it.
+
 Why this is race-free: a job reads ``K.current`` and takes its SH hold while it holds
 ``K.lock``; the daemon decides to exit only while it holds ``K.lock`` *and* an EX lock on
 ``K.hold`` (both non-blocking), and keeps both until it has unmounted and exited. So a job
@@ -128,10 +131,26 @@ def _open(path: Path) -> int:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold ``K.lock`` (EX, blocking: the holder is a job starting a view, or a daemon
-    unmounting itself; both are short)."""
-    fd = _open(path)
+    unmounting itself; both are short). A daemon that exits removes ``K.lock`` while it
+    holds it (``IdleWatch.forget``): a lock won on a file no longer at ``path`` is no lock,
+    so take it again on the file that is there now."""
+    while True:
+        fd = _open(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+                current = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -192,6 +211,7 @@ class IdleWatch:
 
     def __init__(self, lock: Path, hold: Path, seconds: float) -> None:
         self.seconds = seconds
+        self.lock = lock
         self.lock_fd = _open(lock)
         self.hold_fd = _open(hold)
         self.done = False
@@ -229,3 +249,22 @@ class IdleWatch:
             return False
         self.done = True  # both locks stay ours until the process exits
         return True
+
+    def forget(self, mountpoint: Path) -> None:
+        """At exit, once unmounted: remove this view's ``K.current``, ``K.hold`` and
+        ``K.lock``, so the views directory keeps nothing of a view that is gone. Only with
+        both locks held (the daemon decided to exit, or nobody holds or looks for the view
+        now); otherwise a job is at it and the files are still in use. ``K.lock`` goes last:
+        a job blocked on it finds it removed and takes the new one (``locked``)."""
+        if not self.done:
+            if not self._try(self.lock_fd):
+                return
+            if not self._try(self.hold_fd):
+                return  # a job holds the view (we were stopped): it keeps its files
+        files = ViewFiles(self.lock.parent, self.lock.name.removesuffix(".lock"))
+        names = [files.hold, files.lock]
+        if read_current(files) == mountpoint:
+            names.insert(0, files.current)
+        for p in names:
+            with contextlib.suppress(OSError):
+                os.unlink(p)

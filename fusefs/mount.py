@@ -8,7 +8,9 @@
     view_root(store)    a directory with <name>/<version>/ for the runner: a live `jbl mount`
                         of that store by this user or root (``mounttab.usable_views``: never
                         another user's), else the user's lingering private view of it
-                        (fusefs/linger.py), else a private daemon for the caller's lifetime
+                        (fusefs/linger.py), else a private daemon for the caller's lifetime;
+                        MountError for a user who may not read the store itself (a shared
+                        store whose `jbl mount` service is down)
 
 Which daemon serves which mountpoint is the per-host mount table (fusefs/mounttab.py): each
 daemon records itself in its user's own directory (root: /run/jbl/mounts) once the mount is
@@ -38,6 +40,7 @@ from pathlib import Path
 from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import MountError
 from jbl.store.store import Store, pid_alive, proc_starttime
+from jbl.store.storepath import require_store
 
 from . import linger as lingermod
 from .linger import IdleWatch
@@ -82,8 +85,10 @@ def _record(store_dir: Path, mountpoint: Path, allow_other: bool, private: bool,
 
 
 # --- serving ----------------------------------------------------------------------------
-def check_mountpoint(mountpoint: Path) -> None:
-    """Refuse what cannot be mounted; recover a stale jbl mount left by a dead daemon."""
+def check_mountpoint(mountpoint: Path, *, nonempty: bool = True) -> None:
+    """Refuse what cannot be mounted; recover a stale jbl mount left by a dead daemon.
+    ``nonempty=False``: also refuse a directory with something in it, which the mount would
+    hide (``jbl mount`` without ``--nonempty``, as fusermount3 without ``-o nonempty``)."""
     if is_stale(mountpoint):
         log.warning("%s: stale jbl mount (its daemon died); detaching it", mountpoint)
         force_unmount(mountpoint)
@@ -93,6 +98,16 @@ def check_mountpoint(mountpoint: Path) -> None:
     if mount_fstype(mountpoint) == FSTYPE:
         raise MountError(f"{mountpoint} is already a jbl mount",
                          hint="see `jbl mount --status`; `jbl umount` it first")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as it:
+                first = next(it, None)
+        except OSError as e:
+            raise MountError(f"cannot list mountpoint {mountpoint}: {e.strerror}") from None
+        if first is not None:
+            raise MountError(f"mountpoint {mountpoint} is not empty (it holds {first.name!r}, "
+                             "which the mount would hide)",
+                             hint="use an empty directory, or --nonempty to mount over it")
 
 
 def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
@@ -126,8 +141,7 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
     store_dir = Path(os.path.realpath(store_dir))
     try:
         check_mountpoint(mountpoint)
-        if not (store_dir / "index.db").exists():
-            Store.open(store_dir, create=True).close()  # an empty store mounts as an empty tree
+        require_store(store_dir, "mount")  # never create one (a typo'd --store, a removed one)
         store = Store.open(store_dir, readonly=True)
     except Exception as e:
         if ready:
@@ -187,8 +201,7 @@ def _open_store(store_dir: Path, mountpoint: Path,
 
     try:
         check_mountpoint(mountpoint)
-        if not (store_dir / "index.db").exists():
-            Store.open(store_dir, create=True).close()  # an empty store mounts as an empty tree
+        require_store(store_dir, "mount")  # never create one (a typo'd --store, a removed one)
         return Store.open(store_dir, readonly=True)
     except Exception as e:
         if ready:
@@ -387,6 +400,16 @@ def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
     for st in usable_views(store_dir):
         yield Path(st.mountpoint)
         return
+    from jbl.store.access import may_open_index
+
+    if not may_open_index(store_dir):
+        # A view of our own would mount, then fail on the first file: the blobs are the
+        # admins' (2770). What the user needs to know is that the shared view is down.
+        raise MountError(f"the shared view of the store {store_dir} is not running (no "
+                         "`jbl mount --allow-other` of it), and only root and the store's "
+                         "admin group may read the store directly",
+                         hint="ask an admin to start it: systemctl start jbl-mount.service "
+                              "(made by `jbl setup --system`)")
     engine = engine or os.environ.get("JBL_MOUNT_ENGINE") or DEFAULT_ENGINE
     secs = lingermod.linger_seconds() if linger is None else linger
     view = lingermod.view_files(store_dir) if secs > 0 else None

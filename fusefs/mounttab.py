@@ -26,9 +26,9 @@ someone else's). ``usable_views(store)`` goes further for the runner: only the c
 and root's mounts, never another user's, and root's jobs only root's.
 
 States: ``mounted`` (daemon running, mount answers), ``not answering`` (daemon running,
-``stat`` fails), ``stale`` (the daemon is dead: its pid is gone, or the kernel says the
-connection is gone: ENOTCONN), ``gone`` (neither mount nor daemon: the record is deleted
-when read, so ``--status`` never lists dead private views).
+``statvfs`` fails), ``stale`` (the daemon is dead: its pid is gone or a zombie, or the kernel
+says the connection is gone: ENOTCONN), ``gone`` (neither mount nor daemon: the record is
+deleted when read, so ``--status`` never lists dead private views).
 
 The daemon log: ``STORE/run/mount.log`` when the caller may write there, else ``mount.log``
 beside the caller's records; rotated to ``mount.log.1`` at ``LOG_MAX`` bytes.
@@ -160,18 +160,22 @@ def jbl_mounts() -> list[str]:
 
 
 def answers(mountpoint: Path | str) -> bool:
-    """True if the mount responds (a dead daemon's mount gives ENOTCONN)."""
-    try:
-        os.stat(mountpoint)
-        return True
-    except OSError:
-        return False
+    """True if the mount's daemon responds (a dead daemon's mount gives ENOTCONN)."""
+    return _probe(mountpoint) == 0
+
+
+# What a FUSE mount answers once its daemon closed /dev/fuse (died): ECONNABORTED to the
+# request that was in flight, ENOTCONN to every later one.
+DEAD = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
 
 def _probe(mountpoint: Path | str) -> int:
-    """0 if ``stat`` of the mount answers, else its errno (0 for a non-errno failure)."""
+    """0 if the mount's daemon answers, else the errno (EIO for a non-errno failure).
+
+    ``statvfs``, not ``stat``: the kernel answers ``stat`` of the root from its attribute
+    cache for up to a second after the daemon died, but always asks the daemon for STATFS."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         return e.errno or errno.EIO
     return 0
@@ -179,7 +183,20 @@ def _probe(mountpoint: Path | str) -> int:
 
 def connection_dead(mountpoint: Path | str) -> bool:
     """The kernel says the FUSE connection is gone (its daemon closed /dev/fuse: died)."""
-    return _probe(mountpoint) == errno.ENOTCONN
+    return _probe(mountpoint) in DEAD
+
+
+def daemon_running(pid: int, start: int) -> bool:
+    """The process ``pid`` started at ``start`` runs: not gone, not a reused pid, and not a
+    zombie (a killed daemon stays one until it is reaped, its mount already dead)."""
+    if not pid_alive(pid, start):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read(4096)
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def is_stale(mountpoint: Path | str) -> bool:
@@ -269,10 +286,13 @@ def rotate_log(path: Path) -> bool:
         return False
 
 
-def open_log(path: Path) -> int:
+def open_log(path: Path, *, make_dir: bool = True) -> int:
     """An O_APPEND fd on the log, created if need be; never follows a symlink (run/ is
-    group-writable on a shared server, and the daemon may be root)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    group-writable on a shared server, and the daemon may be root). ``make_dir=False``: a
+    directory that is gone stays gone (FileNotFoundError), e.g. a store removed under a
+    running daemon."""
+    if make_dir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     rotate_log(path)
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                    0o644)
@@ -358,7 +378,7 @@ def _load(dfd: int, name: str, owner: int, mounts: dict[str, MountInfo]) -> Moun
         return None
     # A process that is not the record's user's is not its daemon (pid reuse, or a forgery);
     # a pid we cannot see (hidepid) is not running either.
-    running = pid_alive(st.pid, st.pid_start) and _proc_uid(st.pid) == owner
+    running = daemon_running(st.pid, st.pid_start) and _proc_uid(st.pid) == owner
     m = mounts.get(st.mountpoint)
     mounted = m is not None and m.fstype == FSTYPE and (not st.dev or m.dev == st.dev)
     if not mounted:
@@ -373,7 +393,7 @@ def _load(dfd: int, name: str, owner: int, mounts: dict[str, MountInfo]) -> Moun
         return None  # the mount there is not the one the record describes
     probe = _probe(st.mountpoint) if owner in (0, os.geteuid()) else \
         trust.within(OTHERS_TIMEOUT, lambda: _probe(st.mountpoint))
-    if not running or probe == errno.ENOTCONN:
+    if not running or probe in DEAD:
         st.state = "stale"
     elif probe == 0:
         st.state, st.alive = "mounted", True
@@ -461,7 +481,7 @@ def unrecorded() -> list[MountStatus]:
         probe = _probe(mp) if m.uid in (0, me) else \
             trust.within(OTHERS_TIMEOUT, functools.partial(_probe, mp))
         st.alive = probe == 0
-        st.state = ("stale" if probe == errno.ENOTCONN
+        st.state = ("stale" if probe in DEAD
                     else "mounted" if probe in (0, errno.EACCES) else "not answering")
         out.append(st)
     return out

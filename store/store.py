@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import storepath
 from . import versions as versions_mod
 from .blobs import BlobStore
 from .db import DB, INDEX_MODE, open_db
@@ -92,6 +93,7 @@ class Store:
         self.readonly = readonly
         self.blobs = BlobStore(self.dir)
         self.chunk_size = int(db.scalar("SELECT value FROM meta WHERE key='chunk_size'"))
+        self._dir_id = storepath.identity(self.dir)  # close() never recreates a removed store
 
     @classmethod
     def open(cls, store_dir: Path | str, *, readonly: bool = False,
@@ -104,14 +106,18 @@ class Store:
 
             require_admin(None, store_dir)
         if create:
-            store_dir.mkdir(parents=True, exist_ok=True)
-            BlobStore(store_dir).create()
+            storepath.make_dir(store_dir)  # /proc, read-only, a file...: one line each
+            try:
+                BlobStore(store_dir).create()
+            except OSError as e:
+                raise storepath.from_oserror(e, store_dir, "create") from None
         db = open_db(store_dir, readonly=readonly, create=create)
         return cls(store_dir, db, readonly)
 
     def close(self) -> None:
         try:
-            if not self.readonly and self.db.changed:
+            if not self.readonly and self.db.changed and \
+                    storepath.identity(self.dir) == self._dir_id:
                 self.publish()
         finally:
             self.db.close()

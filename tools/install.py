@@ -156,9 +156,10 @@ def site_packages(prefix: Path) -> Path:
 
 def make_venv(prefix: Path, python: str) -> None:
     _run(python, "-m", "venv", "--clear", prefix)
-    # setuptools new enough for pyproject.toml, so refreshes can build without isolation
+    # setuptools new enough for pyproject.toml (77: an SPDX `license` string), so refreshes
+    # can build without isolation
     _run(prefix / "bin/python", "-m", "pip", "install", "-q", "--upgrade", "pip",
-         "setuptools>=69", "wheel")
+         "setuptools>=77", "wheel")
 
 
 def full_install(prefix: Path, src: Path) -> None:
