@@ -91,10 +91,42 @@ def parse_limits(args: argparse.Namespace) -> Any:
         memory = parse_size(args.memory, what="--memory")
         if memory < MIN_MEMORY:
             raise UsageError(f"invalid --memory {args.memory!r}: at least 4M")
-    if args.cpu_cores is not None and not CORES_RE.match(args.cpu_cores):
-        raise UsageError(f"invalid --cpu-cores {args.cpu_cores!r}: expected a list like 0-1,3")
+    if args.cpu_cores is not None:
+        check_cores(args.cpu_cores)
     return Limits(memory=memory, cpu_percent=_positive(args.cpu, "--cpu", float),
                   cpu_cores=args.cpu_cores, pids=_positive(args.pids, "--pids", int))
+
+
+def _core_list(cores: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (the kernel's cpuset list format)."""
+    runs: list[list[int]] = []
+    for c in sorted(cores):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def check_cores(text: str) -> None:
+    """``--cpu-cores``: well-formed, and only cores this process may run on (the kernel
+    would refuse the others with ERANGE, long after the options were read)."""
+    if not CORES_RE.match(text):
+        raise UsageError(f"invalid --cpu-cores {text!r}: expected a list like 0-1,3")
+    have = os.sched_getaffinity(0)
+    asked: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if first > last:
+            raise UsageError(f"invalid --cpu-cores {text!r}: {part} runs backwards")
+        if last - first > 65536:
+            raise UsageError(f"invalid --cpu-cores {text!r}: {part} is no machine's cores")
+        asked.update(range(first, last + 1))
+    missing = sorted(asked - have)
+    if missing:
+        raise UsageError(f"invalid --cpu-cores {text!r}: no such core {_core_list(missing)}; "
+                         f"the cores here are {_core_list(sorted(have))}")
 
 
 def parse_env(items: list[str]) -> tuple[tuple[str, str], ...]:

@@ -4,8 +4,10 @@
     ├── SandboxSetupError          a sandbox step failed; the message names it
     │                              (``mount /proc: Operation not permitted``)
     ├── CgroupError                the job's cgroup could not be created or limited
-    └── LimitsNotEnforced          limits asked for but not enforceable, and the caller
-                                   asked for that to be an error (``--require-limits``)
+    ├── LimitsNotEnforced          limits asked for but not enforceable, and the caller
+    │                              asked for that to be an error (``--require-limits``)
+    ├── CommandNotFound (exit 127) the command is not in the runtime (or its #! interpreter)
+    └── CommandNotExecutable (126) it is there but cannot be executed
     UsageError (exit 2)            bad request (no command, bad volume/upload path)
 
 Statuses of a job that ran are not errors: see ``supervise.JobResult`` (the job's own status,
@@ -14,7 +16,7 @@ Statuses of a job that ran are not errors: see ``supervise.JobResult`` (the job'
 
 from __future__ import annotations
 
-from jbl.store.errors import JobError, UsageError
+from jbl.store.errors import ExitCode, JobError, UsageError
 
 
 class SandboxSetupError(JobError):
@@ -29,4 +31,13 @@ class LimitsNotEnforced(JobError):
     pass
 
 
-__all__ = ["CgroupError", "JobError", "LimitsNotEnforced", "SandboxSetupError", "UsageError"]
+class CommandNotFound(JobError):
+    exit_code = ExitCode.COMMAND_NOT_FOUND
+
+
+class CommandNotExecutable(JobError):
+    exit_code = ExitCode.COMMAND_NOT_EXECUTABLE
+
+
+__all__ = ["CgroupError", "CommandNotExecutable", "CommandNotFound", "JobError",
+           "LimitsNotEnforced", "SandboxSetupError", "UsageError"]

@@ -36,6 +36,7 @@ import sys
 from typing import Any, NoReturn
 
 SETUP_FAILED = 12  # jbl.store.errors.ExitCode.JOB_SETUP (not imported: stdlib only here)
+COMMAND_NOT_EXECUTABLE, COMMAND_NOT_FOUND = 126, 127  # ExitCode.COMMAND_*, as shells use
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -184,11 +185,11 @@ class Sandbox:
             self.fail(f"{op}: internal error: {type(e).__name__}: {e}")
         self.fail("plan ended without exec")
 
-    def fail(self, message: str) -> NoReturn:
+    def fail(self, message: str, status: int = SETUP_FAILED) -> NoReturn:
         try:
             os.write(self.status_fd, message.encode("utf-8", "replace") + b"\n")
         finally:
-            os._exit(SETUP_FAILED)
+            os._exit(status)
 
     def op_new_session(self, ctty: bool) -> None:
         try:
@@ -392,7 +393,22 @@ class Sandbox:
         try:
             os.execvpe(argv[0], argv, self.env)
         except OSError as e:
-            raise StepFailed(f"exec {argv[0]}: {e.strerror}") from None
+            self.fail(*exec_failure(argv[0], e, self.env.get("PATH", "")))
+
+
+def exec_failure(cmd: str, e: OSError, path: str) -> tuple[str, int]:
+    """The message and status for a command that could not be started, as shells and
+    container runners say it: 127 not found (also a script whose interpreter is missing),
+    126 found but not executable."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        if "/" not in cmd:
+            return (f"{cmd}: command not found in the runtime (PATH={path})",
+                    COMMAND_NOT_FOUND)
+        if os.path.lexists(cmd):
+            return (f"{cmd}: {e.strerror} (its #! interpreter or its loader is not in the "
+                    "runtime)", COMMAND_NOT_FOUND)
+        return f"{cmd}: no such file in the runtime", COMMAND_NOT_FOUND
+    return f"{cmd}: cannot execute: {e.strerror}", COMMAND_NOT_EXECUTABLE
 
 
 def drop_bounding_set() -> None:

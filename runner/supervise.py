@@ -36,7 +36,13 @@ from jbl.store.units import format_duration, format_size
 
 from . import sandbox as _sandbox_module
 from .cgroups import JobCgroup
-from .errors import CgroupError, LimitsNotEnforced, SandboxSetupError
+from .errors import (
+    CgroupError,
+    CommandNotExecutable,
+    CommandNotFound,
+    LimitsNotEnforced,
+    SandboxSetupError,
+)
 from .manifests import load_manifest as load_manifest
 from .plan import Ids, JobRequest, Plan, RootfsEntry, build_plan
 from .stdio import TTY_STOPS, JobStdio
@@ -236,6 +242,11 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool) -> JobResult:
         message = _read_status(status_r)
         if message and status == ExitCode.JOB_SETUP:
             raise SandboxSetupError(message)
+        # the status pipe closes at exec: a job's own exit 127 comes with no message
+        if message and status == ExitCode.COMMAND_NOT_FOUND:
+            raise CommandNotFound(message)
+        if message and status == ExitCode.COMMAND_NOT_EXECUTABLE:
+            raise CommandNotExecutable(message)
         peak = cg.peak_memory()
         label = req.runtime_label or str(req.runtime_dir)
         base = dict(job_id=plan.job_id, runtime=label, job_status=status, wall_time=wall,

@@ -21,6 +21,8 @@ This module is the one place for both facts. Packages above ``store`` (``fusefs`
     │   └── UnsafeStorePath                a link or wrong file type planted in the store
     ├── MountError                exit 11  FUSE mount could not be set up / torn down
     └── JobError                  exit 12  a job could not be set up (names the step)
+        ├── CommandNotExecutable  exit 126 (runner/errors.py) the command is not executable
+        └── CommandNotFound       exit 127 (runner/errors.py) no such command in the runtime
         (a job that ran returns its own status: 0-255; 128+N for a signal;
          see runner/errors.py for the statuses jbl itself assigns)
 """
@@ -45,6 +47,9 @@ class ExitCode(enum.IntEnum):
     MOUNT = 11
     JOB_SETUP = 12
     NOT_A_RUNTIME = 13
+    # A job's command that could not be started, as shells and container runners say it:
+    COMMAND_NOT_EXECUTABLE = 126
+    COMMAND_NOT_FOUND = 127
     # Statuses of a job that jbl ended itself (distinct from any 128+signal):
     JOB_TIMEOUT = 124  # as coreutils `timeout`
     JOB_OOM = 137 + 1  # 138: killed by the OOM killer (a plain SIGKILL is 137)

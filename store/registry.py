@@ -381,14 +381,17 @@ def _depth(doc: Any) -> int:
     return deepest
 
 
-def offered_summary(reg: Registry) -> list[dict[str, Any]]:
-    """Rows for ``available``: name, versions (ascending), latest release, platforms."""
+def offered_summary(reg: Registry, arch: str | None = None) -> list[dict[str, Any]]:
+    """Rows for ``available``: name, versions (ascending), the latest release this host's
+    architecture (``arch``) can run -- what ``install NAME`` would pick --, platforms."""
+    arch = arch or host_arch()
     rows = []
     for name in sorted(reg.runtimes):
         entries = reg.runtimes[name]
         vers = sort_versions(entries)
         plats = sorted({p for e in entries.values() for p in e.platforms})
-        rows.append({"name": name, "versions": vers, "latest": latest_version(vers),
+        runnable = [v for v in vers if entries[v].runs_on(arch)]
+        rows.append({"name": name, "versions": vers, "latest": latest_version(runnable),
                      "platforms": plats, "registry": reg.label})
     return rows
 

@@ -162,8 +162,9 @@ def test_user_option_drops_to_that_user(rt: str, shared_dir: Path, test_user: st
 
 def test_setup_failures_name_their_step(rt: str, shared_dir: Path) -> None:
     r = jbl("run", "--runtime-dir", rt, "--", "no-such-command")
-    assert (r.returncode, r.stderr) == (12, "jbl: error: exec no-such-command: "
-                                             "No such file or directory\n")
+    assert r.returncode == 127 and r.stderr.count("\n") == 1, r.stderr  # as shells say it
+    assert r.stderr.startswith("jbl: error: no-such-command: command not found in the "
+                               "runtime (PATH="), r.stderr
     r = jbl("run", "--runtime-dir", rt, "--volume", f"{shared_dir}:/bin/x", "--", "true")
     assert r.returncode == 12
     assert r.stderr == "jbl: error: bind /bin/x: /bin: a path component is a symlink\n"

@@ -75,7 +75,7 @@ def test_a_threaded_caller_gets_an_execd_helper_that_behaves_the_same(rt: str) -
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "hello", "status 7",
-        "error SandboxSetupError exec /no/such/program: No such file or directory"]
+        "error CommandNotFound /no/such/program: no such file in the runtime"]
 
 
 def _cache_entry(home: Path, rt: str) -> Path:
