@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import cgroup_probe
@@ -203,6 +204,31 @@ def test_sigterm_is_forwarded_and_cgroup_removed(rt: str) -> None:
     assert {d.name for d in dirs} == {record["job_id"]}
     assert not cgroup_probe.pids_running("sleep", marker)
     assert not [d for d in dirs if d.exists()]
+
+
+def test_a_sigkilled_jbl_run_takes_its_job_with_it(rt: str) -> None:
+    """docs/runner.md: helper and init die by PR_SET_PDEATHSIG when jbl is SIGKILLed (no
+    teardown runs then), and init's death ends the PID namespace: nothing of the job stays."""
+    marker = "876.375"
+    p = subprocess.Popen([JBL, "run", "--runtime-dir", rt, "--", "sh", "-c",
+                          f"sleep {marker} & until grep -qs {marker} /proc/$!/cmdline; "
+                          "do :; done; echo ready; wait"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        job = cgroup_probe.descendants(p.pid)
+        assert len(cgroup_probe.pids_running("sleep", marker)) == 1 and len(job) >= 3
+    finally:
+        p.kill()  # SIGKILL: jbl's finally never runs
+        p.wait()
+        p.stdout.close()  # not communicate(): a surviving job would hold the pipe open
+    deadline = time.monotonic() + 10
+    while [pid for pid in job if os.path.exists(f"/proc/{pid}")] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    survivors = [pid for pid in job if os.path.exists(f"/proc/{pid}")]
+    for pid in survivors:  # a failing run must not leave the job behind
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+    assert not cgroup_probe.pids_running("sleep", marker)
 
 
 def test_timeout_kills_double_forked_daemon(rt: str) -> None:
