@@ -26,6 +26,7 @@ Thread-safety: a command handler; runs once per process.
 from __future__ import annotations
 
 import argparse
+import errno
 import grp
 import os
 import re
@@ -68,7 +69,16 @@ class Plan:
             self.rows.append({"step": what, "path": str(path), "result": "ok"})
             return False
         if not self.dry and do is not None:
-            do()
+            try:
+                do()
+            except OSError as e:  # a path that cannot be used: one line naming the step
+                why = "a file is in the way" if e.errno == errno.EEXIST else \
+                    (e.strerror or str(e))
+                where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) \
+                    else ""
+                raise JblError(f"{what} {path}: cannot {action}: {why}{where}",
+                               hint="fix it and run jbl setup --system again: the steps "
+                                    "before it are done and will say ok") from None
         done = _PAST.get(action, action + "d")
         self.rows.append({"step": what, "path": str(path),
                           "result": f"would {action}" if self.dry else done})

@@ -25,6 +25,7 @@ from jbl.store.errors import JblError, NotInstalled, PermissionDenied, UsageErro
 from jbl.store.snapshot import Summary
 from jbl.store.snapshot import load as load_summary
 from jbl.store.store import Store, VersionInfo
+from jbl.store.storepath import has_index
 from jbl.store.units import format_size
 from jbl.store.versions import Spec, parse_spec, sort_versions
 
@@ -78,7 +79,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 def _open(args: argparse.Namespace, *, write: bool = False,
           create: bool = False) -> Store | None:
     """The store; None when there is none yet and ``create`` is False (an empty store)."""
-    if not create and not (Path(args.store) / "index.db").exists():
+    if not create and not has_index(args.store):  # a file, another's 0700 home: one line
         return None
     try:
         return Store.open(args.store, readonly=not (write or create), create=create)
@@ -91,7 +92,7 @@ def _open(args: argparse.Namespace, *, write: bool = False,
 def _read(args: argparse.Namespace) -> Store | Summary | None:
     """What ``list``/``info``/``df`` read: the index for those who may write it, else the
     published summary (ordinary users never open the index: snapshot.py); None: no store."""
-    if not (Path(args.store) / "index.db").exists():
+    if not has_index(args.store):
         return None
     if may_open_index(args.store):
         return _open(args)

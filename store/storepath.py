@@ -5,6 +5,7 @@ A mistyped or unusable ``--store`` is an everyday mistake, not a bug: the store 
 user's 0700 home. This module owns turning those into one line that names the path, says
 what is wrong and what to do, with the exit code of the error class (store/errors.py):
 
+    has_index(path)             is it a store (False: not yet), for commands that read one
     require_store(path, what)   an existing store, for commands that never create one (mount,
                                 verify, gc, ...): "no jbl store at PATH"        exit 10
     make_dir(path)              create a new store's directory (``mkdir -p``)
@@ -52,21 +53,27 @@ def not_a_directory(path: Path | str) -> StoreError | None:
                       hint="check --store / JBL_STORE: a store is a directory")
 
 
-def require_store(path: Path | str, what: str) -> None:
-    """Refuse, with the reason, a ``path`` that holds no store: ``what`` (e.g. "mount")
-    never creates one, so a typo in ``--store`` must not look like an empty store."""
-    if (Path(path) / INDEX_NAME).exists():
-        return
+def has_index(path: Path | str) -> bool:
+    """Whether ``path`` is a store (holds its index); False when it does not exist yet. A
+    path that is a file, or that the caller may not look into, is one line instead."""
     err = not_a_directory(path)
     if err is not None:
         raise err
+    try:
+        os.stat(Path(path) / INDEX_NAME)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise from_oserror(e, Path(path), "read") from None
+    return True
+
+
+def require_store(path: Path | str, what: str) -> None:
+    """Refuse, with the reason, a ``path`` that holds no store: ``what`` (e.g. "mount")
+    never creates one, so a typo in ``--store`` must not look like an empty store."""
+    if has_index(path):
+        return
     if not os.path.exists(path):
-        try:
-            os.stat(path)
-        except PermissionError as e:
-            raise from_oserror(e, Path(path), "read") from None
-        except OSError:
-            pass
         raise StoreError(f"no jbl store at {path}: the directory does not exist, so there is "
                          f"nothing to {what}",
                          hint="check --store / JBL_STORE for a typo; `jbl store install` "
