@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -231,11 +232,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(("runtime.yml", "not shown: other users may not read it in this version"))
     for m in d["mounts"]:
         lines.append(("mount", f"{m['source']} -> {m['target']}"
-                               f"{' (ro)' if m['readonly'] else ' (rw)'}"))
+                               f"{' (ro)' if m['readonly'] else ' (rw: a per-job layer)'}"
+                               + ("" if m.get("present", True) else
+                                  " - not in the runtime: skipped (as Joblet does)")))
     for k, v in d["environment"].items():
         lines.append(("env", f"{k}={v}"))
-    for k, v in d["manifest_extra"].items():
-        lines.append((k, str(v)))
+    for k, v in d["manifest_extra"].items():  # bounded already (report.manifest_fields)
+        lines.append((k, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k + ':':<{width + 1}} {v}")

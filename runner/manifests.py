@@ -32,6 +32,9 @@ from jbl.store.errors import UsageError
 from jbl.store.manifest import MANIFEST_NAME, Manifest, load_yaml, manifest_from_doc
 
 MAX_CACHED = 1 << 20  # a runtime.yml larger than this is parsed every time
+# In the file name: records of an older loader (v1 read `version: 1.10` as the float 1.1)
+# are never looked at again.
+CACHE_FORMAT = "v2"
 
 
 def cache_dir() -> Path | None:
@@ -55,7 +58,7 @@ def load_manifest(runtime_dir: Path) -> Manifest:
 def parse_cached(data: bytes, *, source: str = MANIFEST_NAME) -> Manifest:
     d = cache_dir()
     entry = None if d is None or len(data) > MAX_CACHED else (
-        d / f"{zlib.crc32(data):08x}-{len(data)}.marshal")
+        d / f"{zlib.crc32(data):08x}-{len(data)}.{CACHE_FORMAT}.marshal")
     if entry is not None:
         doc = _read(entry, data)
         if doc is not None:

@@ -113,12 +113,14 @@ def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False
     if manifest is None:
         manifest = load_manifest(rt)
     entries: dict[str, list[RootfsEntry]] = {}
+    skip: set[str] = set()
     for m in manifest.default_mounts():
         src = os.path.realpath(rt / m.source)
-        if not _inside(src, str(rt)):  # a symlink in the runtime must not reach the host
-            raise SandboxSetupError(f"runtime mount {m.source}: leaves the runtime directory")
-        if not os.path.exists(src):
-            raise SandboxSetupError(f"runtime mount {m.source}: no such file or directory")
+        # A source the runtime lacks is skipped, as Joblet does (import noted it, info shows
+        # it); so is one whose symlinks lead out of the runtime: never followed to the host.
+        if not _inside(src, str(rt)) or not os.path.exists(src):
+            skip.add(m.source)
+            continue
         if m.target == "/":
             entries[m.source] = list_rootfs(Path(src))
     for up in req.uploads:
@@ -129,7 +131,8 @@ def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False
             raise UsageError(f"--volume {v.source}: no such file or directory")
     req2 = dataclasses.replace(req, runtime_dir=rt,
                                uploads=tuple(Path(os.path.abspath(u)) for u in req.uploads))
-    return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ, ctty=pty)
+    return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ, ctty=pty,
+                      skip_sources=skip)
 
 
 # ---- running ------------------------------------------------------------------------------

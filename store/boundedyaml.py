@@ -10,7 +10,9 @@ composer (RecursionError). So every document is parsed here, under a ``Bounds``:
 * ``allow_aliases``: False refuses the first alias (``*name``) outright; True counts it as
   the size of the node it repeats, so ``max_nodes`` caps the *expanded* document;
 * ``max_depth``: nesting deeper than this is refused while composing, long before the
-  recursion could run out of stack.
+  recursion could run out of stack;
+* ``text_keys``: top-level keys whose unquoted numeric values keep their text as written
+  (runtime.yml's ``version: 1.10`` is ``"1.10"``, never the float ``1.1``).
 
 A violation is ``YamlBoundError`` (one line: what, where); malformed YAML stays
 ``yaml.YAMLError``. Callers turn both into their own one-line error (runtime.yml: exit 6;
@@ -31,6 +33,9 @@ class Bounds:
     max_depth: int = 32
     max_nodes: int = 100_000  # scalars + collections, every alias counted as what it repeats
     allow_aliases: bool = False
+    # Top-level keys whose plain-scalar values stay the text as written: ``version: 1.10``
+    # is the string "1.10", not the float 1.1 (runtime.yml; see ``_keep_text``).
+    text_keys: tuple[str, ...] = ()
 
 
 class YamlBoundError(Exception):
@@ -82,11 +87,34 @@ def _loader_class() -> type[Any]:
             finally:
                 self.depth -= 1
             self._count(1, event)
+            if self.depth == 0 and self.bounds.text_keys:
+                _keep_text(node, self.bounds.text_keys)
             if event.anchor is not None:  # the composer keeps anchored nodes alive
                 self.weights[id(node)] = self.expanded - before
             return node
 
     return BoundedLoader
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _keep_text(node: Any, keys: tuple[str, ...]) -> None:
+    """In the top-level mapping, a plain scalar under one of ``keys`` (or a key ending in
+    ``_`` + one of them, e.g. ``python_version``) that YAML would read as a number is
+    retagged as a string: the composer keeps a scalar's source text in ``node.value``, so
+    ``1.10`` stays ``"1.10"`` and ``3.0`` stays ``"3.0"``. Quoted values are strings
+    already; anything else (null, a list) is left for the caller to judge."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for k, v in node.value:
+        name = k.value if isinstance(k, yaml.ScalarNode) else None
+        if (isinstance(name, str) and isinstance(v, yaml.ScalarNode) and v.style is None
+                and v.tag in _NUMBER_TAGS
+                and any(name == t or name.endswith("_" + t) for t in keys)):
+            v.tag = "tag:yaml.org,2002:str"
 
 
 def load(data: bytes | str, bounds: Bounds) -> Any:

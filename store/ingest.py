@@ -47,6 +47,7 @@ from .db import open_db
 from .digest import EMPTY, HashingReader, parse_checksum
 from .errors import (
     AlreadyExists,
+    BuildRecipe,
     ChecksumMismatch,
     LimitExceeded,
     NotFound,
@@ -56,7 +57,16 @@ from .errors import (
     UsageError,
 )
 from .limits import Limits
-from .manifest import MANIFEST_NAME, Manifest, check_name, parse_manifest
+from .manifest import (
+    MANIFEST_NAME,
+    ROOTFS_DIR,
+    Manifest,
+    arch_mismatch,
+    check_name,
+    load_yaml,
+    parse_manifest,
+    source_present,
+)
 from .store import Store, VersionInfo, pid_alive
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,7 @@ _INFLIGHT = 16            # batches queued or being processed at most (bounded m
 _BATCH_BYTES = 512 << 10  # a batch closes at this many body bytes…
 _BATCH_ITEMS = 128        # …or this many chunks (one IN (...) query each)
 _MAX_MANIFEST = 1 << 20   # runtime.yml is read into memory: a few KiB in practice
+RECIPE_MANIFEST = "manifest.yaml"  # Joblet's build recipes: read to name the runtime
 _IMPLIED_DIR_MODE = 0o755
 _DROPPED = "dropped"
 _DEFAULT_LIMITS = Limits()  # frozen: safe to share as the default
@@ -359,8 +370,9 @@ def _read_archive(reader: ts.TarReader, tree: _Tree, pipe: _Pipeline | None, chu
             continue
         body = _Body(m.size, [])
         node.body = body
-        is_manifest = (m.path == MANIFEST_NAME or (m.path.count("/") == 1 and m.path.endswith(
-            "/" + MANIFEST_NAME))) and m.size <= _MAX_MANIFEST
+        base = m.path.rsplit("/", 1)[-1]
+        is_manifest = base in (MANIFEST_NAME, RECIPE_MANIFEST) and m.path.count("/") <= 1 \
+            and m.size <= _MAX_MANIFEST
         if pipe is None:
             if is_manifest:
                 manifests[m.path] = b"".join(reader.body(m, chunk_size))
@@ -383,7 +395,7 @@ def _read_archive(reader: ts.TarReader, tree: _Tree, pipe: _Pipeline | None, chu
             body.digest = pipe.hasher.submit(h.digest)
         if is_manifest:
             manifests[m.path] = b"".join(kept)
-            if early_check(m.path, manifests[m.path]):
+            if base == MANIFEST_NAME and early_check(m.path, manifests[m.path]):
                 manifests["__installed__"] = b""
                 return manifests
     return manifests
@@ -392,15 +404,64 @@ def _read_archive(reader: ts.TarReader, tree: _Tree, pipe: _Pipeline | None, chu
 def _runtime_manifest(tree: _Tree, manifests: dict[str, bytes]
                       ) -> tuple[_Node, bytes, Manifest]:
     """The runtime directory's node, its runtime.yml bytes and the parsed manifest."""
-    root, prefix = _runtime_root(tree)
+    root, prefix = _runtime_root(tree, manifests)
     text = manifests.get(prefix + MANIFEST_NAME)
     if text is None:
         raise LimitExceeded(f"{MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes",
                             prefix + MANIFEST_NAME)
-    return root, text, parse_manifest(text, source=prefix + MANIFEST_NAME)
+    manifest = parse_manifest(text, source=prefix + MANIFEST_NAME)
+    missing = [m.source for m in manifest.mounts
+               if not source_present(_tree_lookup, root, m.source)]
+    if missing:  # once per import, not per source: Joblet's fixed mount tables list many
+        tree.warnings.append(f"{prefix}{MANIFEST_NAME} mounts sources the runtime lacks: "
+                             f"{', '.join(missing)} (jobs skip them, as Joblet does; "
+                             "`jbl store info` lists them)")
+    return root, text, manifest
 
 
-def _runtime_root(tree: _Tree) -> tuple[_Node, str]:
+def _tree_lookup(node: _Node, name: str) -> tuple[_Node, str, str] | None:
+    """``manifest.source_present``'s view of the archive tree."""
+    child = (node.children or {}).get(name)
+    if child is None or child.kind == _DROPPED:
+        return None
+    kind = {ts.DIR: "dir", ts.SYMLINK: "symlink"}.get(child.kind, "file")
+    return child, kind, (child.target or b"").decode("utf-8", "replace")
+
+
+def _recipe(tree: _Tree, manifests: dict[str, bytes]) -> BuildRecipe | None:
+    """Joblet's published registry tarballs are build recipes (``NAME/manifest.yaml``,
+    ``setup.sh``/``setup-<os>-<arch>.sh``, ``versions.lock``; no runtime.yml, no isolated/):
+    say so, and how to make a runtime of one, instead of calling the archive unsafe."""
+    kids = tree.root.children or {}
+    top, prefix = tree.root, ""
+    if len(kids) == 1 and (only := next(iter(kids.values()))).kind == ts.DIR:
+        top, prefix = only, next(iter(kids)) + "/"
+    names = top.children or {}
+    scripts = sorted(n for n, c in names.items() if c.kind == ts.REG and n.startswith("setup")
+                     and n.endswith(".sh"))
+    if RECIPE_MANIFEST not in names or not scripts or ROOTFS_DIR in names:
+        return None
+    name = prefix.rstrip("/") or None
+    try:
+        doc = load_yaml(manifests.get(prefix + RECIPE_MANIFEST, b""), source=RECIPE_MANIFEST)
+        if isinstance(doc, dict) and isinstance(doc.get("name"), str):
+            name = check_name(doc["name"])
+    except (UnsafeArchive, UsageError):
+        pass  # the directory's name, then: the message needs no more than a name
+    what = f"runtime {name}" if name else "a runtime"
+    plat = next((n[len("setup-"):-len(".sh")] for n in scripts if n.startswith("setup-")),
+                "<os>-<arch>")
+    return BuildRecipe(
+        f"this is a Joblet build recipe of {what} ({prefix}{RECIPE_MANIFEST}, "
+        f"{', '.join(scripts[:3])}{'…' if len(scripts) > 3 else ''}), not a runtime root "
+        f"({MANIFEST_NAME} + {ROOTFS_DIR}/)",
+        hint=f"build it on a machine of its platform with its setup script (e.g. "
+             f"setup-{plat}.sh), which writes {MANIFEST_NAME} and {ROOTFS_DIR}/; then "
+             f"`jbl pack RUNTIME_DIR -o {name or 'NAME'}.tar.gz` and import or publish that")
+
+
+def _runtime_root(tree: _Tree, manifests: dict[str, bytes] | None = None
+                  ) -> tuple[_Node, str]:
     kids = tree.root.children or {}
     if MANIFEST_NAME in kids:
         root, prefix = tree.root, ""
@@ -408,6 +469,8 @@ def _runtime_root(tree: _Tree) -> tuple[_Node, str]:
             MANIFEST_NAME in (top.children or {}):
         root, prefix = top, next(iter(kids)) + "/"
     else:
+        if (recipe := _recipe(tree, manifests or {})) is not None:
+            raise recipe
         raise UnsafeArchive(f"no {MANIFEST_NAME} at the archive root or under a single top "
                             "directory")
     mnode = (root.children or {})[MANIFEST_NAME]
@@ -555,6 +618,7 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
         root, text, manifest = _runtime_manifest(tree, manifests)
         name = name or manifest.name
         version = version or manifest.version
+        _check_architecture(manifest)
         ok = True
     finally:
         reader.close()
@@ -574,6 +638,17 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
 
         record_stored_size(store, result.version.id)
     return result
+
+
+def _check_architecture(manifest: Manifest) -> None:
+    """runtime.yml's ``requirements.architectures`` is checked like a registry entry's
+    platforms, at install (exit 3, nothing stored) rather than at every run: a store serves
+    one host. ``inspect`` (publishing with ``jbl registry add``) does not check it."""
+    from .registry import host_arch
+
+    why = arch_mismatch(manifest, host_arch())
+    if why is not None:
+        raise NotFound(why, hint="install a version built for this host's architecture")
 
 
 @dataclass(frozen=True)

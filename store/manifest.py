@@ -8,7 +8,23 @@ A runtime directory holds ``runtime.yml`` and ``isolated/`` (the root filesystem
     mounts:                       # runtime-relative source -> absolute target in the job
       - {source: isolated/usr, target: /usr, readonly: true}
     environment: {PATH: /usr/bin:/bin, PYTHONDONTWRITEBYTECODE: "1"}
-    requirements: {architectures: [amd64]}   # optional, free-form beyond this
+    requirements: {architectures: [amd64], gpu: false}   # optional
+    language: python            # these and any other keys: kept in ``extra``, shown by info
+    packages: [numpy]
+    build_info: {built_at: 2025-01-01T00:00:00Z}
+
+Joblet writes runtime.yml in three shapes, all accepted as written: its setup scripts'
+heredoc (a mount table of ``isolated/...`` directories, ``/tmp`` read-write), its builder's
+generated file (a fixed mount table that may name directories the runtime lacks, plus
+``language``/``packages``/``requirements``/``build_info``), and a bare ``manifest.yaml``
+copied as runtime.yml (no mounts: the whole ``isolated/`` tree is ``/``).
+
+Rules: ``version`` (and any ``*_version``) keeps its text as written, so an unquoted
+``1.10`` is ``"1.10"`` (boundedyaml ``text_keys``). A mount's source may be missing from the
+runtime: jobs skip it (as Joblet does; ingest notes it once, ``info`` shows it).
+``readonly: false`` means a per-job writable layer over that path (runner/plan.py).
+``requirements.architectures`` is checked against the host at install (``arch_mismatch``);
+``requirements.gpu`` is kept in ``requires_gpu``.
 
 Validation is strict where the value is used for a mount (a source that leaves the runtime,
 a target that is not an absolute clean path are rejected) and lenient elsewhere (unknown
@@ -22,6 +38,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +53,11 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_MANIFEST_BYTES = 1 << 20  # runtime.yml is a few KiB in practice
 # Joblet's runtime.yml files use no aliases; refusing them is simpler than capping expansion.
 RUNTIME_YML_BOUNDS = Bounds(max_bytes=MAX_MANIFEST_BYTES, max_depth=32, max_nodes=100_000,
-                            allow_aliases=False)
+                            allow_aliases=False, text_keys=("version",))
+# What ``info`` shows of one free-form value (packages, build_info, ...): runtime.yml may be
+# 1 MiB, a listing line should not be. The whole text stays in ``info --json``'s manifest.
+MAX_SHOWN_VALUE = 4096
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 
 
 @dataclass(frozen=True)
@@ -53,11 +74,112 @@ class Manifest:
     description: str = ""
     mounts: tuple[Mount, ...] = ()
     environment: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # every other key, as loaded
+    architectures: tuple[str, ...] = ()  # requirements.architectures, as written
+    requires_gpu: bool = False  # requirements.gpu
 
     def default_mounts(self) -> tuple[Mount, ...]:
         """The mounts a job gets: runtime.yml's, or the whole ``isolated/`` tree as ``/``."""
         return self.mounts or (Mount(ROOTFS_DIR, "/", True),)
+
+
+def arch_mismatch(m: Manifest, host: str) -> str | None:
+    """Why this host cannot run ``m`` (``requirements.architectures`` names others), or None.
+    ``host`` is a normalised architecture (``amd64``, ``arm64``); names are compared after
+    the same normalisation as registry platforms (``x86_64`` = ``amd64``)."""
+    if not m.architectures:
+        return None
+    from .registry import normalize_arch  # registry.py is heavier; only imports need this
+
+    wanted = {normalize_arch(a) or a.lower() for a in m.architectures}
+    if host in wanted:
+        return None
+    return (f"{m.name}@{m.version} is built for {', '.join(m.architectures)} "
+            f"(runtime.yml requirements.architectures) and this host is {host}")
+
+
+def jsonable(value: Any, budget: int = MAX_SHOWN_VALUE) -> Any:
+    """``value`` (a loaded YAML value) as plain JSON data, at most ~``budget`` characters:
+    YAML timestamps become ISO text, sets lists, binary its size; anything longer is cut to
+    a string that says so (runtime.yml itself, in full, is in ``info --json``)."""
+    import datetime as dt
+    import json
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple, set, frozenset)):
+            return [plain(x) for x in v]
+        if isinstance(v, (dt.date, dt.datetime)):
+            return v.isoformat()
+        if isinstance(v, bytes):
+            return f"<{len(v)} bytes of binary>"
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return str(v)
+        return v
+
+    out = plain(value)
+    text = json.dumps(out, ensure_ascii=False)
+    if len(text) > budget:
+        return text[:budget] + f"… ({len(text) - budget} more characters)"
+    return out
+
+
+def _flag(v: Any) -> bool:
+    """A YAML boolean, also when quoted (``readonly: "false"``)."""
+    if isinstance(v, str):
+        return v.strip().lower() not in _FALSE_WORDS
+    return bool(v)
+
+
+def _requirements(doc: dict[str, Any], source: str) -> tuple[tuple[str, ...], bool]:
+    req = doc.get("requirements")
+    if req is None:
+        return (), False
+    if not isinstance(req, dict):
+        raise UnsafeArchive(f"{source}: 'requirements' must be a mapping")
+    archs = req.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs):
+        raise UnsafeArchive(f"{source}: requirements.architectures must be a list of names")
+    return tuple(archs), _flag(req.get("gpu", False))
+
+
+# (parent handle, name) -> (handle, kind, symlink target or "") or None; kind is "dir",
+# "file" or "symlink". Ingest walks its tree with it, info the index's entries.
+Lookup = Callable[[Any, str], "tuple[Any, str, str] | None"]
+_MAX_HOPS = 40  # symlinks followed while resolving one source (the kernel's limit)
+
+
+def source_present(lookup: Lookup, root: Any, source: str) -> bool:
+    """Whether a mount ``source`` (clean, relative) names something inside the runtime whose
+    top is ``root``: relative symlinks are followed within the runtime, an absolute one or
+    one that climbs out of it counts as absent (a job never follows it out: it is skipped)."""
+    todo = [p for p in source.split("/") if p not in ("", ".")]
+    stack: list[tuple[Any, str]] = [(root, "")]  # the directories walked so far
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if len(stack) == 1:
+                return False
+            stack.pop()
+            continue
+        found = lookup(stack[-1][0], part)
+        if found is None:
+            return False
+        handle, kind, target = found
+        if kind == "symlink":
+            hops += 1
+            if hops > _MAX_HOPS or not target or target.startswith("/"):
+                return False
+            todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+            continue
+        if kind != "dir" and todo:
+            return False
+        stack.append((handle, part))
+    return True
 
 
 def check_name(name: str, what: str = "runtime name") -> str:
@@ -125,7 +247,7 @@ def manifest_from_doc(doc: Any, *, source: str = MANIFEST_NAME) -> Manifest:
         if not isinstance(m, dict) or "source" not in m or "target" not in m:
             raise UnsafeArchive(f"{source}: mounts[{i}] needs 'source' and 'target'")
         mounts.append(Mount(_clean_source(m["source"]), _clean_target(m["target"]),
-                            bool(m.get("readonly", True))))
+                            _flag(m.get("readonly", True))))
     env_doc = doc.get("environment") or {}
     if not isinstance(env_doc, dict):
         raise UnsafeArchive(f"{source}: 'environment' must be a mapping")
@@ -136,7 +258,9 @@ def manifest_from_doc(doc: Any, *, source: str = MANIFEST_NAME) -> Manifest:
         env[k] = "" if v is None else str(v)
     known = {"name", "version", "description", "mounts", "environment"}
     extra = {k: v for k, v in doc.items() if k not in known}
-    return Manifest(name, version, str(doc.get("description") or ""), tuple(mounts), env, extra)
+    archs, gpu = _requirements(doc, source)
+    return Manifest(name, version, str(doc.get("description") or ""), tuple(mounts), env, extra,
+                    archs, gpu)
 
 
 def dump_manifest(m: Manifest) -> str:

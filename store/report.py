@@ -23,11 +23,12 @@ import contextlib
 import os
 import stat
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .db import INDEX_NAME
-from .manifest import parse_manifest
+from .manifest import jsonable, parse_manifest, source_present
 from .store import Store, VersionInfo
 
 # (version_id, blob_id) pairs, each once: the blobs a version references.
@@ -124,14 +125,35 @@ def list_rows(store: Store) -> list[dict[str, Any]]:
              "pinned": v.pinned} for v in store.versions()]
 
 
-def manifest_fields(v: VersionInfo) -> tuple[list[dict[str, Any]], dict[str, str],
-                                             dict[str, Any]]:
-    """(mounts, environment, other fields) of a version's runtime.yml, as info shows them."""
+def manifest_fields(v: VersionInfo, missing: Collection[str] = ()
+                    ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+    """(mounts, environment, other fields) of a version's runtime.yml, as info shows them:
+    each mount with ``present`` (False: a source the runtime lacks, in ``missing``, that
+    jobs skip), the other fields as bounded JSON data (``manifest.jsonable``)."""
     try:
         m = parse_manifest(v.manifest_text)
-        return [asdict(x) for x in m.mounts], dict(m.environment), dict(m.extra)
+        mounts = [{**asdict(x), "present": x.source not in missing} for x in m.mounts]
+        return mounts, dict(m.environment), {k: jsonable(x) for k, x in m.extra.items()}
     except Exception:  # an index from an older jbl with laxer rules: show what we have
         return [], {}, {}
+
+
+def missing_sources(store: Store, v: VersionInfo) -> list[str]:
+    """The mount sources of ``v``'s runtime.yml that its tree lacks (jobs skip them)."""
+    try:
+        m = parse_manifest(v.manifest_text)
+    except Exception:  # as manifest_fields: nothing to say about a manifest we cannot read
+        return []
+
+    def lookup(parent: int, name: str) -> tuple[int, str, str] | None:
+        row = store.db.one("SELECT id, kind, target FROM entries WHERE version_id = ? AND "
+                           "parent_id = ? AND name = ?", (v.id, parent, name.encode()))
+        if row is None:
+            return None
+        kind = {stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}.get(row[1], "file")
+        return row[0], kind, bytes(row[2] or b"").decode("utf-8", "replace")
+
+    return [x.source for x in m.mounts if not source_present(lookup, v.root_id, x.source)]
 
 
 def entry_kinds(store: Store, version_id: int | None = None) -> dict[int, dict[int, int]]:
@@ -150,10 +172,11 @@ def entry_kinds(store: Store, version_id: int | None = None) -> dict[int, dict[i
 
 
 def version_facts(v: VersionInfo, *, kinds: dict[int, int], stored: int,
-                  unique: int) -> dict[str, Any]:
+                  unique: int, missing: Collection[str] = ()) -> dict[str, Any]:
     """What ``info`` shows of one version apart from its live users: one place for the keys,
-    shared by the live report and the published summary (snapshot.py)."""
-    mounts, env, extra = manifest_fields(v)
+    shared by the live report and the published summary (snapshot.py). ``missing``: its
+    mount sources the tree lacks (``missing_sources``)."""
+    mounts, env, extra = manifest_fields(v, missing)
     return {
         "name": v.name, "version": v.version, "description": v.description,
         "mounts": mounts, "environment": env, "manifest_extra": extra,
@@ -172,7 +195,8 @@ def info(store: Store, v: VersionInfo) -> dict[str, Any]:
     users = [lease for lease in store.live_leases() if lease[1] == v.id]
     d = version_facts(v, kinds=entry_kinds(store, v.id).get(v.id, {}),
                       stored=stored_sizes(store, v.id).get(v.id, 0),
-                      unique=unique_to_version(store, v.id))
+                      unique=unique_to_version(store, v.id),
+                      missing=missing_sources(store, v))
     d["in_use_by"] = [{"kind": kind, "pid": pid} for _, _, kind, pid in users]
     d["owners"] = recorded_owners(store, v.id)
     return d

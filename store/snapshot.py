@@ -119,7 +119,7 @@ def build(store: Store, previous: dict[str, Any] | None = None) -> dict[str, Any
                 continue
             d = report.version_facts(v, kinds=report.entry_kinds(store, v.id).get(v.id, {}),
                                      stored=report.stored_sizes(store, v.id).get(v.id, 0),
-                                     unique=0)
+                                     unique=0, missing=report.missing_sources(store, v))
             d.update(mutable, manifest_hidden=v.id in hidden)
             if v.id in hidden:
                 d.update(manifest=None, mounts=[], environment={}, manifest_extra={})

@@ -54,8 +54,32 @@ def test_explicit_manifest_mounts() -> None:
                                     Mount("isolated/tmp", "/tmp")))
     steps = plan(manifest=m).steps
     assert P.BindRO("/rt/isolated/usr", "/usr") in steps
-    assert P.Bind("/rt/data", "/data") in steps
+    # readonly: false is a private overlay layer over the runtime path, never a plain bind
+    assert P.Overlay("/rt/data", "/data") in steps
+    assert not [s for s in steps if isinstance(s, P.Bind) and s.source == "/rt/data"]
     assert not [s for s in steps if getattr(s, "source", "") == "/rt/isolated/tmp"]
+
+
+def test_readonly_false_layers_skipped_sources_and_owner() -> None:
+    m = parse_manifest("name: rt\nversion: 1.0.0\nmounts:\n"
+                       " - {source: isolated, target: /, readonly: false}\n"
+                       " - {source: isolated/opt, target: /opt}\n")
+    req = P.JobRequest(Path("/rt"), ("true",), job_id="job-1")
+    user = P.Ids(0, 0, userns=False, job_uid=1000, job_gid=100)
+    steps = P.build_plan(req, m, {"isolated": ROOTFS}, user, skip_sources={"isolated/opt"}).steps
+    assert P.Overlay("/rt/isolated/usr", "/usr", 1000, 100) in steps  # the user's layer top
+    assert P.BindRO("/rt/isolated/VERSION", "/VERSION") in steps  # a file: no layer
+    assert not [s for s in steps if getattr(s, "target", "") == "/opt"]  # skipped source
+
+
+def test_mount_points_below_runtime_dirs_keep_the_runtime_dir() -> None:
+    # /usr/local/w needs /usr: the runtime's /usr stays (the helper layers it); only a
+    # target that is itself a top-level name replaces the runtime's entry
+    vols = (P.Volume(Path("/srv/v"), "/etc/x"), P.Volume(Path("/srv/w"), "/usr"))
+    steps = plan(volumes=vols, workdir="/usr/local/w").steps
+    assert P.BindRO("/rt/isolated/etc", "/etc") in steps and P.Bind("/srv/v", "/etc/x") in steps
+    assert not [s for s in steps if isinstance(s, P.BindRO) and s.target == "/usr"]
+    assert P.Tmpfs("/usr/local/w") in steps
 
 
 def test_network_none_unshares_net_and_brings_up_lo() -> None:
