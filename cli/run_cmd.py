@@ -21,8 +21,6 @@ from typing import Any
 from jbl.store.errors import UsageError
 
 CORES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-MIN_MEMORY = 4 << 20  # below this the sandbox helper itself cannot start
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -35,7 +33,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                         "@1.3 = highest 1.3.x")
     p.add_argument("--runtime-dir", metavar="DIR", help=argparse.SUPPRESS)
     g = p.add_argument_group("limits")
-    g.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512M, 2G")
+    g.add_argument("--memory", metavar="SIZE",
+                   help="memory limit: a bare number is MiB (as in Joblet), or 512M, 2G")
     g.add_argument("--cpu", metavar="PERCENT", help="CPU limit in percent (100 = one core)")
     g.add_argument("--cpu-cores", metavar="LIST", help="run only on these cores, e.g. 0-1,3")
     g.add_argument("--pids", metavar="N", help="at most N processes/threads")
@@ -52,10 +51,14 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="copy a file or directory into the work directory (repeatable)")
     j.add_argument("--workdir", metavar="DIR", default="/work",
                    help="working directory inside the job (default /work)")
-    j.add_argument("--env", metavar="K=V", action="append", default=[],
+    j.add_argument("-e", "--env", metavar="K=V", action="append", default=[],
                    help="environment variable, on top of runtime.yml's (repeatable)")
-    j.add_argument("--volume", metavar="HOST:JOB[:ro]", action="append", default=[],
-                   help="share a host directory with the job (repeatable)")
+    j.add_argument("--volume", metavar="HOST:JOB[:ro]|NAME", action="append", default=[],
+                   help="share a host directory with the job, or mount your named volume "
+                        "NAME at /volumes/NAME (jbl volume create NAME) (repeatable)")
+    from jbl.cli import job_options
+
+    job_options.add_options(g, j)
     j.add_argument("--user", metavar="NAME", help="run the job as this user (root only)")
     t = j.add_mutually_exclusive_group()
     t.add_argument("--tty", dest="terminal", action="store_const", const="tty",
@@ -82,19 +85,18 @@ def _positive(text: str | None, what: str, kind: type[int] | type[float]) -> Any
     return value
 
 
-def parse_limits(args: argparse.Namespace) -> Any:
+def parse_limits(args: argparse.Namespace, volumes: tuple[Any, ...] = (),
+                 workdir: str = "/work") -> Any:
+    from jbl.cli import job_options as jo
     from jbl.runner.plan import Limits
-    from jbl.store.units import parse_size
 
-    memory = None
-    if args.memory is not None:
-        memory = parse_size(args.memory, what="--memory")
-        if memory < MIN_MEMORY:
-            raise UsageError(f"invalid --memory {args.memory!r}: at least 4M")
     if args.cpu_cores is not None:
         check_cores(args.cpu_cores)
-    return Limits(memory=memory, cpu_percent=_positive(args.cpu, "--cpu", float),
-                  cpu_cores=args.cpu_cores, pids=_positive(args.pids, "--pids", int))
+    iobps = jo.iobps(args.max_iobps)
+    devices = jo.io_devices(volumes, workdir)[0] if iobps is not None else ()
+    return Limits(memory=jo.memory(args), cpu_percent=jo.cpu_percent(args),
+                  cpu_cores=args.cpu_cores, pids=jo.pids(args.pids), iobps=iobps,
+                  io_devices=devices)
 
 
 def _core_list(cores: list[int]) -> str:
@@ -129,21 +131,16 @@ def check_cores(text: str) -> None:
                          f"the cores here are {_core_list(sorted(have))}")
 
 
-def parse_env(items: list[str]) -> tuple[tuple[str, str], ...]:
-    out = []
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not ENV_KEY_RE.match(k):
-            raise UsageError(f"invalid --env {item!r}: expected NAME=VALUE")
-        out.append((k, v))
-    return tuple(out)
-
-
-def parse_volumes(items: list[str]) -> tuple[Any, ...]:
+def parse_volumes(items: list[str], stack: ExitStack | None = None) -> tuple[Any, ...]:
+    from jbl.cli.job_options import named_volume
     from jbl.runner.plan import Volume, clean_job_path
 
     out = []
     for item in items:
+        named = named_volume(item, stack)
+        if named is not None:
+            out.append(named)
+            continue
         parts = item.split(":")
         mode = "rw"
         if len(parts) == 3 and parts[2] in ("ro", "rw"):
@@ -157,7 +154,10 @@ def parse_volumes(items: list[str]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def build_request(args: argparse.Namespace, runtime_dir: Path, label: str) -> Any:
+def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
+                  stack: ExitStack | None = None) -> Any:
+    """The job request; named volumes are held through ``stack`` (the job's lifetime)."""
+    from jbl.cli import job_options as jo
     from jbl.runner.plan import JobRequest, clean_job_path
     from jbl.store.units import parse_duration
 
@@ -174,16 +174,18 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str) -> An
         if timeout <= 0:
             raise UsageError(f"invalid --timeout {args.timeout!r}: must be greater than 0")
     kill_after = parse_duration(args.kill_after, what="--kill-after")
-    for up in args.upload:
-        if not os.path.lexists(up):
-            raise UsageError(f"invalid --upload {up!r}: no such file or directory")
     if args.user is not None and os.geteuid() != 0:
         raise UsageError("--user needs root (without it, jobs run as you)")
+    env = jo.env(args.env)
+    workdir = clean_job_path(args.workdir, "--workdir")
+    volumes = parse_volumes(args.volume, stack)
     return JobRequest(
-        runtime_dir=runtime_dir, argv=tuple(cmd), env=parse_env(args.env),
-        workdir=clean_job_path(args.workdir, "--workdir"), network=args.network,
-        uploads=tuple(Path(u) for u in args.upload), volumes=parse_volumes(args.volume),
-        limits=parse_limits(args), timeout=timeout, kill_after=kill_after, user=args.user,
+        runtime_dir=runtime_dir, argv=tuple(cmd), env=env,
+        secret_env=jo.secret_env(args.secret_env, env, os.environ),
+        workdir=workdir, network=args.network, uploads=jo.uploads(args.upload),
+        upload_dirs=jo.upload_dirs(args.upload_dir), volumes=volumes,
+        limits=parse_limits(args, volumes, workdir), timeout=timeout, kill_after=kill_after,
+        user=args.user,
         require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
         runtime_label=label, terminal=args.terminal)
 
@@ -203,14 +205,14 @@ def run(args: argparse.Namespace) -> int:
         with ExitStack() as stack:
             if args.runtime_dir:
                 runtime_dir = Path(args.runtime_dir)
-                build_request(args, runtime_dir, "")  # options first: one line, exit 2
+                build_request(args, runtime_dir, "", stack)  # options first: one line, exit 2
                 manifest = load_manifest(Path(os.path.realpath(runtime_dir)))
                 label = f"{manifest.name}@{manifest.version}"
             else:
                 from jbl.fusefs.mount import view_root
                 from jbl.store.store import Store
 
-                build_request(args, Path("."), "")
+                build_request(args, Path("."), "", stack)
                 from jbl.store.access import can_admin
 
                 # A job is a gc root (a lease row) when its user may write the index; an
@@ -230,8 +232,12 @@ def run(args: argparse.Namespace) -> int:
                 root = stack.enter_context(view_root(args.store))
                 runtime_dir = Path(root) / name / version
                 label = f"{name}@{version}"
-            req = build_request(args, runtime_dir, label)
+            req = build_request(args, runtime_dir, label, stack)
             quiet = bool(getattr(args, "quiet", False))
+            if req.limits.iobps is not None and not quiet:
+                from jbl.cli.job_options import io_devices
+
+                _note(io_devices(req.volumes, req.workdir)[1])
             result = run_job(req, note=None if quiet else _note, manifest=manifest)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

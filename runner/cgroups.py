@@ -2,10 +2,10 @@
 
 ``JobCgroup.create(job_id, limits)`` finds where this process may create cgroups and makes
 one for the job (v2: one directory; v1: one per controller: memory, cpu, cpuset, pids,
-freezer). The sandbox helper joins it by writing its pid to ``procs_files`` before it forks
-anything, so the whole job tree is inside. Limits that cannot be enforced (no delegation for
-a non-root user, a controller missing) are returned in ``unenforced``; the caller decides
-whether that is a note or an error.
+freezer, and blkio for ``--max-iobps``). The sandbox helper joins it by writing its pid to
+``procs_files`` before it forks anything, so the whole job tree is inside. Limits that
+cannot be enforced (no delegation for a non-root user, a controller missing) are returned in
+``unenforced``; the caller decides whether that is a note or an error.
 
 Where the job cgroup lives:
 - v2, root: ``/sys/fs/cgroup/jbl/<job>`` (a top-level parent, because the caller's own cgroup
@@ -113,6 +113,7 @@ class JobCgroup:
                 return cls(0, unenforced=limits.requested(),
                            why=f"no delegated cgroup v2 subtree at {parent}")
         want = {"memory", "pids", "cpu"} | ({"cpuset"} if limits.cpu_cores else set())
+        want |= {"io"} if _throttles(limits) else set()
         try:
             parent.mkdir(exist_ok=True)
             _sweep_stale(parent)
@@ -124,7 +125,8 @@ class JobCgroup:
                 return cls(0, unenforced=limits.requested(), why=f"{parent}: {e.strerror}")
             raise
         cg = cls(2, {"": d})
-        missing = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids"}
+        missing = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids",
+                   "iobps": "io"}
         cg.unenforced = [k for k in limits.requested() if missing[k] not in enabled]
         if cg.unenforced:
             cg.why = f"controllers not available in {parent}"
@@ -141,6 +143,9 @@ class JobCgroup:
                 _write(d / "cpuset.cpus", limits.cpu_cores)
             if limits.pids is not None and "pids" in enabled:
                 _write(d / "pids.max", str(limits.pids + EXTRA_PIDS))
+            if _throttles(limits) and "io" in enabled:
+                for dev in limits.io_devices:  # one line per device, both directions
+                    _write(d / "io.max", f"{dev} rbps={limits.iobps} wbps={limits.iobps}")
         except OSError:
             cg.remove()
             raise
@@ -152,6 +157,7 @@ class JobCgroup:
         own = own_cgroups()
         cg = cls(1)
         want = ["memory", "pids", "freezer", "cpu"] + (["cpuset"] if limits.cpu_cores else [])
+        want += ["blkio"] if _throttles(limits) else []
         try:
             for ctrl in want:
                 mnt = ROOT / ctrl
@@ -182,10 +188,15 @@ class JobCgroup:
                 _write(dirs["cpuset"] / "cpuset.cpus", limits.cpu_cores or "")
             if limits.pids is not None and "pids" in dirs:
                 _write(dirs["pids"] / "pids.max", str(limits.pids + EXTRA_PIDS))
+            if _throttles(limits) and "blkio" in dirs:
+                for dev in limits.io_devices:  # each write adds (or replaces) one device's rule
+                    for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+                        _write(dirs["blkio"] / f, f"{dev} {limits.iobps}")
         except OSError:
             cg.remove()
             raise
-        need = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids"}
+        need = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids",
+                "iobps": "blkio"}
         cg.unenforced = [k for k in limits.requested() if need[k] not in cg.dirs]
         if cg.unenforced:
             cg.why = "cgroup v1 controllers not mounted"
@@ -273,6 +284,10 @@ class JobCgroup:
                         break
                     time.sleep(0.005)
         self.dirs.clear()
+
+
+def _throttles(limits: Limits) -> bool:
+    return limits.iobps is not None and bool(limits.io_devices)
 
 
 def _write_if_exists(p: Path, value: str) -> None:

@@ -5,7 +5,7 @@
 
     NewSession, NoNewPrivs, JoinCgroup, Unshare, IdMap,  (helper, in the host PID namespace)
     ForkInit,                                          (-> PID 1 of the new PID namespace)
-    RootTmpfs, Bind/BindRO/Overlay/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
+    RootTmpfs, Bind/BindRO/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
     ProtectProc, RootReadonly, PivotRoot, Hostname,
     ForkJob,                                           (-> the job's process)
     NewSession (its own, with its pty as controlling terminal when it has one),
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
@@ -39,6 +39,11 @@ JOB_OWNED = frozenset({"proc", "dev", "tmp"})
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 # /proc files a uid-0 job could write without any capability; bound read-only (as runc does).
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus")
+# Bounds of one --upload/--upload-dir copy (checked by the CLI first, enforced while copying):
+UPLOAD_MAX_BYTES = 1 << 30  # the work directory is a tmpfs: in memory
+UPLOAD_MAX_ENTRIES = 100_000
+UPLOAD_MAX_DEPTH = 64
+VOLUMES_AT = "/volumes"  # a named volume NAME is mounted at /volumes/NAME
 
 
 def new_job_id() -> str:
@@ -61,10 +66,13 @@ class Limits:
     cpu_percent: float | None = None  # 100 = one core
     cpu_cores: str | None = None  # cpuset list, e.g. "0-1,3"
     pids: int | None = None
+    iobps: int | None = None  # bytes/s, read and write, on each of io_devices
+    io_devices: tuple[str, ...] = ()  # "MAJ:MIN" of the whole disks the job's volumes live on
 
     def requested(self) -> list[str]:
         names = {"memory": self.memory, "cpu": self.cpu_percent,
-                 "cpu-cores": self.cpu_cores, "pids": self.pids}
+                 "cpu-cores": self.cpu_cores, "pids": self.pids,
+                 "iobps": self.iobps if self.io_devices else None}
         return [k for k, v in names.items() if v is not None]
 
 
@@ -74,9 +82,12 @@ class JobRequest:
     argv: tuple[str, ...]
     job_id: str = field(default_factory=new_job_id)
     env: tuple[tuple[str, str], ...] = ()  # --env, on top of runtime.yml's environment
+    # --secret-env, last: in the job's environment only, never in a repr, record or message
+    secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     workdir: str = "/work"
     network: Literal["none", "host"] = "none"
     uploads: tuple[Path, ...] = ()
+    upload_dirs: tuple[Path, ...] = ()  # --upload-dir: each one's contents into the workdir
     volumes: tuple[Volume, ...] = ()
     limits: Limits = Limits()
     timeout: float | None = None  # seconds
@@ -246,21 +257,6 @@ class Bind(Step):
 
 
 @step
-class Overlay(Step):
-    """runtime.yml's ``readonly: false``: the runtime directory ``source`` (the FUSE view) as
-    the lower layer of an overlayfs at ``target`` whose upper and work directories are in
-    the job's private staging tmpfs: the job writes, nothing reaches the store or another
-    job, and it all goes with the job's mount namespace. ``uid``/``gid`` >= 0 (root --user):
-    the layer's top belongs to the job's user. A source that is not a directory is bound
-    read-only instead (overlayfs layers are directories)."""
-    op = "overlay"
-    source: str = ""
-    target: str = ""
-    uid: int = -1
-    gid: int = -1
-
-
-@step
 class Tmpfs(Step):
     op = "tmpfs"
     target: str = ""
@@ -298,11 +294,19 @@ class Mkdir(Step):
 
 @step
 class CopyIn(Step):
+    """Copy host path ``source`` to ``target`` (``contents``: a directory's entries into the
+    existing ``target``), never following a link, within the UPLOAD_MAX_* bounds. With
+    ``uid`` >= 0 (root --user) it reads and writes as that user (fsuid, groups)."""
     op = "copy_in"
     source: str = ""
     target: str = ""
-    uid: int = -1  # chown the copy (root --user); -1 keeps the copier's identity
+    uid: int = -1
     gid: int = -1
+    groups: tuple[int, ...] = ()
+    contents: bool = False
+    max_bytes: int = UPLOAD_MAX_BYTES
+    max_entries: int = UPLOAD_MAX_ENTRIES
+    max_depth: int = UPLOAD_MAX_DEPTH
 
 
 @step
@@ -364,6 +368,9 @@ class Env(Step):
     def to_wire(self) -> dict[str, Any]:
         return {"op": self.op, "vars": [list(kv) for kv in self.vars]}
 
+    def __repr__(self) -> str:  # values may be --secret-env's: names only
+        return f"Env(vars=<{', '.join(k for k, _ in self.vars)}>)"
+
 
 @step
 class Chdir(Step):
@@ -413,18 +420,10 @@ def _under(path: str, top: str) -> bool:
 
 def build_plan(req: JobRequest, manifest: Manifest,
                rootfs_entries: Mapping[str, Sequence[RootfsEntry]], ids: Ids,
-               host_env: Mapping[str, str] | None = None, ctty: bool = False,
-               skip_sources: Collection[str] = ()) -> Plan:
+               host_env: Mapping[str, str] | None = None, ctty: bool = False) -> Plan:
     """The whole setup of one job. ``rootfs_entries`` maps each manifest mount source whose
     target is ``/`` to its top-level entries (the caller lists the directory). ``ctty``: the
-    job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal.
-    ``skip_sources``: manifest mount sources the runtime lacks; they are left out, as Joblet
-    does (ingest noted them, ``info`` shows them).
-
-    Mount points anywhere: a ``--workdir``/``--volume`` target inside a runtime directory
-    that lacks it (``/opt/x``) is created by the helper in a private overlay layer over the
-    nearest existing directory, remounted read-only before the job starts (sandbox.py,
-    ``make_target``); only a target that *is* a top-level name replaces the runtime's."""
+    job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal."""
     if not req.argv:
         raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
     workdir = clean_job_path(req.workdir, "--workdir")
@@ -438,14 +437,11 @@ def build_plan(req: JobRequest, manifest: Manifest,
     steps += [ForkInit(), RootTmpfs()]
 
     volume_targets = {clean_job_path(v.target, "--volume target") for v in req.volumes}
-    own_tops = {"/" + n for n in JOB_OWNED} | {
-        t for t in volume_targets | {workdir} if t.count("/") == 1}
-    layer_owner = (-1, -1) if ids.job_uid is None else (
-        ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid)
+    own_tops = {"/" + n for n in JOB_OWNED} | {"/" + workdir.split("/")[1]}
+    own_tops |= {"/" + t.split("/")[1] for t in volume_targets}
     for m in manifest.default_mounts():
-        if m.source in skip_sources:
-            continue
         src = str(rt / m.source)
+        bind: type[BindRO] | type[Bind] = BindRO if m.readonly else Bind
         if m.target == "/":
             for e in rootfs_entries.get(m.source, ()):
                 target = "/" + e.name
@@ -453,13 +449,10 @@ def build_plan(req: JobRequest, manifest: Manifest,
                     continue
                 if e.kind == "symlink":
                     steps.append(Symlink(e.link, target))
-                elif m.readonly or e.kind != "dir":
-                    steps.append(BindRO(f"{src}/{e.name}", target))
                 else:
-                    steps.append(Overlay(f"{src}/{e.name}", target, *layer_owner))
+                    steps.append(bind(f"{src}/{e.name}", target))
         elif not any(_under(m.target, "/" + n) for n in JOB_OWNED):
-            steps.append(BindRO(src, m.target) if m.readonly else
-                         Overlay(src, m.target, *layer_owner))
+            steps.append(bind(src, m.target))
 
     steps += [Proc(), DevNodes(), Tmpfs("/tmp", 0o1777)]
     if workdir not in volume_targets:
@@ -470,10 +463,12 @@ def build_plan(req: JobRequest, manifest: Manifest,
         if target == "/" or any(_under(target, "/" + n) for n in ("proc", "dev")):
             raise UsageError(f"invalid --volume target {target!r}")
         steps.append((BindRO if v.readonly else Bind)(str(v.source), target))
+    who: tuple[int, int, tuple[int, ...]] = (-1, -1, ()) if ids.job_uid is None else (
+        ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid, ids.job_groups)
     for up in req.uploads:
-        steps.append(CopyIn(str(up), posixpath.join(workdir, Path(up).name),
-                            -1 if ids.job_uid is None else ids.job_uid,
-                            -1 if ids.job_gid is None else ids.job_gid))
+        steps.append(CopyIn(str(up), posixpath.join(workdir, Path(up).name), *who))
+    for updir in req.upload_dirs:
+        steps.append(CopyIn(str(updir), workdir, *who, contents=True))
     if req.network == "none":
         steps.append(LoopbackUp())
     if not ids.userns:
@@ -490,11 +485,13 @@ def build_plan(req: JobRequest, manifest: Manifest,
 
 def job_env(req: JobRequest, manifest: Manifest, workdir: str,
             host_env: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
-    """A clean environment: defaults, then runtime.yml's ``environment``, then ``--env``."""
+    """A clean environment: defaults, then runtime.yml's ``environment``, then ``--env``,
+    then ``--secret-env``."""
     env: dict[str, str] = {"PATH": DEFAULT_PATH, "HOME": workdir, "HOSTNAME": req.job_id,
                            "JBL_JOB_ID": req.job_id}
     if host_env and host_env.get("TERM"):
         env["TERM"] = host_env["TERM"]
     env.update(manifest.environment)
     env.update(dict(req.env))
+    env.update(dict(req.secret_env))
     return tuple(env.items())

@@ -96,76 +96,27 @@ def H(path: str) -> str:
     return OLD + path
 
 
-class Layers:
-    """The job's private overlay layers (runtime.yml ``readonly: false`` mounts, and mount
-    points made inside read-only runtime directories). Their upper and work directories
-    live in the staging tmpfs under LAYER_DIR: only this job's mount namespace reaches
-    them, and they vanish with it, so nothing a job writes persists or is seen by another."""
-
-    userns = False  # set by op_unshare: a user namespace mounts overlayfs with userxattr
-    count = 0
-    readonly: list[str] = []  # mount-point layers, remounted read-only by op_root_readonly
-
-
-LAYER_DIR = "/layers"
-
-
-def overlay(lower: str, at: str, what: str, uid: int = -1, gid: int = -1) -> None:
-    """Mount overlayfs at staging path ``at``: ``lower`` (a staging path, may be ``at``
-    itself: the overlay stacks on top of it) under a fresh private upper directory that has
-    the lower directory's mode (and, for root --user, the job user as owner)."""
-    Layers.count += 1
-    base = f"{LAYER_DIR}/{Layers.count}"
-    try:
-        os.makedirs(base + "/upper", 0o755)
-        os.mkdir(base + "/work", 0o700)
-        os.chmod(base + "/upper", os.stat(lower).st_mode & 0o7777)
-        if uid >= 0:
-            os.chown(base + "/upper", uid, gid)
-    except OSError as e:
-        raise StepFailed(f"{what}: overlay layer: {e.strerror}") from None
-    esc = lower.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
-    data = f"lowerdir={esc},upperdir={base}/upper,workdir={base}/work"
-    if Layers.userns and libc.mount(b"overlay", os.fsencode(at), b"overlay",
-                                    MS_NOSUID | MS_NODEV, (data + ",userxattr").encode()) == 0:
-        return  # user.* xattrs: the trusted.* ones overlayfs prefers need the host's root
-    mount("overlay", at, "overlay", MS_NOSUID | MS_NODEV, data, f"{what}: overlayfs")
-
-
 def make_target(path: str, what: str, kind: str = "dir") -> str:
-    """Create the mount point ``path`` (a job path) without following any symlink. A
-    component missing from a read-only runtime directory is created in a private overlay
-    layer over that directory, remounted read-only before the job runs (``Layers``)."""
+    """Create the mount point ``path`` (a job path) without following any symlink."""
     cur = NEW
     parts = [p for p in path.split("/") if p]
     for i, part in enumerate(parts):
-        prev, cur = cur, cur + "/" + part
+        cur = cur + "/" + part
         try:
             st = os.lstat(cur)
         except FileNotFoundError:
             try:
-                _create(cur, i == len(parts) - 1 and kind == "file")
+                if i == len(parts) - 1 and kind == "file":
+                    os.close(os.open(cur, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+                else:
+                    os.mkdir(cur, 0o755)
             except OSError as e:
-                if e.errno != errno.EROFS or prev == NEW:
-                    raise StepFailed(f"{what}: mkdir {path}: {e.strerror}") from None
-                overlay(prev, prev, f"{what}: layer over {prev[len(NEW):]}")
-                Layers.readonly.append(prev)
-                try:
-                    _create(cur, i == len(parts) - 1 and kind == "file")
-                except OSError as e2:
-                    raise StepFailed(f"{what}: mkdir {path}: {e2.strerror}") from None
+                raise StepFailed(f"{what}: mkdir {path}: {e.strerror}") from None
             continue
         if (st.st_mode & 0o170000) == 0o120000:
             shown = "/" + "/".join(parts[:i + 1])
             raise StepFailed(f"{what}: {shown}: a path component is a symlink")
     return cur
-
-
-def _create(path: str, file: bool) -> None:
-    if file:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
-    else:
-        os.mkdir(path, 0o755)
 
 
 def mount_flags(path: str) -> int:
@@ -218,9 +169,6 @@ class Sandbox:
         self.cwd = "/"
 
     def run(self, steps: list[dict[str, Any]]) -> NoReturn:
-        # Nothing may be imported lazily once the host root is gone (after root_tmpfs):
-        if any(s["op"] == "copy_in" for s in steps):
-            import shutil  # noqa: F401
         op = "setup"
         try:
             for step in steps:
@@ -267,7 +215,6 @@ class Sandbox:
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
         flags |= (CLONE_NEWUSER if user else 0) | (CLONE_NEWNET if net else 0)
         check(libc.unshare(flags), "unshare")
-        Layers.userns = user
 
     def op_id_map(self, uid: int, gid: int) -> None:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
@@ -301,13 +248,6 @@ class Sandbox:
 
     def op_bind(self, source: str, target: str) -> None:
         bind(source, target, False, f"bind {target}")
-
-    def op_overlay(self, source: str, target: str, uid: int, gid: int) -> None:
-        if not os.path.isdir(H(source)):  # overlayfs layers are directories
-            bind(source, target, True, f"bind {target} (read-only: not a directory)")
-            return
-        at = make_target(target, f"overlay {target}")
-        overlay(H(source), at, f"overlay {target}", uid, gid)
 
     def op_tmpfs(self, target: str, mode: int, uid: int, gid: int) -> None:
         path = make_target(target, f"mount tmpfs {target}")
@@ -353,24 +293,24 @@ class Sandbox:
     def op_mkdir(self, target: str, mode: int) -> None:
         os.chmod(make_target(target, f"mkdir {target}"), mode)
 
-    def op_copy_in(self, source: str, target: str, uid: int, gid: int) -> None:
-        import shutil  # only jobs with uploads pay for it
-
-        dst = J(target)
+    def op_copy_in(self, source: str, target: str, uid: int, gid: int, groups: list[int],
+                   contents: bool, max_bytes: int, max_entries: int, max_depth: int) -> None:
+        what = f"upload {source}"
+        budget = Budget(what, max_bytes, max_entries, max_depth)
+        saved = os.getgroups()
+        if uid >= 0:  # root --user: read and write with the job user's rights, not root's
+            os.setgroups(groups)
+            libc.setfsgid(gid)
+            libc.setfsuid(uid)
+            if libc.setfsuid(-1) != uid:  # -1 changes nothing and returns the current fsuid
+                raise StepFailed(f"{what}: cannot take the job user's identity")
         try:
-            if os.path.isdir(H(source)):
-                shutil.copytree(H(source), dst, symlinks=True)
-            else:
-                shutil.copy2(H(source), dst)
+            copy_in(OLD, source, J(target), contents, budget)
+        finally:
             if uid >= 0:
-                os.lchown(dst, uid, gid)
-                for root, dirs, files in os.walk(dst):
-                    for n in dirs + files:
-                        os.lchown(os.path.join(root, n), uid, gid)
-        except OSError as e:
-            raise StepFailed(f"upload {source}: {e.strerror or e}") from None
-        except shutil.Error as e:
-            raise StepFailed(f"upload {source}: {e.args[0][0][2]}") from None
+                libc.setfsuid(0)
+                libc.setfsgid(0)
+                os.setgroups(saved)
 
     def op_loopback_up(self) -> None:
         fd = check(libc.socket(2, 2 | os.O_CLOEXEC, 0), "bring up lo: socket")
@@ -387,9 +327,6 @@ class Sandbox:
             os.close(fd)
 
     def op_root_readonly(self) -> None:
-        for layer in Layers.readonly:  # mount points made in the runtime: read-only again
-            mount(None, layer, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(layer),
-                  None, f"remount {layer[len(NEW):]} read-only")
         mount(None, NEW, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(NEW), None,
               "remount / read-only")
 
@@ -469,6 +406,164 @@ def exec_failure(cmd: str, e: OSError, path: str) -> tuple[str, int]:
                     "runtime)", COMMAND_NOT_FOUND)
         return f"{cmd}: no such file in the runtime", COMMAND_NOT_FOUND
     return f"{cmd}: cannot execute: {e.strerror}", COMMAND_NOT_EXECUTABLE
+
+
+# ---- uploads: a bounded copy that never follows a link -------------------------------------
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
+KINDS = {0o010000: "a named pipe", 0o140000: "a socket", 0o020000: "a character device",
+         0o060000: "a block device"}
+
+
+class Budget:
+    """What one upload may still take; ``take`` fails the step past a bound."""
+
+    def __init__(self, what: str, max_bytes: int, max_entries: int, max_depth: int) -> None:
+        self.what, self.max_bytes, self.max_entries = what, max_bytes, max_entries
+        self.max_depth = max_depth
+        self.bytes = self.entries = 0
+
+    def take(self, nbytes: int, entries: int = 0) -> None:
+        self.bytes += nbytes
+        self.entries += entries
+        if self.entries > self.max_entries:
+            raise StepFailed(f"{self.what}: more than {self.max_entries} entries "
+                             "(the upload limit)")
+        if self.bytes > self.max_bytes:
+            raise StepFailed(f"{self.what}: more than {self.max_bytes} bytes (the upload limit)")
+
+
+def open_nofollow(root: str, path: str, what: str) -> int:
+    """Open host ``path`` (absolute) below ``root`` one component at a time, following no
+    link (O_PATH for the directories on the way: search permission is enough there)."""
+    parts = [p for p in path.split("/") if p]
+    fd = os.open(root or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = O_FILE if last else os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                nfd = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                shown = "/" + "/".join(parts[:i + 1])
+                if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and not last
+                                              and os.path.islink(f"{root}{shown}")):
+                    raise StepFailed(f"{what}: {shown}: a path component is a symlink") from None
+                raise StepFailed(f"{what}: {shown}: {e.strerror}") from None
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def copy_in(root: str, source: str, dst: str | None, contents: bool, budget: Budget) -> None:
+    """Copy host ``source`` (a file or a directory) to ``dst``, or its entries into the
+    existing directory ``dst`` when ``contents``; ``dst`` None only measures (the CLI's
+    check before the job starts). Links are copied as links, never followed; pipes,
+    sockets and devices are refused; setuid/setgid bits are dropped."""
+    fd = open_nofollow(root, source, budget.what)
+    try:
+        st = os.fstat(fd)
+        kind = st.st_mode & S_IFMT
+        if kind not in (S_IFDIR, S_IFREG):
+            raise StepFailed(f"{budget.what}: {KINDS.get(kind, 'not a file')}: only files, "
+                             "directories and links are uploaded")
+        if contents and kind != S_IFDIR:
+            raise StepFailed(f"{budget.what}: not a directory")
+        if contents:
+            dfd = None if dst is None else os.open(dst, O_DIR)
+            try:
+                _copy_dir(fd, dfd, budget, 1, source)
+            finally:
+                if dfd is not None:
+                    os.close(dfd)
+            return
+        budget.take(st.st_size if dst is None and kind == S_IFREG else 0, 1)
+        if dst is None and kind == S_IFREG:
+            return
+        parent = None if dst is None else os.open(os.path.dirname(dst), O_DIR)
+        try:
+            name = os.path.basename(dst or "x")
+            if kind == S_IFREG:
+                _copy_file(fd, st, parent, name, budget)  # type: ignore[arg-type]
+            else:
+                if parent is not None:
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                dfd = None if parent is None else os.open(name, O_DIR, dir_fd=parent)
+                try:
+                    _copy_dir(fd, dfd, budget, 1, source)
+                finally:
+                    if dfd is not None:
+                        os.chmod(dfd, st.st_mode & 0o777)
+                        os.close(dfd)
+        finally:
+            if parent is not None:
+                os.close(parent)
+    except OSError as e:
+        raise StepFailed(f"{budget.what}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _copy_dir(src: int, dst: int | None, budget: Budget, depth: int, shown: str) -> None:
+    if depth > budget.max_depth:
+        raise StepFailed(f"{budget.what}: {shown}: more than {budget.max_depth} levels deep "
+                         "(the upload limit)")
+    with os.scandir(src) as it:
+        for entry in it:
+            name = entry.name
+            st = os.stat(name, dir_fd=src, follow_symlinks=False)
+            kind = st.st_mode & S_IFMT
+            if kind == S_IFLNK:
+                link = os.readlink(name, dir_fd=src)
+                budget.take(len(link), 1)
+                if dst is not None:
+                    os.symlink(link, name, dir_fd=dst)
+            elif kind == S_IFREG:
+                budget.take(st.st_size if dst is None else 0, 1)
+                if dst is not None:
+                    fd = os.open(name, O_FILE, dir_fd=src)
+                    try:
+                        _copy_file(fd, os.fstat(fd), dst, name, budget)
+                    finally:
+                        os.close(fd)
+            elif kind == S_IFDIR:
+                budget.take(0, 1)
+                fd = os.open(name, O_DIR, dir_fd=src)
+                dfd = None
+                try:
+                    if dst is not None:
+                        os.mkdir(name, 0o700, dir_fd=dst)
+                        dfd = os.open(name, O_DIR, dir_fd=dst)
+                    _copy_dir(fd, dfd, budget, depth + 1, f"{shown}/{name}")
+                finally:
+                    os.close(fd)
+                    if dfd is not None:
+                        os.chmod(dfd, st.st_mode & 0o777)
+                        os.close(dfd)
+            else:
+                raise StepFailed(f"{budget.what}: {shown}/{name} is {KINDS.get(kind, '?')}: "
+                                 "only files, directories and links are uploaded")
+
+
+def _copy_file(fd: int, st: os.stat_result, dst: int, name: str, budget: Budget) -> None:
+    if st.st_mode & S_IFMT != S_IFREG:  # swapped since it was listed
+        raise StepFailed(f"{budget.what}: {name}: not a regular file any more")
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  st.st_mode & 0o777, dir_fd=dst)
+    try:
+        while True:  # the actual bytes count, not the size listed: a file may grow meanwhile
+            n = os.sendfile(out, fd, None, min(1 << 20, budget.max_bytes - budget.bytes + 1))
+            if n == 0:
+                break
+            budget.take(n)
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(out)
 
 
 def drop_bounding_set() -> None:
