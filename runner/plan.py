@@ -5,7 +5,7 @@
 
     NewSession, NoNewPrivs, JoinCgroup, Unshare, IdMap,  (helper, in the host PID namespace)
     ForkInit,                                          (-> PID 1 of the new PID namespace)
-    RootTmpfs, Bind/BindRO/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
+    RootTmpfs, Bind/BindRO/Overlay/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
     ProtectProc, RootReadonly, PivotRoot, Hostname,
     ForkJob,                                           (-> the job's process)
     NewSession (its own, with its pty as controlling terminal when it has one),
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
@@ -257,6 +257,21 @@ class Bind(Step):
 
 
 @step
+class Overlay(Step):
+    """runtime.yml's ``readonly: false``: the runtime directory ``source`` (the FUSE view) as
+    the lower layer of an overlayfs at ``target`` whose upper and work directories are in
+    the job's private staging tmpfs: the job writes, nothing reaches the store or another
+    job, and it all goes with the job's mount namespace. ``uid``/``gid`` >= 0 (root --user):
+    the layer's top belongs to the job's user. A source that is not a directory is bound
+    read-only instead (overlayfs layers are directories)."""
+    op = "overlay"
+    source: str = ""
+    target: str = ""
+    uid: int = -1
+    gid: int = -1
+
+
+@step
 class Tmpfs(Step):
     op = "tmpfs"
     target: str = ""
@@ -420,10 +435,18 @@ def _under(path: str, top: str) -> bool:
 
 def build_plan(req: JobRequest, manifest: Manifest,
                rootfs_entries: Mapping[str, Sequence[RootfsEntry]], ids: Ids,
-               host_env: Mapping[str, str] | None = None, ctty: bool = False) -> Plan:
+               host_env: Mapping[str, str] | None = None, ctty: bool = False,
+               skip_sources: Collection[str] = ()) -> Plan:
     """The whole setup of one job. ``rootfs_entries`` maps each manifest mount source whose
     target is ``/`` to its top-level entries (the caller lists the directory). ``ctty``: the
-    job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal."""
+    job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal.
+    ``skip_sources``: manifest mount sources the runtime lacks; they are left out, as Joblet
+    does (ingest noted them, ``info`` shows them).
+
+    Mount points anywhere: a ``--workdir``/``--volume`` target inside a runtime directory
+    that lacks it (``/opt/x``) is created by the helper in a private overlay layer over the
+    nearest existing directory, remounted read-only before the job starts (sandbox.py,
+    ``make_target``); only a target that *is* a top-level name replaces the runtime's."""
     if not req.argv:
         raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
     workdir = clean_job_path(req.workdir, "--workdir")
@@ -437,11 +460,14 @@ def build_plan(req: JobRequest, manifest: Manifest,
     steps += [ForkInit(), RootTmpfs()]
 
     volume_targets = {clean_job_path(v.target, "--volume target") for v in req.volumes}
-    own_tops = {"/" + n for n in JOB_OWNED} | {"/" + workdir.split("/")[1]}
-    own_tops |= {"/" + t.split("/")[1] for t in volume_targets}
+    own_tops = {"/" + n for n in JOB_OWNED} | {
+        t for t in volume_targets | {workdir} if t.count("/") == 1}
+    layer_owner = (-1, -1) if ids.job_uid is None else (
+        ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid)
     for m in manifest.default_mounts():
+        if m.source in skip_sources:
+            continue
         src = str(rt / m.source)
-        bind: type[BindRO] | type[Bind] = BindRO if m.readonly else Bind
         if m.target == "/":
             for e in rootfs_entries.get(m.source, ()):
                 target = "/" + e.name
@@ -449,10 +475,13 @@ def build_plan(req: JobRequest, manifest: Manifest,
                     continue
                 if e.kind == "symlink":
                     steps.append(Symlink(e.link, target))
+                elif m.readonly or e.kind != "dir":
+                    steps.append(BindRO(f"{src}/{e.name}", target))
                 else:
-                    steps.append(bind(f"{src}/{e.name}", target))
+                    steps.append(Overlay(f"{src}/{e.name}", target, *layer_owner))
         elif not any(_under(m.target, "/" + n) for n in JOB_OWNED):
-            steps.append(bind(src, m.target))
+            steps.append(BindRO(src, m.target) if m.readonly else
+                         Overlay(src, m.target, *layer_owner))
 
     steps += [Proc(), DevNodes(), Tmpfs("/tmp", 0o1777)]
     if workdir not in volume_targets:

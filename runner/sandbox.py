@@ -96,27 +96,76 @@ def H(path: str) -> str:
     return OLD + path
 
 
+class Layers:
+    """The job's private overlay layers (runtime.yml ``readonly: false`` mounts, and mount
+    points made inside read-only runtime directories). Their upper and work directories
+    live in the staging tmpfs under LAYER_DIR: only this job's mount namespace reaches
+    them, and they vanish with it, so nothing a job writes persists or is seen by another."""
+
+    userns = False  # set by op_unshare: a user namespace mounts overlayfs with userxattr
+    count = 0
+    readonly: list[str] = []  # mount-point layers, remounted read-only by op_root_readonly
+
+
+LAYER_DIR = "/layers"
+
+
+def overlay(lower: str, at: str, what: str, uid: int = -1, gid: int = -1) -> None:
+    """Mount overlayfs at staging path ``at``: ``lower`` (a staging path, may be ``at``
+    itself: the overlay stacks on top of it) under a fresh private upper directory that has
+    the lower directory's mode (and, for root --user, the job user as owner)."""
+    Layers.count += 1
+    base = f"{LAYER_DIR}/{Layers.count}"
+    try:
+        os.makedirs(base + "/upper", 0o755)
+        os.mkdir(base + "/work", 0o700)
+        os.chmod(base + "/upper", os.stat(lower).st_mode & 0o7777)
+        if uid >= 0:
+            os.chown(base + "/upper", uid, gid)
+    except OSError as e:
+        raise StepFailed(f"{what}: overlay layer: {e.strerror}") from None
+    esc = lower.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+    data = f"lowerdir={esc},upperdir={base}/upper,workdir={base}/work"
+    if Layers.userns and libc.mount(b"overlay", os.fsencode(at), b"overlay",
+                                    MS_NOSUID | MS_NODEV, (data + ",userxattr").encode()) == 0:
+        return  # user.* xattrs: the trusted.* ones overlayfs prefers need the host's root
+    mount("overlay", at, "overlay", MS_NOSUID | MS_NODEV, data, f"{what}: overlayfs")
+
+
 def make_target(path: str, what: str, kind: str = "dir") -> str:
-    """Create the mount point ``path`` (a job path) without following any symlink."""
+    """Create the mount point ``path`` (a job path) without following any symlink. A
+    component missing from a read-only runtime directory is created in a private overlay
+    layer over that directory, remounted read-only before the job runs (``Layers``)."""
     cur = NEW
     parts = [p for p in path.split("/") if p]
     for i, part in enumerate(parts):
-        cur = cur + "/" + part
+        prev, cur = cur, cur + "/" + part
         try:
             st = os.lstat(cur)
         except FileNotFoundError:
             try:
-                if i == len(parts) - 1 and kind == "file":
-                    os.close(os.open(cur, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
-                else:
-                    os.mkdir(cur, 0o755)
+                _create(cur, i == len(parts) - 1 and kind == "file")
             except OSError as e:
-                raise StepFailed(f"{what}: mkdir {path}: {e.strerror}") from None
+                if e.errno != errno.EROFS or prev == NEW:
+                    raise StepFailed(f"{what}: mkdir {path}: {e.strerror}") from None
+                overlay(prev, prev, f"{what}: layer over {prev[len(NEW):]}")
+                Layers.readonly.append(prev)
+                try:
+                    _create(cur, i == len(parts) - 1 and kind == "file")
+                except OSError as e2:
+                    raise StepFailed(f"{what}: mkdir {path}: {e2.strerror}") from None
             continue
         if (st.st_mode & 0o170000) == 0o120000:
             shown = "/" + "/".join(parts[:i + 1])
             raise StepFailed(f"{what}: {shown}: a path component is a symlink")
     return cur
+
+
+def _create(path: str, file: bool) -> None:
+    if file:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+    else:
+        os.mkdir(path, 0o755)
 
 
 def mount_flags(path: str) -> int:
@@ -215,6 +264,7 @@ class Sandbox:
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
         flags |= (CLONE_NEWUSER if user else 0) | (CLONE_NEWNET if net else 0)
         check(libc.unshare(flags), "unshare")
+        Layers.userns = user
 
     def op_id_map(self, uid: int, gid: int) -> None:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
@@ -248,6 +298,13 @@ class Sandbox:
 
     def op_bind(self, source: str, target: str) -> None:
         bind(source, target, False, f"bind {target}")
+
+    def op_overlay(self, source: str, target: str, uid: int, gid: int) -> None:
+        if not os.path.isdir(H(source)):  # overlayfs layers are directories
+            bind(source, target, True, f"bind {target} (read-only: not a directory)")
+            return
+        at = make_target(target, f"overlay {target}")
+        overlay(H(source), at, f"overlay {target}", uid, gid)
 
     def op_tmpfs(self, target: str, mode: int, uid: int, gid: int) -> None:
         path = make_target(target, f"mount tmpfs {target}")
@@ -327,6 +384,9 @@ class Sandbox:
             os.close(fd)
 
     def op_root_readonly(self) -> None:
+        for layer in Layers.readonly:  # mount points made in the runtime: read-only again
+            mount(None, layer, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(layer),
+                  None, f"remount {layer[len(NEW):]} read-only")
         mount(None, NEW, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(NEW), None,
               "remount / read-only")
 
