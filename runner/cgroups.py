@@ -24,10 +24,11 @@ import contextlib
 import errno
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .plan import Limits
+from .plan import DEV_NODES, Limits
 
 ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
@@ -87,14 +88,18 @@ class JobCgroup:
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
     @classmethod
-    def create(cls, job_id: str, limits: Limits) -> JobCgroup:
+    def create(cls, job_id: str, limits: Limits,
+               devices: Sequence[str] | None = None) -> JobCgroup:
+        """``devices``: a GPU job's allow-list (``c 195:0 rw`` lines) on top of the standard
+        nodes, everything else denied; v1 only (on v2 the job's /dev simply lacks the other
+        nodes: a BPF device program is not attempted)."""
         root = v2_root()
         if root is not None:
             return cls._create_v2(root, job_id, limits)
         if os.geteuid() != 0:
             return cls(0, unenforced=limits.requested(),
                        why="cgroup v1 is not delegated to users")
-        return cls._create_v1(job_id, limits)
+        return cls._create_v1(job_id, limits, devices)
 
     # ---- v2 ----
     @classmethod
@@ -153,10 +158,12 @@ class JobCgroup:
 
     # ---- v1 ----
     @classmethod
-    def _create_v1(cls, job_id: str, limits: Limits) -> JobCgroup:
+    def _create_v1(cls, job_id: str, limits: Limits,
+                   devices: Sequence[str] | None = None) -> JobCgroup:
         own = own_cgroups()
         cg = cls(1)
         want = ["memory", "pids", "freezer", "cpu"] + (["cpuset"] if limits.cpu_cores else [])
+        want += ["devices"] if devices is not None else []
         want += ["blkio"] if _throttles(limits) else []
         try:
             for ctrl in want:
@@ -192,12 +199,18 @@ class JobCgroup:
                 for dev in limits.io_devices:  # each write adds (or replaces) one device's rule
                     for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
                         _write(dirs["blkio"] / f, f"{dev} {limits.iobps}")
+            if devices is not None and "devices" in dirs:
+                _write(dirs["devices"] / "devices.deny", "a")  # then one rule per write
+                for rule in (*standard_device_rules(), *devices):
+                    _write(dirs["devices"] / "devices.allow", rule)
         except OSError:
             cg.remove()
             raise
         need = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids",
                 "iobps": "blkio"}
         cg.unenforced = [k for k in limits.requested() if need[k] not in cg.dirs]
+        if devices is not None and "devices" not in cg.dirs:
+            cg.unenforced.append("devices")
         if cg.unenforced:
             cg.why = "cgroup v1 controllers not mounted"
         return cg
@@ -284,6 +297,19 @@ class JobCgroup:
                         break
                     time.sleep(0.005)
         self.dirs.clear()
+
+
+def standard_device_rules() -> list[str]:
+    """Allow rules for the nodes every job's /dev has (plan.DEV_NODES, numbers from the
+    host's own nodes), its pty master and the pty slaves of its devpts."""
+    rules = []
+    for name in DEV_NODES:
+        with contextlib.suppress(OSError):
+            rdev = os.stat(f"/dev/{name}").st_rdev
+            rules.append(f"c {os.major(rdev)}:{os.minor(rdev)} rw")
+    rules.append("c 5:2 rw")  # /dev/pts/ptmx
+    rules += [f"c {major}:* rw" for major in range(136, 144)]  # Unix98 pty slaves
+    return rules
 
 
 def _throttles(limits: Limits) -> bool:

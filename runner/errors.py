@@ -7,7 +7,8 @@
     ├── LimitsNotEnforced          limits asked for but not enforceable, and the caller
     │                              asked for that to be an error (``--require-limits``)
     ├── CommandNotFound (exit 127) the command is not in the runtime (or its #! interpreter)
-    └── CommandNotExecutable (126) it is there but cannot be executed
+    ├── CommandNotExecutable (126) it is there but cannot be executed
+    └── GpuUnavailable (exit 14)   --gpu=N cannot be met (defined in store/errors.py)
     UsageError (exit 2)            bad request (no command, bad volume/upload path)
 
 Statuses of a job that ran are not errors: see ``supervise.JobResult`` (the job's own status,
@@ -16,7 +17,7 @@ Statuses of a job that ran are not errors: see ``supervise.JobResult`` (the job'
 
 from __future__ import annotations
 
-from jbl.store.errors import ExitCode, JobError, UsageError
+from jbl.store.errors import ExitCode, GpuUnavailable, JobError, UsageError
 
 
 class SandboxSetupError(JobError):
@@ -39,5 +40,5 @@ class CommandNotExecutable(JobError):
     exit_code = ExitCode.COMMAND_NOT_EXECUTABLE
 
 
-__all__ = ["CgroupError", "CommandNotExecutable", "CommandNotFound", "JobError",
+__all__ = ["CgroupError", "CommandNotExecutable", "CommandNotFound", "GpuUnavailable", "JobError",
            "LimitsNotEnforced", "SandboxSetupError", "UsageError"]

@@ -21,6 +21,7 @@ This module is the one place for both facts. Packages above ``store`` (``fusefs`
     │   └── UnsafeStorePath                a link or wrong file type planted in the store
     ├── MountError                exit 11  FUSE mount could not be set up / torn down
     └── JobError                  exit 12  a job could not be set up (names the step)
+        ├── GpuUnavailable        exit 14  --gpu: no GPU, too few match, or all taken
         ├── CommandNotExecutable  exit 126 (runner/errors.py) the command is not executable
         └── CommandNotFound       exit 127 (runner/errors.py) no such command in the runtime
         (a job that ran returns its own status: 0-255; 128+N for a signal;
@@ -47,6 +48,7 @@ class ExitCode(enum.IntEnum):
     MOUNT = 11
     JOB_SETUP = 12
     NOT_A_RUNTIME = 13
+    GPU_UNAVAILABLE = 14  # --gpu: none on this host, too few match, or all taken
     # A job's command that could not be started, as shells and container runners say it:
     COMMAND_NOT_EXECUTABLE = 126
     COMMAND_NOT_FOUND = 127
@@ -154,3 +156,9 @@ class MountError(JblError):
 
 class JobError(JblError):
     exit_code = ExitCode.JOB_SETUP
+
+
+class GpuUnavailable(JobError):
+    """``--gpu=N`` cannot be met: no GPU, too few matching, or the rest taken (lists them)."""
+
+    exit_code = ExitCode.GPU_UNAVAILABLE
