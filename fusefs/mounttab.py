@@ -172,10 +172,13 @@ DEAD = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 def _probe(mountpoint: Path | str) -> int:
     """0 if the mount's daemon answers, else the errno (EIO for a non-errno failure).
 
-    ``statvfs``, not ``stat``: the kernel answers ``stat`` of the root from its attribute
-    cache for up to a second after the daemon died, but always asks the daemon for STATFS."""
+    ``statvfs`` first: the kernel answers ``stat`` of the root from its attribute cache for
+    up to a second after the daemon died, but asks the daemon for STATFS. Then ``stat``: to
+    a caller the mount does not allow (no allow_other) the kernel fakes an empty STATFS
+    answer, and only ``stat`` says EACCES."""
     try:
         os.statvfs(mountpoint)
+        os.stat(mountpoint)
     except OSError as e:
         return e.errno or errno.EIO
     return 0
