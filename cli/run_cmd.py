@@ -60,6 +60,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     job_options.add_options(g, j)
     j.add_argument("--user", metavar="NAME", help="run the job as this user (root only)")
+    gp = p.add_argument_group("GPUs (root; see jbl gpu list)")
+    gp.add_argument("--gpu", metavar="N", help="give the job N whole NVIDIA GPUs of its own")
+    gp.add_argument("--gpu-memory", metavar="SIZE",
+                    help="only GPUs with at least this much memory (16G, 16GB; a bare "
+                         "number is MiB)")
     t = j.add_mutually_exclusive_group()
     t.add_argument("--tty", dest="terminal", action="store_const", const="tty",
                    help="give the job a fresh pseudo-terminal (default when stdin and stdout "
@@ -187,7 +192,40 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
         limits=parse_limits(args, volumes, workdir), timeout=timeout, kill_after=kill_after,
         user=args.user,
         require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
-        runtime_label=label, terminal=args.terminal)
+        runtime_label=label, terminal=args.terminal, **parse_gpu(args))
+
+
+def parse_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    """``--gpu``/``--gpu-memory`` and the (test-only) driver root, for ``JobRequest``."""
+    if args.gpu is None:
+        if args.gpu_memory is not None:
+            raise UsageError("--gpu-memory needs --gpu=N (how many GPUs)")
+        return {}
+    try:
+        count = int(args.gpu)
+    except ValueError:
+        raise UsageError(f"invalid --gpu {args.gpu!r}: expected a number of GPUs") from None
+    if count < 0:
+        raise UsageError(f"invalid --gpu {args.gpu!r}: must be 0 or more")
+    memory = None
+    if args.gpu_memory is not None:
+        from jbl.store.units import parse_size
+
+        text = args.gpu_memory.strip()
+        memory = parse_size(text + "M" if text.isdigit() else text, what="--gpu-memory")
+        if memory <= 0:
+            raise UsageError(f"invalid --gpu-memory {args.gpu_memory!r}: must be more than 0")
+    if count == 0:
+        return {}
+    from jbl.runner.gpu import DRIVER_ROOT_ENV, driver_root
+
+    configured = None
+    if not os.environ.get(DRIVER_ROOT_ENV):
+        from jbl.store.config import load_config
+
+        configured = load_config().gpu_driver_root
+    root = driver_root(os.environ, configured)
+    return {"gpus": count, "gpu_memory": memory, "gpu_driver_root": str(root)}
 
 
 # ---- the command --------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class JobRequest:
     # auto: a fresh pty when the caller's stdin and stdout are both terminals; tty: always;
     # pipes: never (runner/stdio.py). Either way the job never gets the caller's terminal.
     terminal: Literal["auto", "tty", "pipes"] = "auto"
+    gpus: int = 0  # --gpu: whole GPUs to allocate (runner/gpu.py)
+    gpu_memory: int | None = None  # --gpu-memory: bytes each of them must have at least
+    gpu_driver_root: str = "/"  # test-only: a fake driver tree (JBL_GPU_DRIVER_ROOT)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,23 @@ class RootfsEntry:
     name: str
     kind: Literal["dir", "file", "symlink"]
     link: str = ""
+
+
+@dataclass(frozen=True)
+class GpuGrant:
+    """What a job with GPUs gets, as runner/gpu.py found it on the host: ``devices`` (host
+    node, name under /dev), ``files`` (host file, job path) bound read-only, ``links`` (link
+    text, job path), ``env`` (CUDA_VISIBLE_DEVICES, …), the driver's ``lib_dir``/``bin_dir``
+    in the job (put first on LD_LIBRARY_PATH, last on PATH) and ``device_rules``: the
+    cgroup v1 ``devices.allow`` lines of its nodes (cgroups.py adds the standard ones)."""
+
+    devices: tuple[tuple[str, str], ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
+    links: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    lib_dir: str = ""
+    bin_dir: str = ""
+    device_rules: tuple[str, ...] = ()
 
 
 # ---- steps -------------------------------------------------------------------------------
@@ -294,6 +314,14 @@ class DevNodes(Step):
 
 
 @step
+class BindDev(Step):
+    """Bind one host device node (a GPU's) into the job's /dev, usable (no ``nodev``)."""
+    op = "bind_dev"
+    source: str = ""
+    target: str = ""
+
+
+@step
 class Symlink(Step):
     op = "symlink"
     link: str = ""  # what the link points to
@@ -404,6 +432,7 @@ class Plan:
     steps: tuple[Step, ...]
     limits: Limits
     job_id: str
+    devices: tuple[str, ...] | None = None  # cgroup devices allow-list (GPU jobs); None: all
 
     def to_wire(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "steps": [s.to_wire() for s in self.steps]}
@@ -436,7 +465,8 @@ def _under(path: str, top: str) -> bool:
 def build_plan(req: JobRequest, manifest: Manifest,
                rootfs_entries: Mapping[str, Sequence[RootfsEntry]], ids: Ids,
                host_env: Mapping[str, str] | None = None, ctty: bool = False,
-               skip_sources: Collection[str] = ()) -> Plan:
+               skip_sources: Collection[str] = (),
+               gpu: GpuGrant | None = None) -> Plan:
     """The whole setup of one job. ``rootfs_entries`` maps each manifest mount source whose
     target is ``/`` to its top-level entries (the caller lists the directory). ``ctty``: the
     job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal.
@@ -446,7 +476,8 @@ def build_plan(req: JobRequest, manifest: Manifest,
     Mount points anywhere: a ``--workdir``/``--volume`` target inside a runtime directory
     that lacks it (``/opt/x``) is created by the helper in a private overlay layer over the
     nearest existing directory, remounted read-only before the job starts (sandbox.py,
-    ``make_target``); only a target that *is* a top-level name replaces the runtime's."""
+    ``make_target``); only a target that *is* a top-level name replaces the runtime's.
+    ``gpu``: the job's GPU devices, driver files and environment (runner/gpu.py)."""
     if not req.argv:
         raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
     workdir = clean_job_path(req.workdir, "--workdir")
@@ -462,6 +493,8 @@ def build_plan(req: JobRequest, manifest: Manifest,
     volume_targets = {clean_job_path(v.target, "--volume target") for v in req.volumes}
     own_tops = {"/" + n for n in JOB_OWNED} | {
         t for t in volume_targets | {workdir} if t.count("/") == 1}
+    if gpu is not None:  # the driver's files get a top-level directory of their own
+        own_tops |= {"/" + p.split("/")[1] for _, p in gpu.files}
     layer_owner = (-1, -1) if ids.job_uid is None else (
         ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid)
     for m in manifest.default_mounts():
@@ -498,6 +531,10 @@ def build_plan(req: JobRequest, manifest: Manifest,
         steps.append(CopyIn(str(up), posixpath.join(workdir, Path(up).name), *who))
     for updir in req.upload_dirs:
         steps.append(CopyIn(str(updir), workdir, *who, contents=True))
+    if gpu is not None:
+        steps += [BindDev(src, f"/dev/{name}") for src, name in gpu.devices]
+        steps += [BindRO(src, target) for src, target in gpu.files]
+        steps += [Symlink(text, target) for text, target in gpu.links]
     if req.network == "none":
         steps.append(LoopbackUp())
     if not ids.userns:
@@ -507,20 +544,30 @@ def build_plan(req: JobRequest, manifest: Manifest,
         steps.append(SetUser(ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid,
                              ids.job_groups))
     # after SetUser, so the new keyring belongs to the job's user
-    steps += [NewKeyring(), DropCaps(), Env(job_env(req, manifest, workdir, host_env)),
+    steps += [NewKeyring(), DropCaps(), Env(job_env(req, manifest, workdir, host_env, gpu)),
               Chdir(workdir), Exec(tuple(req.argv))]
-    return Plan(tuple(steps), req.limits, req.job_id)
+    return Plan(tuple(steps), req.limits, req.job_id,
+                gpu.device_rules if gpu is not None else None)
 
 
 def job_env(req: JobRequest, manifest: Manifest, workdir: str,
-            host_env: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
-    """A clean environment: defaults, then runtime.yml's ``environment``, then ``--env``,
-    then ``--secret-env``."""
+            host_env: Mapping[str, str] | None = None,
+            gpu: GpuGrant | None = None) -> tuple[tuple[str, str], ...]:
+    """A clean environment: defaults, then runtime.yml's ``environment``, then the GPU
+    variables (the driver's libraries first on LD_LIBRARY_PATH, its bin last on PATH), then
+    ``--env``, then ``--secret-env``."""
     env: dict[str, str] = {"PATH": DEFAULT_PATH, "HOME": workdir, "HOSTNAME": req.job_id,
                            "JBL_JOB_ID": req.job_id}
     if host_env and host_env.get("TERM"):
         env["TERM"] = host_env["TERM"]
     env.update(manifest.environment)
+    if gpu is not None:
+        env.update(dict(gpu.env))
+        if gpu.lib_dir:
+            old = env.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = gpu.lib_dir + (":" + old if old else "")
+        if gpu.bin_dir:
+            env["PATH"] = env.get("PATH", DEFAULT_PATH) + ":" + gpu.bin_dir
     env.update(dict(req.env))
     env.update(dict(req.secret_env))
     return tuple(env.items())

@@ -341,6 +341,19 @@ class Sandbox:
         mount("devpts", f"{dev}/pts", "devpts", MS_NOSUID | MS_NOEXEC,
               "newinstance,ptmxmode=0666,mode=620", f"mount {target}/pts")
 
+    def op_bind_dev(self, source: str, target: str) -> None:
+        what = f"bind {target}"
+        try:
+            if (os.lstat(H(source)).st_mode & 0o170000) != 0o020000:
+                raise StepFailed(f"{what}: {source}: not a character device")
+        except OSError as e:
+            raise StepFailed(f"{what}: {source}: {e.strerror}") from None
+        path = make_target(target, what, "file")
+        mount(H(source), path, None, MS_BIND, None, what)
+        # usable (no nodev, even from a nodev source mount), never setuid or executable
+        flags = (mount_flags(path) & ~(MS_NODEV | MS_RDONLY)) | MS_NOSUID | MS_NOEXEC
+        mount(None, path, None, MS_BIND | MS_REMOUNT | flags, None, f"{what}: remount")
+
     def op_symlink(self, link: str, target: str) -> None:
         try:
             os.symlink(link, J(target))

@@ -44,7 +44,7 @@ from .errors import (
     SandboxSetupError,
 )
 from .manifests import load_manifest as load_manifest
-from .plan import Ids, JobRequest, Plan, RootfsEntry, build_plan
+from .plan import GpuGrant, Ids, JobRequest, Plan, RootfsEntry, build_plan
 from .stdio import TTY_STOPS, JobStdio
 from .terminal import wants_pty
 
@@ -105,13 +105,17 @@ def job_ids(req: JobRequest) -> Ids:
     return Ids(0, 0, userns=False, job_uid=pw.pw_uid, job_gid=pw.pw_gid, job_groups=groups)
 
 
-def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False) -> Plan:
+def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False,
+            gpu: GpuGrant | None = None, note: Callable[[str], None] | None = None) -> Plan:
     """Read the runtime directory and the host facts the pure planner needs. ``manifest``:
     the runtime's, when the caller has read it already from ``req.runtime_dir``; ``pty``:
-    the job gets a fresh pty as its controlling terminal."""
+    the job gets a fresh pty as its controlling terminal; ``gpu``: its GPUs (runner/gpu.py)."""
     rt = Path(os.path.realpath(req.runtime_dir))
     if manifest is None:
         manifest = load_manifest(rt)
+    if getattr(manifest, "requires_gpu", False) and not req.gpus and note is not None:
+        note(f"{req.runtime_label or manifest.name} asks for a GPU (runtime.yml "
+             "requirements.gpu) but the job has none: add --gpu=N to give it one")
     entries: dict[str, list[RootfsEntry]] = {}
     skip: set[str] = set()
     for m in manifest.default_mounts():
@@ -132,18 +136,33 @@ def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False
     req2 = dataclasses.replace(req, runtime_dir=rt,
                                uploads=tuple(Path(os.path.abspath(u)) for u in req.uploads))
     return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ, ctty=pty,
-                      skip_sources=skip)
+                      gpu=gpu, skip_sources=skip)
 
 
 # ---- running ------------------------------------------------------------------------------
 
 def run_job(req: JobRequest, note: Callable[[str], None] | None = None,
             manifest: Manifest | None = None) -> JobResult:
-    """Run ``req`` to its end. Setup failures raise JobError subclasses (one line)."""
-    pty = wants_pty(req.terminal)
-    plan = prepare(req, manifest, pty)
+    """Run ``req`` to its end. Setup failures raise JobError subclasses (one line). With
+    ``req.gpus`` the GPUs are allocated first and held (their locks) until the job is gone."""
+    if not req.gpus:
+        return _run_job(req, note, manifest)
+    from . import gpu
+
+    alloc = gpu.allocate(Path(req.gpu_driver_root), gpu.discover(Path(req.gpu_driver_root)),
+                         req.gpus, req.gpu_memory, req.job_id)
     try:
-        cg = JobCgroup.create(plan.job_id, plan.limits)
+        return _run_job(req, note, manifest, gpu.grant(alloc))
+    finally:
+        alloc.release()
+
+
+def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Manifest | None,
+             gpu: GpuGrant | None = None) -> JobResult:
+    pty = wants_pty(req.terminal)
+    plan = prepare(req, manifest, pty, gpu, note)
+    try:
+        cg = JobCgroup.create(plan.job_id, plan.limits, plan.devices)
     except OSError as e:
         raise CgroupError(f"create cgroup for {plan.job_id}: {e.strerror} ({e.filename})") from None
     try:

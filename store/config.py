@@ -17,6 +17,9 @@ Keys::
     removed_hold_limit: 6h       # how long a mount keeps holding a removed version someone
                                  # still has open or cd'd into (fusefs/leases.py); never = no limit
     download: {...}              # download bounds; read by store/registry (DownloadSettings)
+    gpu_driver_root: /srv/fake   # test-only: where jbl looks for proc/driver/nvidia, dev/nvidia*,
+                                 # etc/ld.so.cache, usr/bin/nvidia-smi (runner/gpu.py; env
+                                 # JBL_GPU_DRIVER_ROOT wins); default /
 
 How files combine: ``registries`` lists are concatenated, the user's first (so a user can put
 a registry in front of the admin's; duplicates dropped); ``store`` is overridden; ``gc`` and
@@ -46,7 +49,7 @@ from .errors import UsageError
 SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
 ENV_CONFIG = "JBL_CONFIG"
 CONFIG_BOUNDS = Bounds(max_bytes=1 << 20, max_depth=32, max_nodes=100_000, allow_aliases=True)
-_KNOWN = {"registries", "store", "gc", "download", "removed_hold_limit"}
+_KNOWN = {"registries", "store", "gc", "download", "removed_hold_limit", "gpu_driver_root"}
 REMOVED_HOLD_LIMIT = 6 * 3600.0  # seconds; the default of removed_hold_limit
 
 
@@ -73,6 +76,7 @@ class Config:
     # registry.DownloadSettings keys: key -> (value, the file that set it, for messages)
     download: dict[str, tuple[Any, str]] = field(default_factory=dict)
     removed_hold_limit: float | None = REMOVED_HOLD_LIMIT  # seconds; None = never released
+    gpu_driver_root: str | None = None  # test-only fake driver tree (runner/gpu.py)
 
 
 def config_paths(env: Mapping[str, str] | None = None) -> list[Path]:
@@ -155,6 +159,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     download: dict[str, tuple[Any, str]] = {}
     extra: dict[str, Any] = {}
     hold: float | None = REMOVED_HOLD_LIMIT
+    gpu_root: str | None = None
     read: list[Path] = []
     for path in config_paths(env):
         doc = _load_file(path)
@@ -181,6 +186,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             if not isinstance(doc["download"], dict):
                 raise UsageError(f"config {path}: 'download' must be a mapping")
             download.update({k: (v, str(path)) for k, v in doc["download"].items()})
+        if doc.get("gpu_driver_root") is not None:
+            gpu_root = doc["gpu_driver_root"]
+            if not isinstance(gpu_root, str) or not gpu_root.startswith("/"):
+                raise UsageError(f"config {path}: 'gpu_driver_root' must be an absolute path")
         if doc.get("removed_hold_limit") is not None:
             hold = _hold_limit(doc["removed_hold_limit"], path)
         extra.update({k: v for k, v in doc.items() if k not in _KNOWN})
@@ -191,7 +200,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             seen.add(r.url)
             unique.append(r)
     return Config(tuple(unique), store, gc, tuple(read), extra, download=download,
-                  removed_hold_limit=hold)
+                  removed_hold_limit=hold, gpu_driver_root=gpu_root)
 
 
 def _hold_limit(value: Any, path: Path) -> float | None:
