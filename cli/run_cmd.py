@@ -45,8 +45,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="fail instead of warning when a limit cannot be enforced "
                         "(env JBL_REQUIRE_LIMITS=1)")
     j = p.add_argument_group("job")
-    j.add_argument("--network", metavar="none|host", default="none",
-                   help="none (default: loopback only) or host")
+    j.add_argument("--network", metavar="none|isolated|host", default="none",
+                   help="none (default: loopback only), isolated (own network namespace, "
+                        "outbound through slirp4netns) or host")
     j.add_argument("--upload", metavar="PATH", action="append", default=[],
                    help="copy a file or directory into the work directory (repeatable)")
     j.add_argument("--workdir", metavar="DIR", default="/work",
@@ -171,8 +172,8 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("no command given: jbl run --runtime NAME -- CMD [ARGS...]")
-    if args.network not in ("none", "host"):
-        raise UsageError(f"invalid --network {args.network!r}: expected none or host")
+    if args.network not in ("none", "isolated", "host"):
+        raise UsageError(f"invalid --network {args.network!r}: expected none, isolated or host")
     timeout = None
     if args.timeout is not None:
         timeout = parse_duration(args.timeout, what="--timeout")
@@ -192,6 +193,8 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
         limits=parse_limits(args, volumes, workdir), timeout=timeout, kill_after=kill_after,
         user=args.user,
         require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
+        # test-only: an isolated job may reach the host's loopback (runner/network.py)
+        slirp_host_loopback=os.environ.get("JBL_SLIRP_HOST_LOOPBACK") == "1",
         runtime_label=label, terminal=args.terminal, **parse_gpu(args))
 
 

@@ -3,11 +3,11 @@
 ``build_plan(req, manifest, rootfs_entries, ids)`` turns a :class:`JobRequest` into a
 :class:`Plan`: a tuple of small frozen steps in bubblewrap's fixed order ::
 
-    NewSession, NoNewPrivs, JoinCgroup, Unshare, IdMap,  (helper, in the host PID namespace)
+    NewSession, NoNewPrivs, JoinCgroup, Unshare, IdMap, NetReady,  (helper, host PID ns)
     ForkInit,                                          (-> PID 1 of the new PID namespace)
     RootTmpfs, Bind/BindRO/Overlay/Symlink/Mkdir/Tmpfs/Proc/DevNodes/CopyIn, LoopbackUp,
-    ProtectProc, RootReadonly, PivotRoot, Hostname,
-    ForkJob,                                           (-> the job's process)
+    EtcFiles (after the runtime's mounts), ProtectProc, RootReadonly, PivotRoot, Hostname,
+    AwaitNet (--network isolated), ForkJob,            (-> the job's process)
     NewSession (its own, with its pty as controlling terminal when it has one),
     SetUser (drops the bounding set first), NewKeyring, DropCaps, Env, Chdir, Exec
 
@@ -85,7 +85,10 @@ class JobRequest:
     # --secret-env, last: in the job's environment only, never in a repr, record or message
     secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     workdir: str = "/work"
-    network: Literal["none", "host"] = "none"
+    network: Literal["none", "isolated", "host"] = "none"
+    # isolated only, test-only (JBL_SLIRP_HOST_LOOPBACK=1): the job may reach the host's
+    # loopback through slirp's 10.0.2.2; off by default (runner/network.py)
+    slirp_host_loopback: bool = False
     uploads: tuple[Path, ...] = ()
     upload_dirs: tuple[Path, ...] = ()  # --upload-dir: each one's contents into the workdir
     volumes: tuple[Volume, ...] = ()
@@ -113,6 +116,30 @@ class Ids:
     job_uid: int | None = None  # root --user: drop to this uid/gid/groups before exec
     job_gid: int | None = None
     job_groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobEtc:
+    """What jbl writes into the job's /etc (runner/identity.py, runner/network.py) and what
+    the runtime's /etc is, as the supervisor found it: ``runtime_etc`` is "dir", "absent"
+    or "other" (a symlink or anything else: nothing is placed, docs/runner.md);
+    ``regular`` names the files the runtime's /etc holds as regular files."""
+
+    files: tuple[tuple[str, bytes], ...] = ()
+    runtime_etc: Literal["dir", "absent", "other"] = "dir"
+    regular: frozenset[str] = frozenset()
+
+    def step(self) -> EtcFiles | None:
+        """The cheapest placement: a bind per file when each replaces a runtime file, one
+        read-only overlay when a file is new to the runtime's /etc (a read-only directory
+        has no mount point for it), the files as /etc when the runtime has none."""
+        if not self.files or self.runtime_etc == "other":
+            return None
+        if self.runtime_etc == "absent":
+            return EtcFiles(self.files, "dir")
+        if all(name in self.regular for name, _ in self.files):
+            return EtcFiles(self.files, "files")
+        return EtcFiles(self.files, "overlay")
 
 
 @dataclass(frozen=True)
@@ -358,6 +385,33 @@ class LoopbackUp(Step):
 
 
 @step
+class NetReady(Step):
+    """The helper tells the supervisor (one byte on ``fd``) that the job's network
+    namespace exists and its ids are mapped, so slirp4netns can join it (runner/network.py)."""
+    op = "net_ready"
+    fd: int = -1
+
+
+@step
+class AwaitNet(Step):
+    """Init waits (one byte on ``fd``) until slirp4netns has configured the job's network,
+    so the job never starts without it; EOF means the supervisor gave up."""
+    op = "await_net"
+    fd: int = -1
+
+
+@step
+class EtcFiles(Step):
+    """Files jbl wrote for the job's /etc (name -> content), placed read-only without
+    touching the runtime: ``how`` is "files" (each bound over the runtime's own regular
+    file), "overlay" (a read-only overlay of the runtime's /etc, these files on top) or
+    "dir" (the runtime has no /etc: these files are the job's /etc)."""
+    op = "etc_files"
+    files: tuple[tuple[str, bytes], ...] = ()
+    how: str = "files"
+
+
+@step
 class ProtectProc(Step):
     op = "protect_proc"
     paths: tuple[str, ...] = PROC_READONLY
@@ -443,6 +497,12 @@ class Plan:
                       for s in self.steps)
         return dataclasses.replace(self, steps=steps)
 
+    def with_net_fd(self, fd: int) -> Plan:
+        """Fill in the descriptor NetReady and AwaitNet use (runner/network.py)."""
+        steps = tuple(type(s)(fd) if isinstance(s, NetReady | AwaitNet) else s
+                      for s in self.steps)
+        return dataclasses.replace(self, steps=steps)
+
     def find(self, kind: type[Step]) -> list[Step]:
         return [s for s in self.steps if isinstance(s, kind)]
 
@@ -465,13 +525,15 @@ def _under(path: str, top: str) -> bool:
 def build_plan(req: JobRequest, manifest: Manifest,
                rootfs_entries: Mapping[str, Sequence[RootfsEntry]], ids: Ids,
                host_env: Mapping[str, str] | None = None, ctty: bool = False,
-               skip_sources: Collection[str] = (),
+               skip_sources: Collection[str] = (), etc: JobEtc | None = None,
                gpu: GpuGrant | None = None) -> Plan:
     """The whole setup of one job. ``rootfs_entries`` maps each manifest mount source whose
     target is ``/`` to its top-level entries (the caller lists the directory). ``ctty``: the
     job's fd 0 is a pty made for it (runner/stdio.py), to become its controlling terminal.
     ``skip_sources``: manifest mount sources the runtime lacks; they are left out, as Joblet
-    does (ingest noted them, ``info`` shows them).
+    does (ingest noted them, ``info`` shows them). ``etc``: the files jbl writes for the
+    job's /etc (names, resolvers), placed after the runtime's mounts so a ``--volume`` can
+    still cover one.
 
     Mount points anywhere: a ``--workdir``/``--volume`` target inside a runtime directory
     that lacks it (``/opt/x``) is created by the helper in a private overlay layer over the
@@ -485,9 +547,11 @@ def build_plan(req: JobRequest, manifest: Manifest,
         raise UsageError(f"invalid --workdir {workdir!r}: must not be /, /proc, /dev or /tmp")
     rt = Path(req.runtime_dir)
     steps: list[Step] = [NewSession(), NoNewPrivs(), JoinCgroup(),
-                         Unshare(user=ids.userns, net=req.network == "none")]
+                         Unshare(user=ids.userns, net=req.network != "host")]
     if ids.userns:
         steps.append(IdMap(ids.euid, ids.egid))
+    if req.network == "isolated":  # after the id map: slirp4netns joins the user namespace
+        steps.append(NetReady())
     steps += [ForkInit(), RootTmpfs()]
 
     volume_targets = {clean_job_path(v.target, "--volume target") for v in req.volumes}
@@ -516,6 +580,9 @@ def build_plan(req: JobRequest, manifest: Manifest,
             steps.append(BindRO(src, m.target) if m.readonly else
                          Overlay(src, m.target, *layer_owner))
 
+    etc_step = etc.step() if etc is not None else None
+    if etc_step is not None:
+        steps.append(etc_step)
     steps += [Proc(), DevNodes(), Tmpfs("/tmp", 0o1777)]
     if workdir not in volume_targets:
         steps.append(Tmpfs(workdir, 0o755, -1 if ids.job_uid is None else ids.job_uid,
@@ -535,11 +602,14 @@ def build_plan(req: JobRequest, manifest: Manifest,
         steps += [BindDev(src, f"/dev/{name}") for src, name in gpu.devices]
         steps += [BindRO(src, target) for src, target in gpu.files]
         steps += [Symlink(text, target) for text, target in gpu.links]
-    if req.network == "none":
+    if req.network != "host":
         steps.append(LoopbackUp())
     if not ids.userns:
         steps.append(ProtectProc())
-    steps += [RootReadonly(), PivotRoot(), Hostname(req.job_id), ForkJob(), NewSession(ctty)]
+    steps += [RootReadonly(), PivotRoot(), Hostname(req.job_id)]
+    if req.network == "isolated":  # the job starts with its network configured
+        steps.append(AwaitNet())
+    steps += [ForkJob(), NewSession(ctty)]
     if ids.job_uid is not None:  # before DropCaps: setuid needs CAP_SETUID
         steps.append(SetUser(ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid,
                              ids.job_groups))

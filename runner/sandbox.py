@@ -108,6 +108,7 @@ class Layers:
 
 
 LAYER_DIR = "/layers"
+ETC_DIR = "/etc-files"  # in the staging tmpfs: the files jbl writes for the job's /etc
 
 
 def overlay(lower: str, at: str, what: str, uid: int = -1, gid: int = -1) -> None:
@@ -395,6 +396,57 @@ class Sandbox:
             raise StepFailed(f"bring up lo: {e.strerror}") from None
         finally:
             os.close(fd)
+
+    def op_net_ready(self, fd: int) -> None:
+        try:
+            os.write(fd, b"n")
+        except OSError as e:
+            raise StepFailed(f"network: tell jbl the namespace exists: {e.strerror}") from None
+
+    def op_await_net(self, fd: int) -> None:
+        try:
+            got = os.read(fd, 1)
+        except OSError as e:
+            raise StepFailed(f"network: wait for slirp4netns: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        if got != b"g":  # jbl gave up (and says why) or died
+            raise StepFailed("network: slirp4netns did not configure the job's network")
+
+    def op_etc_files(self, files: list[tuple[str, bytes]], how: str) -> None:
+        """Write ``files`` into the staging tmpfs (gone from every path once the staging
+        root is detached; the binds keep them) and place them read-only in the job's /etc."""
+        what = "/etc"
+        try:
+            os.mkdir(ETC_DIR, 0o755)
+            for name, data in files:
+                what = f"/etc/{name}"
+                fd = os.open(f"{ETC_DIR}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise StepFailed(f"write {what}: {e.strerror}") from None
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+        if how == "files":  # each one over the runtime's own regular file
+            for name, _ in files:
+                target = make_target(f"/etc/{name}", f"bind /etc/{name}", "file")
+                mount(f"{ETC_DIR}/{name}", target, None, MS_BIND, None, f"bind /etc/{name}")
+                mount(None, target, None, flags | mount_flags(target), None,
+                      f"remount /etc/{name} read-only")
+        elif how == "dir":  # the runtime has no /etc: these files are all of it
+            target = make_target("/etc", "bind /etc")
+            mount(ETC_DIR, target, None, MS_BIND, None, "bind /etc")
+            mount(None, target, None, flags | mount_flags(target), None,
+                  "remount /etc read-only")
+        else:  # one read-only overlay (no upper layer): ours on top of the runtime's /etc
+            target = make_target("/etc", "overlay /etc")
+            mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV,
+                  f"lowerdir={ETC_DIR}:{target}", "overlay /etc")
 
     def op_root_readonly(self) -> None:
         for layer in Layers.readonly:  # mount points made in the runtime: read-only again
@@ -686,13 +738,16 @@ def prepare_helper(status_fd: int, parent: int) -> Sandbox:
 
 def run_forked(plan: dict[str, Any], status_fd: int, parent: int) -> NoReturn:
     """The helper when ``supervise`` forked it (single-threaded parent, see docs/runner.md):
-    the plan is already here. Every fd but STATUS_FD and stdio is closed first, so the
+    the plan is already here. Every fd but STATUS_FD, a step's ``fd`` (the network's
+    socket) and stdio is closed first, so the
     relays (helper, init) hold nothing of the parent's (its index, its pipes) for the job's
     lifetime, as an exec'd helper would not; the cyclic GC is off so no finaliser of a
     parent object can close a descriptor number reused here."""
     try:
         gc.disable()
-        for lo, hi in ((3, status_fd - 1), (status_fd + 1, 0xFFFFFFFF)):
+        keep = sorted({status_fd} | {s["fd"] for s in plan["steps"] if s.get("fd", -1) >= 0})
+        for lo, hi in zip([3] + [k + 1 for k in keep], [k - 1 for k in keep] + [0xFFFFFFFF],
+                          strict=True):
             if lo <= hi:
                 libc.syscall(SYS_CLOSE_RANGE, lo, hi, 0)
         box = prepare_helper(status_fd, parent)

@@ -43,8 +43,10 @@ from .errors import (
     LimitsNotEnforced,
     SandboxSetupError,
 )
+from .identity import JobUser, host_getgrgid, host_getpwuid, passwd_group, read_runtime_etc
 from .manifests import load_manifest as load_manifest
-from .plan import GpuGrant, Ids, JobRequest, Plan, RootfsEntry, build_plan
+from .network import Slirp, check_isolated, resolver_files
+from .plan import GpuGrant, Ids, JobEtc, JobRequest, Plan, RootfsEntry, build_plan, clean_job_path
 from .stdio import TTY_STOPS, JobStdio
 from .terminal import wants_pty
 
@@ -135,8 +137,24 @@ def prepare(req: JobRequest, manifest: Manifest | None = None, pty: bool = False
             raise UsageError(f"--volume {v.source}: no such file or directory")
     req2 = dataclasses.replace(req, runtime_dir=rt,
                                uploads=tuple(Path(os.path.abspath(u)) for u in req.uploads))
-    return build_plan(req2, manifest, entries, job_ids(req), host_env=os.environ, ctty=pty,
-                      gpu=gpu, skip_sources=skip)
+    ids = job_ids(req)
+    return build_plan(req2, manifest, entries, ids, host_env=os.environ, ctty=pty,
+                      gpu=gpu, skip_sources=skip, etc=job_etc(req2, manifest, ids))
+
+
+def job_etc(req: JobRequest, manifest: Manifest, ids: Ids) -> JobEtc:
+    """The files jbl writes for the job's /etc: names (runner/identity.py) and resolvers
+    (runner/network.py), with what the runtime's /etc holds (read without following links)."""
+    runtime = read_runtime_etc(Path(req.runtime_dir), manifest)
+    if runtime.kind == "other":
+        return JobEtc(runtime_etc="other")
+    user = (JobUser(ids.euid, ids.egid, userns=ids.userns) if ids.job_uid is None else
+            JobUser(ids.job_uid, ids.job_gid if ids.job_gid is not None else ids.job_uid,
+                    ids.job_groups))
+    home = clean_job_path(req.workdir, "--workdir")
+    files = passwd_group(runtime, user, home, host_getpwuid, host_getgrgid)
+    files += resolver_files(req.network, req.job_id, runtime)
+    return JobEtc(tuple(files), runtime.kind, frozenset(runtime.files))
 
 
 # ---- running ------------------------------------------------------------------------------
@@ -160,6 +178,7 @@ def run_job(req: JobRequest, note: Callable[[str], None] | None = None,
 def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Manifest | None,
              gpu: GpuGrant | None = None) -> JobResult:
     pty = wants_pty(req.terminal)
+    slirp = check_isolated(os.environ, os.geteuid()) if req.network == "isolated" else ""
     plan = prepare(req, manifest, pty, gpu, note)
     try:
         cg = JobCgroup.create(plan.job_id, plan.limits, plan.devices)
@@ -172,7 +191,7 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
                 raise LimitsNotEnforced(text, hint="run without --require-limits to accept")
             if note:
                 note(text + "; running anyway")
-        return _run(req, plan.with_cgroup(cg.procs_files), cg, pty)
+        return _run(req, plan.with_cgroup(cg.procs_files), cg, pty, slirp)
     finally:
         cg.remove()
 
@@ -185,9 +204,11 @@ def single_threaded() -> bool:
         return False
 
 
-def _spawn_helper(plan: Plan, status_w: int, stdio: tuple[int, int, int]) -> int:
+def _spawn_helper(plan: Plan, status_w: int, stdio: tuple[int, int, int],
+                  keep: tuple[int, ...] = ()) -> int:
     """Start the sandbox helper with ``stdio`` as its fds 0, 1, 2; return its pid. The status
-    pipe's write end stays ours to close. Forked when we are single-threaded, else exec'd
+    pipe's write end stays ours to close; so do ``keep`` (fds the plan's steps name, which
+    the helper keeps). Forked when we are single-threaded, else exec'd
     (docs/runner.md, "Start-up")."""
     if single_threaded():
         wire = plan.to_wire()
@@ -208,7 +229,8 @@ def _spawn_helper(plan: Plan, status_w: int, stdio: tuple[int, int, int]) -> int
         given = [None if fd == n else fd for n, fd in enumerate(stdio)]  # None: inherit ours
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", SANDBOX, str(plan_r), str(status_w), str(os.getpid())],
-            pass_fds=(plan_r, status_w), stdin=given[0], stdout=given[1], stderr=given[2])
+            pass_fds=(plan_r, status_w, *keep), stdin=given[0], stdout=given[1],
+            stderr=given[2])
         proc.returncode = 0  # reaped by _wait, not by Popen: keeps Popen.__del__ quiet
         os.close(plan_r)
         plan_r = -1
@@ -241,21 +263,34 @@ def _child_stdio(fds: tuple[int, int, int]) -> None:
             os.dup2(fd, target)
 
 
-def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool) -> JobResult:
+def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool, slirp_exe: str = "") -> JobResult:
+    """``slirp_exe``: --network isolated's slirp4netns (runner/network.py)."""
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED | TTY_STOPS)
     status_r, status_w = os.pipe()
     pid: int | None = None
     reaped = False
     start = time.monotonic()
     stdio: JobStdio | None = None
+    net = (-1, -1)  # --network isolated: our end and the helper's of the socket NetReady uses
+    slirp: Slirp | None = None
     try:
+        if slirp_exe:
+            import socket  # only isolated jobs pay for it
+
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            net = (ours.detach(), theirs.detach())
+            plan = plan.with_net_fd(net[1])
         if signal.sigpending() & TERMINATE:  # interrupted while preparing: do not start
             signal.sigtimedwait(TERMINATE, 0)  # consume it, or it fires when unblocked
             raise KeyboardInterrupt
         stdio = JobStdio.open(pty)
-        pid = _spawn_helper(plan, status_w, stdio.child_fds)
+        pid = _spawn_helper(plan, status_w, stdio.child_fds, net[1:] if slirp_exe else ())
         os.close(status_w)
         status_w = -1
+        if slirp_exe:
+            os.close(net[1])  # the helper's now: EOF on ours when it is gone
+            net = (net[0], -1)
+            slirp = Slirp.start(slirp_exe, pid, net[0], req.slirp_host_loopback)
         stdio.started(WAITED)
         status, reason = _wait(pid, req, cg, start, stdio)
         reaped = True
@@ -291,7 +326,9 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool) -> JobResult:
             cg.kill()
             _kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        for fd in (status_r, status_w):
+        if slirp is not None:
+            slirp.stop()  # after the job: it never outlives it
+        for fd in (status_r, status_w, *net):
             if fd >= 0:
                 os.close(fd)
         if stdio is not None:
