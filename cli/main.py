@@ -39,6 +39,10 @@ COMMAND_MODULES = [
     "jbl.cli.setup_cmd",     # jbl setup --system
 ]
 
+# Joblet's spellings of `jbl store …` and `jbl run` (`jbl runtime …`, `jbl job run`), listed last.
+COMMANDS.update(runtime="jbl.cli.joblet_cmd", job="jbl.cli.joblet_cmd")
+COMMAND_MODULES.append("jbl.cli.joblet_cmd")
+
 
 _exit_now = False  # the command asked entry() to end the process without teardown
 
@@ -52,11 +56,32 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+class _Version(argparse.Action):
+    """``jbl --version``: the installed package's version (read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print jbl's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("jbl")
+        except PackageNotFoundError:  # run from a tree that was never installed
+            text = "unknown (not installed as a package)"
+        print(f"jbl {text}")
+        parser.exit()
+
+
 def _chosen_modules(argv: Sequence[str]) -> list[str]:
     """The one module owning the command in ``argv``, or all of them (help, typos)."""
     takes_value = {"--store"}
     it = iter(argv)
     for tok in it:
+        if tok == "--version":
+            return []  # prints and exits before any command is needed
         if tok in takes_value:
             next(it, None)
         elif tok.startswith("--store="):
@@ -73,6 +98,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jbl", parents=[common],
         description="Runtime store and job runner for shared Linux servers.")
+    parser.add_argument("--version", action=_Version)
+    from jbl.cli.joblet_cmd import GLOBAL_REFUSED, refuse_joblet_flags
+
+    refuse_joblet_flags(parser, GLOBAL_REFUSED)  # Joblet's `rnx --node=srv1 job run …`
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for modname in _chosen_modules(argv):

@@ -73,6 +73,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     t.add_argument("--no-tty", dest="terminal", action="store_const", const="pipes",
                    help="no pseudo-terminal: stdout and stderr stay apart")
     p.set_defaults(terminal="auto")
+    from jbl.cli.joblet_cmd import refuse_joblet_flags
+
+    refuse_joblet_flags(p)  # --schedule, --node, …: one line saying so, never the command
+    # Everything from the first word that is not an option on is the command (options after
+    # it included), so `--` is optional, as in Joblet: `jbl run --runtime=X python s.py -v`.
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]")
     p.set_defaults(func=run, exit_now=True)  # nothing left to clean up after run(): cli/main
 

@@ -56,10 +56,13 @@ def _sources(args: argparse.Namespace) -> list[RegistrySource]:
 def _client(args: argparse.Namespace, store_dir: Path | None) -> RegistryClient:
     from jbl.store.registry import RegistryClient, download_settings
 
-    # The one place the download bounds are resolved: config `download:` + JBL_HTTP_TIMEOUT.
-    settings = download_settings(load_config().download, os.environ)
+    # The one place the download bounds are resolved: config `download:` + JBL_HTTP_TIMEOUT
+    # (and where OWNER/REPO registries live: config github_raw_base, JBL_GITHUB_RAW_BASE).
+    cfg = load_config()
+    settings = download_settings(cfg.download, os.environ)
     return RegistryClient(store_dir, refresh=getattr(args, "refresh", False),
-                          warn=lambda msg: log.warning(msg), settings=settings)
+                          warn=lambda msg: log.warning(msg), settings=settings,
+                          github_raw_base=cfg.github_raw_base)
 
 
 @contextlib.contextmanager

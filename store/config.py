@@ -5,13 +5,21 @@ Files, lowest priority first (later ones override earlier ones)::
     /etc/jbl/config.yaml                         the admin's (system-wide)
     $XDG_CONFIG_HOME/jbl/config.yaml             the user's (default ~/.config/jbl/config.yaml)
 
-``JBL_CONFIG=FILE`` replaces both with exactly that one file (``JBL_CONFIG=`` empty: none).
+Between the two, Joblet's ``~/.rnx/config.yaml`` (``store/rnxconfig.py``): only its
+``runtimes: {registries: [...]}`` block is read, and only from a file that is the user's own.
+``JBL_CONFIG=FILE`` replaces all of them with exactly that one file (``JBL_CONFIG=`` empty:
+none).
 
 Keys::
 
     registries:                  # tried in order; the first that offers a NAME serves it
       - https://example.org/runtimes/registry.json
       - {name: lab, url: /srv/runtimes}          # a dir holding registry.json, or a file
+      - {url: mycompany/joblet-runtimes, enabled: false}   # GitHub OWNER/REPO; off
+    runtimes:                    # Joblet's spelling of the same list, read after registries:
+      registries: [{name: company, url: https://github.com/mycompany/joblet-runtimes}]
+    github_raw_base: https://mirror.example.org   # replaces https://raw.githubusercontent.com
+                                 # for OWNER/REPO registries (env JBL_GITHUB_RAW_BASE wins)
     store: /var/lib/jbl          # default for --store (after --store and JBL_STORE)
     gc: {...}                    # retention policy; read by store/gc, passed through as a dict
     removed_hold_limit: 6h       # how long a mount keeps holding a removed version someone
@@ -22,10 +30,14 @@ Keys::
                                  # JBL_GPU_DRIVER_ROOT wins); default /
 
 How files combine: ``registries`` lists are concatenated, the user's first (so a user can put
-a registry in front of the admin's; duplicates dropped); ``store`` is overridden; ``gc`` and
+a registry in front of the admin's; duplicates dropped, and the first mention of a URL
+decides whether it is ``enabled``, so a user can switch off an admin's registry); ``store``
+is overridden; ``gc`` and
 ``download`` are shallow merges (a user's key replaces the admin's). A relative path in
-``registries`` is taken relative to the file that names it. Unknown keys are kept in
-``extra`` and ignored.
+``registries`` is taken relative to the file that names it, unless it has the shape
+``OWNER/REPO`` and no such path exists there: then it is that GitHub repository
+(``https://github.com/OWNER/REPO``; registry.py maps it to its raw registry.json).
+Unknown keys are kept in ``extra`` and ignored.
 
 A missing file is not an error; a malformed one is (UsageError naming the file and the key).
 A config file must be a regular file of at most 1 MiB; its YAML is parsed with bounds
@@ -36,6 +48,7 @@ Pure apart from reading the files; thread-safe.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,7 +62,14 @@ from .errors import UsageError
 SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
 ENV_CONFIG = "JBL_CONFIG"
 CONFIG_BOUNDS = Bounds(max_bytes=1 << 20, max_depth=32, max_nodes=100_000, allow_aliases=True)
-_KNOWN = {"registries", "store", "gc", "download", "removed_hold_limit", "gpu_driver_root"}
+_KNOWN = {"registries", "store", "gc", "download", "removed_hold_limit", "gpu_driver_root",
+          "runtimes", "github_raw_base"}
+ENV_GITHUB_RAW_BASE = "JBL_GITHUB_RAW_BASE"
+GITHUB_RAW_BASE = "https://raw.githubusercontent.com"
+# A GitHub repository as Joblet names a registry ("mycompany/joblet-runtimes"); a name ending
+# in .json is a registry file's path, never a repository.
+GITHUB_REPO_RE = re.compile(r"[A-Za-z0-9-]+/(?!\.\.?$)(?![^/]*\.json$)[A-Za-z0-9._-]+")
+MAX_REGISTRIES = 256  # per file: a list longer than this is a mistake, not a setup
 REMOVED_HOLD_LIMIT = 6 * 3600.0  # seconds; the default of removed_hold_limit
 
 
@@ -77,6 +97,7 @@ class Config:
     download: dict[str, tuple[Any, str]] = field(default_factory=dict)
     removed_hold_limit: float | None = REMOVED_HOLD_LIMIT  # seconds; None = never released
     gpu_driver_root: str | None = None  # test-only fake driver tree (runner/gpu.py)
+    github_raw_base: str = GITHUB_RAW_BASE  # where OWNER/REPO registries are fetched from
 
 
 def config_paths(env: Mapping[str, str] | None = None) -> list[Path]:
@@ -92,12 +113,16 @@ def _is_url(text: str) -> bool:
     return "://" in text
 
 
-def _registry_item(item: Any, i: int, path: Path) -> RegistrySource:
-    where = f"{path}: registries[{i}]"
+def _registry_item(item: Any, where: str, path: Path) -> tuple[RegistrySource, bool]:
+    """One entry of a registries list -> (the registry, whether it is enabled)."""
+    enabled: Any = True
     if isinstance(item, str):
         url, name = item, ""
     elif isinstance(item, dict) and isinstance(item.get("url"), str):
-        url, name = item["url"], str(item.get("name") or "")
+        url, name = item["url"], str(item.get("name") or "")[:200]
+        enabled = item.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise UsageError(f"{where}: 'enabled' must be true or false")
     else:
         raise UsageError(f"{where} must be a URL/path or a mapping with 'url'")
     url = url.strip()
@@ -105,8 +130,59 @@ def _registry_item(item: Any, i: int, path: Path) -> RegistrySource:
         raise UsageError(f"{where} is empty")
     if not _is_url(url):
         p = Path(os.path.expanduser(url))
-        url = str(p if p.is_absolute() else (path.parent / p).resolve())
-    return RegistrySource(url, name, str(path))
+        if not p.is_absolute() and GITHUB_REPO_RE.fullmatch(url) \
+                and not os.path.lexists(path.parent / p):
+            url = f"https://github.com/{url}"  # Joblet's OWNER/REPO (an existing path wins)
+        else:
+            url = str(p if p.is_absolute() else (path.parent / p).resolve())
+    return RegistrySource(url, name, str(path)), enabled
+
+
+def _registry_list(value: Any, key: str, path: Path) -> list[tuple[RegistrySource, bool]]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise UsageError(f"config {path}: '{key}' must be a list")
+    if len(value) > MAX_REGISTRIES:
+        raise UsageError(f"config {path}: '{key}' lists more than {MAX_REGISTRIES} registries")
+    return [_registry_item(x, f"{path}: {key}[{i}]", path) for i, x in enumerate(value)]
+
+
+def file_registries(doc: Mapping[str, Any], path: Path) -> list[tuple[RegistrySource, bool]]:
+    """One file's registries, in order: jbl's ``registries:``, then Joblet's
+    ``runtimes: {registries: [{name, url, enabled}]}``; each with whether it is enabled."""
+    out = []
+    if doc.get("registries") is not None:
+        out += _registry_list(doc["registries"], "registries", path)
+    block = doc.get("runtimes")
+    if block is not None:
+        if not isinstance(block, dict):
+            raise UsageError(f"config {path}: 'runtimes' must be a mapping (Joblet's "
+                             "runtimes: {registries: [{name, url, enabled}]})")
+        if block.get("registries") is not None:
+            out += _registry_list(block["registries"], "runtimes.registries", path)
+    return out
+
+
+def _raw_base(value: Any, what: str) -> str:
+    """``github_raw_base`` / JBL_GITHUB_RAW_BASE: an http(s) URL without query or fragment."""
+    text = value.strip().rstrip("/") if isinstance(value, str) else ""
+    scheme, _, rest = text.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest or len(text) > 2048 \
+            or any(c in text for c in "?# ") or not text.isprintable():
+        raise UsageError(f"{what} must be an http(s) URL such as {GITHUB_RAW_BASE} "
+                         f"(got {str(value)[:200]!r})")
+    return text
+
+
+def _files(env: Mapping[str, str]) -> list[tuple[Path, bool]]:
+    """(file, is it Joblet's ~/.rnx/config.yaml), lowest priority first."""
+    paths = config_paths(env)
+    if ENV_CONFIG in env:
+        return [(p, False) for p in paths]
+    from .rnxconfig import rnx_config_path
+
+    return [(paths[0], False), (rnx_config_path(env), True), *((p, False) for p in paths[1:])]
 
 
 def _read_bounded(path: Path) -> str | None:
@@ -130,8 +206,13 @@ def _read_bounded(path: Path) -> str | None:
         raise UsageError(f"config {path} is not UTF-8") from None
 
 
-def _load_file(path: Path) -> dict[str, Any] | None:
-    text = _read_bounded(path)
+def _load_file(path: Path, joblet: bool = False) -> dict[str, Any] | None:
+    if joblet:
+        from .rnxconfig import read_own
+
+        text = read_own(path, CONFIG_BOUNDS.max_bytes)
+    else:
+        text = _read_bounded(path)
     if text is None:
         return None
     import yaml  # only when a config file exists: ~12 ms of every `jbl run` otherwise
@@ -153,7 +234,9 @@ def _load_file(path: Path) -> dict[str, Any] | None:
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Read and combine the config files (see the module docstring)."""
-    registries: list[RegistrySource] = []
+    env = os.environ if env is None else env
+    registries: list[tuple[RegistrySource, bool]] = []
+    raw_base = GITHUB_RAW_BASE
     store: Path | None = None
     gc: dict[str, Any] = {}
     download: dict[str, tuple[Any, str]] = {}
@@ -161,19 +244,17 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     hold: float | None = REMOVED_HOLD_LIMIT
     gpu_root: str | None = None
     read: list[Path] = []
-    for path in config_paths(env):
-        doc = _load_file(path)
+    for path, joblet in _files(env):
+        doc = _load_file(path, joblet)
         if doc is None:
             continue
         read.append(path)
-        regs = doc.get("registries")
-        if regs is not None:
-            if isinstance(regs, str):
-                regs = [regs]
-            if not isinstance(regs, list):
-                raise UsageError(f"config {path}: 'registries' must be a list")
-            # the later (higher-priority) file's registries go first
-            registries = [_registry_item(x, i, path) for i, x in enumerate(regs)] + registries
+        # the later (higher-priority) file's registries go first
+        registries = file_registries(doc, path) + registries
+        if joblet:
+            continue  # nothing else is read from Joblet's file
+        if doc.get("github_raw_base") is not None:
+            raw_base = _raw_base(doc["github_raw_base"], f"config {path}: 'github_raw_base'")
         if doc.get("store") is not None:
             if not isinstance(doc["store"], str) or not doc["store"].strip():
                 raise UsageError(f"config {path}: 'store' must be a directory path")
@@ -193,14 +274,17 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         if doc.get("removed_hold_limit") is not None:
             hold = _hold_limit(doc["removed_hold_limit"], path)
         extra.update({k: v for k, v in doc.items() if k not in _KNOWN})
+    if env.get(ENV_GITHUB_RAW_BASE):
+        raw_base = _raw_base(env[ENV_GITHUB_RAW_BASE], ENV_GITHUB_RAW_BASE)
     seen: set[str] = set()
     unique = []
-    for r in registries:
-        if r.url not in seen:
+    for r, enabled in registries:
+        if r.url not in seen:  # the highest-priority mention decides, enabled or not
             seen.add(r.url)
-            unique.append(r)
+            if enabled:
+                unique.append(r)
     return Config(tuple(unique), store, gc, tuple(read), extra, download=download,
-                  removed_hold_limit=hold, gpu_driver_root=gpu_root)
+                  removed_hold_limit=hold, gpu_driver_root=gpu_root, github_raw_base=raw_base)
 
 
 def _hold_limit(value: Any, path: Path) -> float | None:

@@ -2,7 +2,10 @@
 paths), its cache, choosing a version for this host, and downloading a verified tarball.
 
 A registry location is a ``registry.json`` (URL or path) or a directory/URL holding one. It is
-normalised to an absolute URL (``file:///…`` for paths); ``download_url`` values are resolved
+normalised to an absolute URL (``file:///…`` for paths); Joblet's ``OWNER/REPO`` (when no such
+path exists) and ``https://github.com/OWNER/REPO`` name ``<raw base>/OWNER/REPO/main/registry.json``
+(raw base ``https://raw.githubusercontent.com`` unless config ``github_raw_base`` or
+``JBL_GITHUB_RAW_BASE`` names a mirror). ``download_url`` values are resolved
 against it, so a registry dir can be moved or served over http as it is. Several registries
 (``--registry`` repeated, or config ``registries:``) are tried in order and the FIRST one that
 offers a runtime name serves every version of that name: versions of one name are never mixed
@@ -53,7 +56,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
-from .config import RegistrySource
+from .config import GITHUB_RAW_BASE, GITHUB_REPO_RE, RegistrySource
 from .errors import ChecksumMismatch, IntegrityError, NotFound, RegistryError, UsageError
 from .manifest import check_name
 from .store import Store, VersionInfo
@@ -234,11 +237,39 @@ class Registry:
     runtimes: dict[str, dict[str, RegistryEntry]] = field(default_factory=dict)
 
 
-def location_url(text: str, *, base_dir: Path | None = None) -> str:
+_GITHUB_URL_RE = re.compile(r"https?://(?:www\.)?github\.com/([A-Za-z0-9-]+/[A-Za-z0-9._-]+?)"
+                            r"(?:\.git)?/?", re.IGNORECASE)
+
+
+def github_registry(text: str, *, base_dir: Path | None = None,
+                    raw_base: str = GITHUB_RAW_BASE) -> str | None:
+    """The registry.json URL of the GitHub repository ``text`` names as Joblet does
+    (``OWNER/REPO``, ``https://github.com/OWNER/REPO``), or None. An existing local path
+    spelled ``OWNER/REPO`` (relative to ``base_dir``, default the working directory) stays a
+    path: a directory registry must not turn into a download because it looks like a repo."""
+    m = _GITHUB_URL_RE.fullmatch(text)
+    if m is not None:
+        repo = m.group(1)
+    elif GITHUB_REPO_RE.fullmatch(text) and not os.path.lexists((base_dir or Path.cwd()) / text):
+        repo = text
+    else:
+        return None
+    if not GITHUB_REPO_RE.fullmatch(repo):  # e.g. github.com/o/x.json: not a repository
+        return None
+    return f"{raw_base.rstrip('/')}/{repo}/main/{INDEX_NAME}"
+
+
+def location_url(text: str, *, base_dir: Path | None = None,
+                 github_raw_base: str = GITHUB_RAW_BASE) -> str:
     """``--registry`` text -> the absolute URL of a registry.json."""
     text = text.strip()
     if not text:
         raise UsageError("empty registry location")
+    if len(text) > MAX_URL_LEN:
+        raise UsageError(f"registry location is longer than {MAX_URL_LEN} characters")
+    github = github_registry(text, base_dir=base_dir, raw_base=github_raw_base)
+    if github is not None:
+        return github
     scheme = urlsplit(text).scheme.lower() if "://" in text else ""
     if scheme in ("http", "https"):
         if text.endswith(".json"):
@@ -421,8 +452,10 @@ class RegistryClient:
     """Loads registries (with the cache) and downloads tarballs. Close it (or use ``with``)."""
 
     def __init__(self, store_dir: Path | None, *, refresh: bool = False, ttl: float = TTL,
-                 warn: Warn | None = None, settings: DownloadSettings | None = None) -> None:
+                 warn: Warn | None = None, settings: DownloadSettings | None = None,
+                 github_raw_base: str = GITHUB_RAW_BASE) -> None:
         self.refresh = refresh
+        self.github_raw_base = github_raw_base  # config github_raw_base / JBL_GITHUB_RAW_BASE
         self.ttl = ttl
         self.warn: Warn = warn or (lambda _msg: None)
         self.settings = settings or DownloadSettings()
@@ -539,7 +572,8 @@ class RegistryClient:
     def load(self, source: RegistrySource | str) -> Registry:
         if isinstance(source, str):
             source = RegistrySource(source)
-        url = location_url(source.url)  # config already made relative paths absolute
+        # config already made relative paths absolute (and OWNER/REPO a github.com URL)
+        url = location_url(source.url, github_raw_base=self.github_raw_base)
         if url in self._loaded:
             return self._loaded[url]
         label = source.name or url
