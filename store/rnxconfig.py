@@ -11,8 +11,8 @@ nobody else, and ``config.yaml`` must be a regular file owned by the effective u
 both are opened without following links, the file relative to the directory's fd; ordinary
 users may link them (dotfile managers do), they can only read what they may read anyway.
 Opens never block (a FIFO is refused, not waited on) and the read is bounded by the caller's
-limit. A file jbl will not read is skipped with one warning; a missing one is silence.
-Pure apart from reading the file; thread-safe.
+limit. A file jbl will not read is skipped with one warning (once per process); a
+missing one is silence. Pure apart from reading the file and that warning; thread-safe.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from .errors import UsageError
 
 log = logging.getLogger("jbl")
+_warned: set[str] = set()  # one warning per file and reason, however often the config is read
 
 
 def rnx_config_path(env: Mapping[str, str]) -> Path:
@@ -36,6 +37,9 @@ def rnx_config_path(env: Mapping[str, str]) -> Path:
 
 
 def _skip(path: Path, why: str) -> None:
+    if f"{path}\0{why}" in _warned:
+        return
+    _warned.add(f"{path}\0{why}")
     log.warning("ignoring %s: %s (jbl reads only the runtimes block of your own Joblet "
                 "config)", path, why)
 

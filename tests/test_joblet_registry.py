@@ -260,3 +260,14 @@ def test_install_with_the_registries_of_rnx_config(github: RegistryServer, store
         "    - {name: company, url: 'mycompany/joblet-runtimes', enabled: false}\n")
     r = jbl_at(store_dir, home, github, "runtime", "install", "my-custom-runtime@1.0.0")
     assert_one_line_error(r, 2, "no registry given")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's rules: needs root")
+def test_a_refused_rnx_config_is_one_warning_per_command(home: Path, tmp_path: Path) -> None:
+    os.chown(home / ".rnx/config.yaml", NOBODY, NOBODY)
+    # no --store: the default store and the registry client both read the config
+    r = run_jbl("runtime", "list", "--registry", str(tmp_path / "none"),
+                env=home_env(home, XDG_DATA_HOME=str(tmp_path / "data")))
+    warnings = [ln for ln in r.err.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1 and f"owned by uid {NOBODY}" in warnings[0], r.err
+    assert r.rc == 7 and "no registry at" in r.err  # the command itself goes on as asked
