@@ -48,8 +48,9 @@ def _sources(args: argparse.Namespace) -> list[RegistrySource]:
         return [RegistrySource(r, origin="--registry") for r in args.registry]
     cfg = load_config()
     if not cfg.registries:
-        raise UsageError("no registry given: pass --registry URL|PATH or list `registries:` "
-                         "in ~/.config/jbl/config.yaml or /etc/jbl/config.yaml")
+        raise UsageError("no registry given: pass --registry URL|PATH|OWNER/REPO or list "
+                         "`registries:` in ~/.config/jbl/config.yaml or /etc/jbl/config.yaml "
+                         "(or Joblet's `runtimes:` block in ~/.rnx/config.yaml)")
     return list(cfg.registries)
 
 
