@@ -360,8 +360,8 @@ def cmd_df(args: argparse.Namespace) -> int:
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     def registry_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--registry", action="append", metavar="URL|PATH",
-                       help="registry.json, or a directory/URL holding one (repeatable; "
-                            "default: the config's registries)")
+                       help="registry.json, or a directory/URL holding one, or a GitHub "
+                            "OWNER/REPO (repeatable; default: the config's registries)")
         p.add_argument("--refresh", action="store_true",
                        help="refetch registry indexes instead of using the 1 h cache")
 
