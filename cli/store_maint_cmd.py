@@ -143,7 +143,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         repaired: list[str] = []
         if args.repair and not res.ok:
             from jbl.store import repair as repair_mod
-            rep = repair_mod.repair(store, res.problems)
+
+            from .store_install_cmd import _client  # the download bounds, resolved once
+            with _client(args, None) as client:
+                rep = repair_mod.repair(store, res.problems, client)
             repaired = rep.lines
             res = verify_mod.verify(store, data=args.data, grace=grace)
     if args.json:

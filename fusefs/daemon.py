@@ -26,31 +26,37 @@ import sys
 from pathlib import Path
 
 from jbl.store.config import REMOVED_HOLD_LIMIT
-from jbl.store.errors import ExitCode, JblError
+from jbl.store.errors import ExitCode, JblError, UnsafeStorePath
 
 from . import mount
 from .linger import IdleWatch
-from .mounttab import open_log, rotate_log
+from .mounttab import log_dir, open_log, rotate_log
 
 
 class BoundedLog(logging.Handler):
     """Appends each line to ``path`` (O_APPEND: several daemons share a store's log),
     rotating at LOG_MAX. After a rotation, stdout/stderr (tracebacks that bypass logging)
-    are pointed at the new file too."""
+    are pointed at the new file too. The log's directory is opened once, without following
+    a link, and kept (mounttab.log_dir): a ``run/`` swapped for a link later changes
+    nothing."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
+        self.dir_fd: int | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = (self.format(record) + "\n").encode(errors="replace")
-            rotated = rotate_log(self.path)
             try:
-                fd = open_log(self.path, make_dir=False)
-            except FileNotFoundError:
-                # the store (or its run/) was removed under us: never recreate it; the
-                # line goes where spawn() pointed stderr
+                if self.dir_fd is None:
+                    self.dir_fd = log_dir(self.path, make_dir=False)
+                rotated = rotate_log(self.path, dir_fd=self.dir_fd)
+                fd = open_log(self.path, dir_fd=self.dir_fd)
+            except (FileNotFoundError, UnsafeStorePath):
+                # the store (or its run/) was removed under us: never recreate it (a
+                # create in a removed directory is ENOENT); a planted run/ is never
+                # followed. The line goes where spawn() pointed stderr.
                 os.write(2, line)
                 return
             try:

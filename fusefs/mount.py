@@ -48,7 +48,7 @@ from .linger import IdleWatch
 # re-exported: the names callers (the CLI, the runner, tests) use from the lifecycle module
 from .mounttab import FSTYPE as FSTYPE
 from .mounttab import MountStatus as MountStatus
-from .mounttab import _mount_at, open_log, usable_views
+from .mounttab import _mount_at, open_log, read_log_tail, usable_views
 from .mounttab import answers as answers
 from .mounttab import find as find_record
 from .mounttab import force_unmount as force_unmount
@@ -337,11 +337,7 @@ def _read_line(fd: int, timeout: float) -> str:
 
 
 def _log_tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
+    return read_log_tail(path)  # relative to run/'s fd, no link followed (mounttab)
 
 
 def unmount(mountpoint: Path, store_dir: Path | None = None,

@@ -31,7 +31,13 @@ says the connection is gone: ENOTCONN), ``gone`` (neither mount nor daemon: the 
 deleted when read, so ``--status`` never lists dead private views).
 
 The daemon log: ``STORE/run/mount.log`` when the caller may write there, else ``mount.log``
-beside the caller's records; rotated to ``mount.log.1`` at ``LOG_MAX`` bytes.
+beside the caller's records; rotated to ``mount.log.1`` at ``LOG_MAX`` bytes. ``run/`` is
+group-writable on a shared server and the daemon may be root, so the log is never reached
+by a path through it: ``run/`` is opened without following a link (``log_dir``: a link
+or a file there is refused, UnsafeStorePath, exit 10), the daemon keeps that directory fd
+for its whole life, and the log file is opened, rotated (``renameat``) and read relative to
+it; a link, FIFO or hard link planted as ``mount.log`` is replaced (the item itself is
+removed, never what it points to) with a WARNING line in the new log naming it.
 
 Thread-safety: plain functions over files; any thread. Records are written atomically
 (temp file + rename), so readers never see half a record.
@@ -49,12 +55,16 @@ import logging
 import os
 import pwd
 import re
+import stat
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jbl.store.errors import MountError
+from jbl.store import safepath
+from jbl.store.errors import MountError, UnsafeStorePath
 from jbl.store.store import pid_alive
 
 from . import trust
@@ -277,28 +287,100 @@ def log_path(store_dir: Path | str) -> Path:
     return run / "mount.log"
 
 
-def rotate_log(path: Path) -> bool:
-    """Move ``path`` to ``path.1`` once it reaches LOG_MAX (two daemons rotating at once
-    may lose one generation: acceptable for a log of starts, stops and errors)."""
+def log_dir(path: Path, *, make_dir: bool = True) -> int:
+    """An fd of the directory holding the log ``path`` (``STORE/run``, or the user's own
+    state dir). Its parent (the store directory or the user's own) is trusted like the
+    store's own path; the directory itself is opened without following a link
+    (UnsafeStorePath if it is not a real directory). ``make_dir=False``: a directory that is
+    gone stays gone (FileNotFoundError), e.g. a store removed under a running daemon."""
+    if make_dir:
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+    with safepath.opened(safepath.open_store(path.parent.parent)) as pfd:
+        return safepath.open_dir(pfd, path.parent.name, shown=str(path.parent),
+                                 create_mode=0o777 if make_dir else None)  # less the umask
+
+
+@contextlib.contextmanager
+def _at(path: Path, dir_fd: int | None, make_dir: bool) -> Iterator[int]:
+    """``dir_fd``, or the log's directory opened for the block (``log_dir``)."""
+    if dir_fd is not None:
+        yield dir_fd
+        return
+    with safepath.opened(log_dir(path, make_dir=make_dir)) as fd:
+        yield fd
+
+
+def rotate_log(path: Path, *, dir_fd: int | None = None) -> bool:
+    """Move ``path`` to ``path.1`` once it reaches LOG_MAX, within its directory's fd (two
+    daemons rotating at once may lose one generation: acceptable for a log of starts, stops
+    and errors). Only the log's own regular file is rotated, never a planted link."""
     try:
-        if os.lstat(path).st_size < LOG_MAX:
-            return False
-        os.replace(path, f"{path}.1")
-        return True
-    except OSError:
+        with _at(path, dir_fd, make_dir=False) as dfd:
+            st = safepath.lstat(dfd, path.name)
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size < LOG_MAX:
+                return False
+            os.rename(path.name, f"{path.name}.1", src_dir_fd=dfd, dst_dir_fd=dfd)
+            return True
+    except (OSError, UnsafeStorePath):
         return False
 
 
-def open_log(path: Path, *, make_dir: bool = True) -> int:
-    """An O_APPEND fd on the log, created if need be; never follows a symlink (run/ is
-    group-writable on a shared server, and the daemon may be root). ``make_dir=False``: a
-    directory that is gone stays gone (FileNotFoundError), e.g. a store removed under a
-    running daemon."""
-    if make_dir:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    rotate_log(path)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o644)
+def open_log(path: Path, *, make_dir: bool = True, dir_fd: int | None = None) -> int:
+    """An O_APPEND fd on the log, created if need be, relative to ``dir_fd`` (default: the
+    log's directory, opened by ``log_dir``). Never follows a symlink and never blocks on a
+    FIFO; anything but the log's own regular file there is replaced (module docstring)."""
+    with _at(path, dir_fd, make_dir) as dfd:
+        rotate_log(path, dir_fd=dfd)
+        return _open_log_file(dfd, path)
+
+
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | safepath.FILE_FLAGS
+
+
+def _open_log_file(dfd: int, path: Path) -> int:
+    name = path.name
+    for _attempt in range(3):
+        fd = -1
+        try:
+            fd = os.open(name, _LOG_FLAGS, 0o644, dir_fd=dfd)
+        except OSError as e:  # ELOOP: a link; ENXIO: a FIFO nobody reads; EISDIR
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise
+        if fd >= 0:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:  # not a hard link to another
+                return fd
+            os.close(fd)
+        there = safepath.lstat(dfd, name)
+        if there is not None and stat.S_ISDIR(there.st_mode):
+            raise UnsafeStorePath(f"{path} is a directory, not a regular file: refusing to "
+                                  "use it as the mount log", hint=safepath.FIX_HINT)
+        what = safepath.describe(dfd, name)
+        safepath.unlink(dfd, name)  # the planted item itself, never what it points to
+        try:
+            fd = os.open(name, _LOG_FLAGS | os.O_EXCL, 0o644, dir_fd=dfd)
+        except FileExistsError:
+            continue  # another daemon made a new log meanwhile: check that one
+        os.write(fd, (f"{time.strftime('%Y-%m-%d %H:%M:%S')} jbl-mount[{os.getpid()}] "
+                      f"WARNING replaced {path}: it was {what}, not the log's own regular "
+                      "file (removed the item itself, never what it points to)\n").encode())
+        return fd
+    raise UnsafeStorePath(f"{path} keeps being replaced by something else: refusing to use "
+                          "it as the mount log", hint=safepath.FIX_HINT)
+
+
+def read_log_tail(path: Path, limit: int = 64 << 10) -> str:
+    """The last line of the log (of its last ``limit`` bytes), read relative to its
+    directory's fd without following a link or blocking; "" if it cannot be read."""
+    try:
+        with safepath.opened(log_dir(path, make_dir=False)) as dfd, \
+                safepath.opened(safepath.open_file(dfd, path.name, shown=str(path))) as fd:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, limit, max(0, size - limit))
+    except (OSError, UnsafeStorePath):
+        return ""
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 # --- records -----------------------------------------------------------------------------

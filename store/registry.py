@@ -13,7 +13,11 @@ from two publishers.
 
 Cache: a fetched http(s) index is kept as ``<sha256(url)>.json`` under ``STORE/cache/registries``
 (or ``$XDG_CACHE_HOME/jbl/registries`` when the store is not writable) and reused for ``TTL``
-without touching the network. ``refresh=True`` always refetches. When a refetch fails and a
+without touching the network. The store's cache is group-writable, so it is reached only
+through ``store/safepath.py`` (directory fds, no link followed, regular files only, written
+as a new file renamed into place); a ``cache`` or ``cache/registries`` that is not a real
+directory is skipped with one warning, and the user's own cache serves instead.
+``refresh=True`` always refetches. When a refetch fails and a
 stale copy exists, the stale copy is used with a warning (an offline server keeps working);
 under ``refresh`` it is an error instead. Local registries are read directly, never cached.
 
@@ -56,8 +60,16 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 
+from . import safepath
 from .config import GITHUB_RAW_BASE, GITHUB_REPO_RE, RegistrySource
-from .errors import ChecksumMismatch, IntegrityError, NotFound, RegistryError, UsageError
+from .errors import (
+    ChecksumMismatch,
+    IntegrityError,
+    NotFound,
+    RegistryError,
+    UnsafeStorePath,
+    UsageError,
+)
 from .manifest import check_name
 from .store import Store, VersionInfo
 from .units import format_duration, format_size, parse_duration, parse_size
@@ -459,10 +471,14 @@ class RegistryClient:
         self.ttl = ttl
         self.warn: Warn = warn or (lambda _msg: None)
         self.settings = settings or DownloadSettings()
+        # The store's cache (reached through safepath: _open_cache_dir), then the user's own.
+        self._store_dir = Path(store_dir) if store_dir is not None and \
+            os.access(store_dir, os.W_OK) else None
         self.cache_dirs: list[Path] = []
-        if store_dir is not None and os.access(store_dir, os.W_OK):
-            self.cache_dirs.append(Path(store_dir) / "cache" / "registries")
+        if self._store_dir is not None:
+            self.cache_dirs.append(self._store_dir / "cache" / "registries")
         self.cache_dirs.append(user_cache_dir())
+        self._unsafe_warned = False
         self._http: httpx.Client | None = None
         self._loaded: dict[str, Registry] = {}
 
@@ -494,16 +510,46 @@ class RegistryClient:
     def _cache_name(url: str) -> str:
         return hashlib.sha256(url.encode()).hexdigest() + ".json"
 
+    def _open_cache_dir(self, d: Path, create: bool) -> int | None:
+        """An fd of the cache directory ``d``, or None when it is missing (and not
+        ``create``), not usable, or (the store's) not a real directory: the store's cache is
+        group-writable, so an admin-group member could plant ``cache`` or
+        ``cache/registries`` as a link; root never follows it (one warning, then the user's
+        own cache serves). The user's cache is their own: opened by path."""
+        try:
+            if self._store_dir is not None and d == self.cache_dirs[0]:
+                with safepath.opened(safepath.open_store(self._store_dir)) as sfd:
+                    return safepath.walk(sfd, ("cache", "registries"),
+                                         shown=str(self._store_dir),
+                                         create_mode=0o2775 if create else None)
+            if create:
+                d.mkdir(parents=True, exist_ok=True)
+            return os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except UnsafeStorePath as e:
+            if not self._unsafe_warned:
+                self._unsafe_warned = True
+                self.warn(f"the store's registry cache is not used: {e}")
+            return None
+        except OSError:
+            return None  # no cache (missing, not writable) is not an error
+
     def _cached(self, url: str) -> tuple[bytes, float] | None:
-        """The freshest cached copy of ``url`` and its age in seconds. Read without following
-        links and without blocking (the store's cache dir is group-writable), bounded."""
+        """The freshest cached copy of ``url`` and its age in seconds. Read relative to the
+        cache dir's fd without following links and without blocking, regular files only,
+        bounded."""
         best: tuple[bytes, float] | None = None
         for d in self.cache_dirs:
+            dfd = self._open_cache_dir(d, create=False)
+            if dfd is None:
+                continue
             try:
-                fd = os.open(d / self._cache_name(url),
-                             os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(self._cache_name(url),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dfd)
             except OSError:
                 continue
+            finally:
+                os.close(dfd)
             with os.fdopen(fd, "rb") as f:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
@@ -517,17 +563,32 @@ class RegistryClient:
         return best
 
     def _store_cache(self, url: str, data: bytes) -> None:
+        """Cache ``data`` in the first usable cache dir: a new file (``O_EXCL|O_NOFOLLOW``,
+        so nothing planted is written through) renamed over the old copy in the same
+        directory fd (readers never see half a file; a link there is replaced, not
+        followed)."""
         for d in self.cache_dirs:
+            dfd = self._open_cache_dir(d, create=True)
+            if dfd is None:
+                continue
+            tmp = f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
             try:
-                d.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, d / self._cache_name(url))  # readers never see half a file
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, 0o644, dir_fd=dfd)
+                try:
+                    with os.fdopen(fd, "wb", closefd=False) as f:
+                        f.write(data)
+                    os.fchmod(fd, 0o644)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self._cache_name(url), src_dir_fd=dfd, dst_dir_fd=dfd)
                 return
             except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
                 continue  # not writable: try the next dir; no cache is not an error
+            finally:
+                os.close(dfd)
 
     # http --------------------------------------------------------------------------------
     def _get(self, url: str, sink: Callable[[bytes], None], limit: int,

@@ -4,7 +4,9 @@ A damaged blob (missing, wrong size, bytes not matching its digest) is rewritten
 tarball a version using it was installed from — only when that tarball can still be had *and*
 its sha256 is the ``checksum`` recorded at install (so the bytes are the ones installed):
 ``versions.source`` is the tarball's path, a ``file://`` URL, or the http(s) download URL
-its registry gave. The tarball is read with the strict ``tarstream`` reader (nothing is
+its registry gave (downloaded by ``RegistryClient.fetch_tarball``: bounded by
+``download.max_size``, abandoned by the stall rule, into an unnamed file that vanishes on
+any failure). The tarball is read with the strict ``tarstream`` reader (nothing is
 extracted); every regular file's body is cut into ``chunk_size`` chunks exactly as ingest
 does, and a chunk whose sha256 names a damaged blob is encoded and written again, then its
 row's codec/stored size updated. Anything else gets an honest "cannot repair" line.
@@ -12,7 +14,7 @@ row's codec/stored size updated. Anything else gets an honest "cannot repair" li
 Blob writes happen under the install lock (SHARED) like an install's, synced before the row
 update, so a concurrent gc never sees a half-repaired blob. A blob file replaced by a link
 (planted by someone who may write the store) is rewritten like any damaged blob: the new file
-is renamed over the link, which is never followed (``BlobStore.write``). The source tarball,
+is renamed over the link, which is never followed (``BlobStore.write``). A local source tarball,
 named by the index (which admins may write), is opened once without blocking, must be a
 regular file, and is hashed and then read through that same open file. Single-threaded.
 """
@@ -23,7 +25,6 @@ import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 from .blobs import BlobStore
 from .errors import JblError
 from .limits import Limits
+from .registry import RegistryClient, RegistryEntry
 from .store import Store
 from .tarstream import REG, TarReader
 from .verify import Problem
@@ -47,50 +49,37 @@ class RepairResult:
 
 
 @contextlib.contextmanager
-def _tarball(store: Store, source: str, checksum: str) -> Iterator[BinaryIO]:
+def _tarball(store: Store, client: RegistryClient, spec: tuple[str, str], source: str,
+             checksum: str) -> Iterator[BinaryIO]:
     """An open local copy of ``source`` whose sha256 is ``checksum``, rewound; raises
-    JblError why not."""
+    JblError why not. An http(s) source is downloaded by ``client.fetch_tarball``, with the
+    bounds every download has (``max_size``, the stall rule, the timeouts) into an unnamed
+    file in ``blobs/tmp`` that vanishes when closed, whatever happens."""
     if not source or not checksum.startswith("sha256:"):
         raise JblError("no recorded source tarball and checksum")
-    temp: Path | None = None
     if source.startswith(("http://", "https://")):
-        import httpx
-
-        # blobs/tmp pinned by an fd (BlobStore.tmp): a link planted there is never followed
-        fd, name = tempfile.mkstemp(dir=store.blobs.tmp, prefix="repair-")
-        temp = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as out, httpx.stream("GET", source, timeout=60,
-                                                          follow_redirects=True) as r:
-                if r.status_code != 200:
-                    raise JblError(f"{source} answers HTTP {r.status_code}")
-                for block in r.iter_bytes(1 << 20):
-                    out.write(block)
-        except BaseException as e:
-            temp.unlink(missing_ok=True)
-            if isinstance(e, httpx.HTTPError):
-                raise JblError(f"cannot download {source} ({type(e).__name__})") from None
-            raise
-        path = temp
-    else:
-        path = Path(unquote(urlsplit(source).path) if source.startswith("file:") else source)
-    try:
-        try:
-            f = _open_regular(path)
-        except OSError as e:
-            raise JblError(f"source {source} is not readable ({e.strerror})") from None
-        with f:
-            h = hashlib.sha256()
-            while block := f.read(1 << 20):
-                h.update(block)
-            if "sha256:" + h.hexdigest() != checksum:
-                raise JblError(f"source {source} no longer has the installed checksum "
-                               f"{checksum}")
-            f.seek(0)
+        name, version = spec
+        # size unknown (not recorded at install): bounded by download.max_size
+        entry = RegistryEntry(name=name, version=version, description="",
+                              download_url=source, checksum=checksum, size=None,
+                              platforms=(), registry=source)
+        with client.fetch_tarball(entry, store.blobs.tmp) as f:
             yield f
-    finally:
-        if temp is not None:
-            temp.unlink(missing_ok=True)
+        return
+    path = Path(unquote(urlsplit(source).path) if source.startswith("file:") else source)
+    try:
+        f = _open_regular(path)
+    except OSError as e:
+        raise JblError(f"source {source} is not readable ({e.strerror})") from None
+    with f:
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+        if "sha256:" + h.hexdigest() != checksum:
+            raise JblError(f"source {source} no longer has the installed checksum "
+                           f"{checksum}")
+        f.seek(0)
+        yield f
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -114,7 +103,14 @@ def _chunks(reader: TarReader, size: int, chunk_size: int, m: object) -> Iterato
         yield bytes(buf)
 
 
-def repair(store: Store, problems: list[Problem]) -> RepairResult:
+def repair(store: Store, problems: list[Problem],
+           client: RegistryClient | None = None) -> RepairResult:
+    """Rewrite the repairable blobs among ``problems``. ``client`` downloads http(s)
+    sources with the CLI's download settings (config ``download:``); default bounds
+    without one."""
+    if client is None:
+        with RegistryClient(None) as own:
+            return repair(store, problems, own)
     res = RepairResult()
     damaged = {p.blob_id for p in problems if p.kind in _REPAIRABLE and p.blob_id is not None}
     other = [p for p in problems if p.blob_id is None and p.kind not in ("orphan", "temp")]
@@ -135,7 +131,7 @@ def repair(store: Store, problems: list[Problem]) -> RepairResult:
         if not (set(wanted) - res.repaired):
             break
         try:
-            with _tarball(store, source, checksum) as f:
+            with _tarball(store, client, (name, version), source, checksum) as f:
                 n = _rewrite_from(store, f, {d for d in wanted if d not in res.repaired})
         except JblError as e:
             res.lines.append(f"cannot repair {name}@{version}: {e.message}")
