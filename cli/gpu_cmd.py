@@ -1,15 +1,14 @@
 """``jbl gpu list``: the host's NVIDIA GPUs and which job holds each.
 
 What exists comes from the driver (``runner.gpu.discover``), what is taken from the kernel's
-lock table (``runner.gpu.holders``), so any user may list; the job id shows when root's
-record of it names the lock's holder.
+lock table (``runner.gpu.holders``), so any user may list; the holder's pid and user show for
+every GPU, its job id only for the caller's own jobs (root: every job's).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pwd
 from typing import Any
 
 
@@ -23,26 +22,12 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     lp.set_defaults(func=list_gpus)
 
 
-def _user(uid: int | None) -> str:
-    if uid is None:
-        return ""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 def list_gpus(args: argparse.Namespace) -> int:
     from jbl.cli.output import emit
     from jbl.runner import gpu
     from jbl.store.units import format_size
 
-    configured = None
-    if not os.environ.get(gpu.DRIVER_ROOT_ENV):
-        from jbl.store.config import load_config
-
-        configured = load_config().gpu_driver_root
-    root = gpu.driver_root(os.environ, configured)
+    root = gpu.resolve_driver_root(os.environ)
     gpus = gpu.discover(root)
     taken = gpu.holders(root, gpus) if gpus else {}
     rows = []
@@ -52,8 +37,8 @@ def list_gpus(args: argparse.Namespace) -> int:
                      "uuid": g.uuid, "memory": g.memory,
                      "memory_text": format_size(g.memory) if g.memory else "",
                      "status": "taken" if h else "free",
-                     "job_id": h.job_id if h else None, "pid": h.pid if h else None,
-                     "user": _user(h.uid) if h else None})
+                     "job_id": (h.job_id or None) if h else None, "pid": h.pid if h else None,
+                     "user": gpu.user_name(h.uid) if h else None})
     if args.json:
         for r in rows:
             del r["memory_text"]

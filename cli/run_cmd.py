@@ -61,7 +61,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     job_options.add_options(g, j)
     j.add_argument("--user", metavar="NAME", help="run the job as this user (root only)")
-    gp = p.add_argument_group("GPUs (root; see jbl gpu list)")
+    gp = p.add_argument_group("GPUs (see jbl gpu list)")
     gp.add_argument("--gpu", metavar="N", help="give the job N whole NVIDIA GPUs of its own")
     gp.add_argument("--gpu-memory", metavar="SIZE",
                     help="only GPUs with at least this much memory (16G, 16GB; a bare "
@@ -225,14 +225,9 @@ def parse_gpu(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"invalid --gpu-memory {args.gpu_memory!r}: must be more than 0")
     if count == 0:
         return {}
-    from jbl.runner.gpu import DRIVER_ROOT_ENV, driver_root
+    from jbl.runner.gpu import resolve_driver_root
 
-    configured = None
-    if not os.environ.get(DRIVER_ROOT_ENV):
-        from jbl.store.config import load_config
-
-        configured = load_config().gpu_driver_root
-    root = driver_root(os.environ, configured)
+    root = resolve_driver_root(os.environ)
     return {"gpus": count, "gpu_memory": memory, "gpu_driver_root": str(root)}
 
 

@@ -12,13 +12,19 @@ What it puts in place (docs/shared-server.md explains each choice):
     units            /etc/systemd/system/jbl-mount.service (jbl mount --foreground --allow-other
                      MOUNTPOINT), jbl-gc.service + jbl-gc.timer (daily ``jbl store gc``)
     alias            /opt/joblet/runtimes -> MOUNTPOINT (with --joblet-alias)
+    tun device       /dev/net/tun 0666 (Debian's default), so users' jobs may use
+                     ``--network isolated`` (slirp4netns); only if it is the char device 10:200
+    GPU locks        /run/jbl/gpus 0755 and one gpu-<bus id>.lock 0644 per GPU the driver
+                     reports, all root's, so every user's ``jbl run --gpu`` can take them
+                     (runner/gpu.py); nothing without GPUs
 
 Every step checks first and only changes what differs, so a second run changes nothing and
 says so. ``--dry-run`` changes nothing and prints what it would do. When systemd is not
 running (containers, CI) the unit files are still written and the output says how to start
 the mount by hand. ``--root DIR`` writes the fixed system files (fuse.conf, units, alias)
-under DIR instead of ``/`` (for building images, and for tests); the store and mountpoint are
-used as given.
+and looks for the tun device under DIR instead of ``/`` (for building images, and for
+tests); the store and mountpoint are used as given, the GPU locks go under the GPU driver
+root (``/``; ``JBL_GPU_DRIVER_ROOT`` in tests).
 
 Thread-safety: a command handler; runs once per process.
 """
@@ -48,7 +54,10 @@ DEFAULT_MOUNTPOINT = Path("/run/jbl/runtimes")
 JOBLET_ALIAS = Path("opt/joblet/runtimes")
 UNIT_DIR = Path("etc/systemd/system")
 FUSE_CONF = Path("etc/fuse.conf")
-_GROUP_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}\$?$")
+TUN = Path("dev/net/tun")
+TUN_DEVICE = (10, 200)  # misc major, TUN_MINOR
+TUN_MODE = 0o666
+_GROUP_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")  # fullmatch: `$` allows a final newline
 
 DIR_MODE = 0o2775     # setgid: files made by any admin stay in the admin group
 BLOB_DIR_MODE = 0o2770  # no access for others: runtimes are read through the mount only
@@ -377,6 +386,64 @@ def ensure_alias(plan: Plan, alias: Path, mountpoint: Path) -> None:
     plan.step("joblet alias", alias, True, "create", link)
 
 
+def ensure_tun(plan: Plan, root: Path) -> bool:
+    """``ROOT/dev/net/tun`` mode 0666, so ordinary users' slirp4netns can open it. Reached
+    through directory fds without following links; changed only once ``fstat`` of an
+    ``O_PATH`` descriptor (which opens nothing) shows the char device 10:200. False when
+    there is no tun device."""
+    path = root / TUN
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = -1
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # root's own choice
+        for part in TUN.parts[:-1]:
+            nfd = os.open(part, nofollow, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        nfd = os.open(TUN.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    except FileNotFoundError:
+        if fd >= 0:
+            os.close(fd)
+        return False
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        raise JblError(f"tun device {path}: {e.strerror}: setup leaves it alone",
+                       hint="make it the tun device (char 10:200) or remove what is in the "
+                            "way, then run jbl setup --system again") from None
+    with safepath.opened(fd):
+        st = os.fstat(fd)
+        if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev),
+                                             os.minor(st.st_rdev)) != TUN_DEVICE:
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else \
+                f"char device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" \
+                if stat.S_ISCHR(st.st_mode) else "not a char device"
+            raise JblError(f"tun device {path} is {kind}, not the tun device (char 10:200): "
+                           "setup leaves it alone",
+                           hint="remove it (modprobe tun makes the real one), then run jbl "
+                                "setup --system again")
+        # fchmod refuses an O_PATH fd; its /proc/self/fd link is that very inode
+        plan.step("tun device (--network isolated)", path,
+                  stat.S_IMODE(st.st_mode) != TUN_MODE, "change",
+                  lambda: os.chmod(f"/proc/self/fd/{fd}", TUN_MODE))
+    return True
+
+
+def ensure_gpu_locks(plan: Plan) -> None:
+    """The GPU lock directory and files for the GPUs the driver reports (none: no step)."""
+    from jbl.runner import gpu
+
+    root = gpu.resolve_driver_root(os.environ)
+    gpus = gpu.discover(root)
+    if not gpus:
+        return
+    for path, action in gpu.ensure_locks(root, gpus, dry=plan.dry):
+        what = "GPU lock directory" if path.name == "gpus" else "GPU lock file"
+        plan.step(what, path, action is not None, action or "create")
+
+
 def unreachable_for_others(path: str) -> str | None:
     """The first of ``path`` (resolved) and its directories that other users cannot reach."""
     real = Path(os.path.realpath(path))
@@ -415,8 +482,13 @@ def run(args: argparse.Namespace) -> int:
     units_changed = ensure_units(plan, root / UNIT_DIR, unit_texts(jbl, store, mountpoint))
     if args.joblet_alias:
         ensure_alias(plan, root / JOBLET_ALIAS, mountpoint)
+    has_tun = ensure_tun(plan, root)
+    ensure_gpu_locks(plan)
 
     nxt: list[str] = list(plan.warnings)
+    if not has_tun and root == Path("/"):
+        nxt.append(f"note: no {TUN} here, so no job can use --network isolated until the "
+                   "tun module is loaded (modprobe tun)")
     systemd_up = root == Path("/") and Path("/run/systemd/system").is_dir()
     services = ["jbl-mount.service", "jbl-gc.timer"]
     if systemd_up:

@@ -191,6 +191,12 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
                 raise LimitsNotEnforced(text, hint="run without --require-limits to accept")
             if note:
                 note(text + "; running anyway")
+        if plan.devices is not None and "devices" not in {*cg.dirs, *cg.unenforced} and note:
+            # a user's GPU job (cgroup v1 is root's) or cgroup v2 (no device program): the job
+            # still has only its own GPUs' nodes, but nothing refuses a node it might obtain
+            why = "cgroup v2: no device program" if cg.version == 2 else cg.why or "no cgroup"
+            note(f"GPU device allow-list not enforced ({why}); the job's /dev holds only its "
+                 "own GPUs' nodes")
         return _run(req, plan.with_cgroup(cg.procs_files), cg, pty, slirp)
     finally:
         cg.remove()
