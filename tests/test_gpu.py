@@ -30,7 +30,7 @@ from jbl.store.manifest import Manifest
 runtimes = conftest_run.runtimes
 rt = conftest_run.rt
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="GPU jobs are root's (mknod too)")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
 
 UUIDS = ("GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000")
 BUSES = ("0000:01:00.0", "0000:02:00.0")

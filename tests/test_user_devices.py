@@ -239,8 +239,12 @@ def test_users_and_root_share_gpus_first_fit(users: Users, driver: Path, rt: str
         assert isinstance(a_pid, int)
         os.kill(a_pid, signal.SIGKILL)
         a.communicate(timeout=60)
-        c, (_, c_cuda, _) = start(driver, rt, None, "--gpu=1")
+        c, (c_id, c_cuda, _) = start(driver, rt, None, "--gpu=1")
         assert c_cuda == UUIDS[0]
+        # root's job id is root's to see: alice sees its pid and user only
+        assert [(x["user"], x["job_id"]) for x in gpu_rows(driver, users.alice)] == [
+            ("root", None), (users.bob, None)]
+        assert [x["job_id"] for x in gpu_rows(driver)] == [c_id, b_id]
         assert finish(c) == 0
     finally:
         for p in (a, b, c):
