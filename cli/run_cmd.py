@@ -20,7 +20,7 @@ from typing import Any
 
 from jbl.store.errors import UsageError
 
-CORES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+CORES_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")  # fullmatch: `$` allows a final newline
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -124,7 +124,7 @@ def _core_list(cores: list[int]) -> str:
 def check_cores(text: str) -> None:
     """``--cpu-cores``: well-formed, and only cores this process may run on (the kernel
     would refuse the others with ERANGE, long after the options were read)."""
-    if not CORES_RE.match(text):
+    if not CORES_RE.fullmatch(text):
         raise UsageError(f"invalid --cpu-cores {text!r}: expected a list like 0-1,3")
     have = os.sched_getaffinity(0)
     asked: set[int] = set()
@@ -270,7 +270,11 @@ def run(args: argparse.Namespace) -> int:
 
                     found = load_summary(args.store).resolve(args.runtime)
                     name, version = found["name"], found["version"]
-                root = stack.enter_context(view_root(args.store))
+                from jbl.store.config import load_config
+
+                # a private view keeps a removed version no longer than configured
+                hold = load_config().removed_hold_limit  # malformed: one line, exit 2
+                root = stack.enter_context(view_root(args.store, hold_limit=hold))
                 runtime_dir = Path(root) / name / version
                 label = f"{name}@{version}"
             req = build_request(args, runtime_dir, label, stack)

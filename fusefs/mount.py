@@ -383,7 +383,8 @@ def unmount(mountpoint: Path, store_dir: Path | None = None,
 
 @contextlib.contextmanager
 def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
-              engine: str | None = None, linger: float | None = None) -> Iterator[Path]:
+              engine: str | None = None, linger: float | None = None,
+              hold_limit: float | None = REMOVED_HOLD_LIMIT) -> Iterator[Path]:
     """A directory holding ``<name>/<version>/`` for every installed version of the store.
 
     Reuses a live ``jbl mount`` of this store; otherwise this user's lingering private view
@@ -391,7 +392,8 @@ def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
     ``linger`` seconds after its last job; default ``JBL_VIEW_LINGER``, else 60 s); with
     ``linger`` 0, or no safe directory for it, a daemon mounted for this block alone that
     unmounts when it exits, is interrupted, or this process dies. The caller still takes
-    ``store.lease(version_id, "job")`` for the version it uses."""
+    ``store.lease(version_id, "job")`` for the version it uses. ``hold_limit``: the
+    private view's ``removed_hold_limit`` (the CLI passes the configured one)."""
     store_dir = Path(os.path.realpath(store_dir))
     for st in usable_views(store_dir):
         yield Path(st.mountpoint)
@@ -411,7 +413,7 @@ def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
     view = lingermod.view_files(store_dir) if secs > 0 else None
     if view is not None:
         try:
-            hold = _lingering_view(store_dir, view, secs, engine, timeout)
+            hold = _lingering_view(store_dir, view, secs, engine, timeout, hold_limit)
         except OSError as e:  # e.g. something not ours planted as K.lock (linger.py)
             log.warning("lingering view of %s unusable (%s); using a view for this job",
                         store_dir, e)
@@ -423,12 +425,12 @@ def view_root(store_dir: Path | str, *, timeout: float = READY_TIMEOUT,
             finally:
                 lingermod.release_hold(fd)
             return
-    with _job_view(store_dir, engine, timeout) as mp:
+    with _job_view(store_dir, engine, timeout, hold_limit) as mp:
         yield mp
 
 
 def _lingering_view(store_dir: Path, view: lingermod.ViewFiles, secs: float, engine: str,
-                    timeout: float) -> tuple[int, Path] | None:
+                    timeout: float, hold_limit: float | None) -> tuple[int, Path] | None:
     """Find or start this user's lingering view of ``store_dir`` and take a hold on it:
     (hold fd, mountpoint), or None when it cannot be used (a daemon that hangs)."""
     with lingermod.locked(view.lock):
@@ -450,7 +452,8 @@ def _lingering_view(store_dir: Path, view: lingermod.ViewFiles, secs: float, eng
             lingermod.write_current(view, mp)
             try:
                 spawn(store_dir, mp, allow_other=os.geteuid() == 0, private=True,
-                      timeout=timeout, engine=engine, linger=secs, view=view)
+                      timeout=timeout, engine=engine, linger=secs, view=view,
+                      hold_limit=hold_limit)
             except BaseException:
                 with contextlib.suppress(OSError):
                     mp.rmdir()
@@ -479,12 +482,13 @@ def _recover(mp: Path, found: tuple[Path, MountStatus] | None) -> bool:
 
 
 @contextlib.contextmanager
-def _job_view(store_dir: Path, engine: str, timeout: float) -> Iterator[Path]:
+def _job_view(store_dir: Path, engine: str, timeout: float,
+              hold_limit: float | None) -> Iterator[Path]:
     """A private daemon for this block only (``JBL_VIEW_LINGER=0``)."""
     mp = Path(tempfile.mkdtemp(prefix="jbl-view-"))
     try:
         proc = spawn(store_dir, mp, allow_other=os.geteuid() == 0, private=True,
-                     timeout=timeout, engine=engine)
+                     timeout=timeout, engine=engine, hold_limit=hold_limit)
         try:
             yield mp
         finally:

@@ -40,7 +40,7 @@ MAX_ETC_FILE = 1 << 20  # a runtime's passwd, group or hosts larger than this is
 ETC_NAMES = ("passwd", "group", "hosts", "resolv.conf")
 # A name that is safe in a passwd/group line: no ':' ',' or newline; what useradd allows
 # and then some (NSS sources such as LDAP may hold longer names).
-NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.@-]{0,255}\$?$")
+NAME_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]{0,255}\$?")  # always fullmatch
 NOBODY, NOGROUP = 65534, 65534  # the overflow ids: what a user namespace shows for unmapped ids
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -192,7 +192,7 @@ def host_getpwuid(uid: int) -> tuple[str, str] | None:
         pw = pwd.getpwuid(uid)
     except KeyError:
         return None
-    return (pw.pw_name, pw.pw_gecos) if NAME_RE.match(pw.pw_name) else None
+    return (pw.pw_name, pw.pw_gecos) if NAME_RE.fullmatch(pw.pw_name) else None
 
 
 def host_getgrgid(gid: int) -> str | None:
@@ -203,4 +203,4 @@ def host_getgrgid(gid: int) -> str | None:
         name = grp.getgrgid(gid).gr_name
     except KeyError:
         return None
-    return name if NAME_RE.match(name) else None
+    return name if NAME_RE.fullmatch(name) else None

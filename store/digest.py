@@ -16,7 +16,7 @@ from typing import BinaryIO
 from .errors import UsageError
 
 PREFIX = "sha256:"
-_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")  # always fullmatch
 EMPTY = hashlib.sha256(b"").digest()
 
 
@@ -33,7 +33,7 @@ def parse_checksum(text: str) -> str:
     t = text.strip()
     body = t[len(PREFIX):] if t.lower().startswith(PREFIX) else t
     body = body.lower()
-    if not _HEX_RE.match(body):
+    if not _HEX_RE.fullmatch(body):
         raise UsageError(f"invalid checksum {text!r}: expected sha256:<64 hex digits>")
     return PREFIX + body
 

@@ -159,8 +159,7 @@ def test_root_uses_only_its_own_mount_and_users_may_use_roots(world: World) -> N
         # bob's job of the system store may use root's mount (not his own, not a private one)
         os.chmod(w.system, 0o755)
         r = as_user(bob, "run", "--runtime", RT, "--", *PROBE, store=w.system)
-        if r.rc == 0:
-            assert r.out.strip() == "genuine"
+        assert (r.rc, r.out.strip()) == (0, "genuine"), r.err
         mine = json.loads(as_user(bob, "mount", "--status", "--json", store=w.system).ok().out)
         assert not [s for s in mine if s["private"]]
     finally:
