@@ -249,12 +249,6 @@ def ensure_store(plan: Plan, store: Path, gid: int | None) -> None:
         with safepath.opened(safepath.open_dir(sfd, "cache", shown=str(store / "cache"))) \
                 as cfd:
             _planted(plan, cfd, store / "cache" / "registries", want_dir=True)
-    cache_st = None if sfd is None else safepath.lstat(sfd, "cache")
-    if sfd is not None and cache_st is not None and stat.S_ISDIR(cache_st.st_mode):
-        # the registry cache skips a planted cache/registries (store/registry.py); replace it
-        with safepath.opened(safepath.open_dir(sfd, "cache", shown=str(store / "cache"))) \
-                as cfd:
-            _planted(plan, cfd, store / "cache" / "registries", want_dir=True)
     blobs = store / "blobs"
     _mkdir(plan, "blob directory", blobs, BLOB_DIR_MODE, gid, at=sfd)
     bfd = None if sfd is None or plan.dry and not blobs.is_dir() else \
