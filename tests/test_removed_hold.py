@@ -70,11 +70,14 @@ def test_a_shell_cd_into_a_removed_version_is_released_after_the_limit(
             shell.stdout.close()
 
 
-def test_a_malformed_limit_is_one_line_error(tmp_path: Path, store_dir: Path) -> None:
+def test_a_malformed_limit_is_one_line_error(rt_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                             store_dir: Path) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text("removed_hold_limit: soon\n")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    # a store that exists (mount refuses a missing one before it reads the config)
+    import_tarball(store_dir, make_tarball(rt_factory("pyrt", "1.0.0"), tmp_path / "a.tar.gz"))
     r = run_jbl("mount", mnt, store=store_dir, env={"JBL_CONFIG": str(cfg)})
     assert r.rc == 2 and "removed_hold_limit" in r.err and "Traceback" not in r.err
     assert len(r.err.strip().splitlines()) == 1
