@@ -35,7 +35,9 @@ import pytest
 from conftest import Result, assert_one_line_error, run_jbl
 from fixtures_registry import RegistryServer, publish
 from fixtures_users import Users, drop_users, make_users, sh_as, shared_dir
+from jbl.fusefs import mounttab
 from jbl.fusefs.mounttab import LOG_MAX
+from jbl.store.errors import UnsafeStorePath
 
 
 @dataclass
@@ -214,3 +216,31 @@ def test_a_planted_run_link_is_refused_and_a_later_swap_changes_nothing(server: 
     assert fingerprint(outside) == before
     assert "stopped; served" in (s / "run.old" / "mount.log").read_text()
     server.carol(f"cd {s} && rm -f run && mv run.old run")
+
+
+def test_a_fifo_hard_link_or_directory_as_the_log_never_blocks_or_leaks(tmp_path: Path) -> None:
+    """The other plants, in-process (no users needed): a FIFO nobody reads (an open for
+    writing would block without O_NONBLOCK) and a hard link to another file are replaced;
+    a directory is refused in one line."""
+    log = tmp_path / "store" / "run" / "mount.log"
+    log.parent.mkdir(parents=True)
+    os.mkfifo(log)
+    fd = mounttab.open_log(log)
+    os.write(fd, b"after\n")
+    os.close(fd)
+    assert stat.S_ISREG(log.lstat().st_mode)
+    assert f"WARNING replaced {log}: it was a FIFO" in log.read_text()
+    victim = tmp_path / "victim"
+    victim.write_text("another file\n")
+    log.unlink()
+    os.link(victim, log)
+    fd = mounttab.open_log(log)
+    os.write(fd, b"after\n")
+    os.close(fd)
+    assert victim.read_text() == "another file\n" and victim.stat().st_nlink == 1
+    assert "it was a regular file" in log.read_text()
+    log.unlink()
+    log.mkdir()
+    with pytest.raises(UnsafeStorePath, match="is a directory, not a regular file"):
+        mounttab.open_log(log)
+    assert mounttab.read_log_tail(log) == ""
