@@ -1,5 +1,7 @@
-"""Leases the mount holds on versions in use (gc roots): ``LeaseKeeper`` for the pyfuse3
-engine (open handles), ``ThreadLeaseKeeper`` for the raw engine (held top inodes).
+"""Leases the mount holds on versions in use (gc roots): the shared steps (take a lease,
+find removed versions held too long) and ``ThreadLeaseKeeper`` for the raw engine (held top
+inodes); the pyfuse3 engine's trio keeper (open handles) is fusefs/trioleases.py, so this
+module, like everything the raw engine imports, needs neither trio nor pyfuse3.
 
 While any handle into a version is open, the daemon holds ``store.lease(version_id,
 "mount")``, so gc keeps that version's rows and blobs even if it is removed meanwhile. The
@@ -20,7 +22,7 @@ and the holder's next access fails (``ENOENT``/``ESTALE``; reads of open files `
 Until then ``store df``/``gc`` name the holder: the raw engine records, on the lease row,
 the uid and pid of the last request it saw for the version (``note_holder``).
 
-Thread-safety: the public methods run on the trio thread; the Store belongs to the workers.
+Thread-safety: see each keeper; a keeper's Store belongs to its worker(s).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import trio
 from jbl.store.store import Store
 
 log = logging.getLogger("jbl.fusefs")
@@ -39,7 +40,7 @@ LINGER = 30.0  # seconds a lease outlives the last handle into its version
 Who = tuple[int, int]  # (uid, pid) of a FUSE request
 
 
-def _take_lease(store_dir: Path, store: Store | None, version_id: int, who: Who | None = None
+def take_lease(store_dir: Path, store: Store | None, version_id: int, who: Who | None = None
                 ) -> tuple[contextlib.ExitStack | None, Store | None]:
     """Both keepers' lease step: open the write connection on first use, take a 'mount'
     lease (noting ``who`` asked). Returns (the lease to close later, or None if refused —
@@ -71,110 +72,6 @@ def overdue(store: Store, held: list[int], hold_limit: float | None, now: float)
 def check_period(hold_limit: float | None) -> float:
     """How often a keeper looks for overdue removed versions."""
     return 3600.0 if hold_limit is None else min(60.0, max(0.5, hold_limit / 4))
-
-
-class LeaseKeeper:
-    def __init__(self, store_dir: Path, linger: float = LINGER,
-                 hold_limit: float | None = None) -> None:
-        self.store_dir = store_dir
-        self.linger = linger
-        self.hold_limit = hold_limit
-        self._expired: set[int] = set()  # removed versions held past hold_limit: never again
-        self.counts: dict[int, int] = {}
-        self._held: dict[int, contextlib.ExitStack] = {}
-        self._pending: dict[int, trio.Event] = {}
-        self._store: Store | None = None
-        self._limiter = trio.CapacityLimiter(1)
-        self._nursery: trio.Nursery | None = None
-        self._failed: dict[int, float] = {}  # version -> when taking its lease last failed
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the linger timers; on exit (cancelled) drop every lease."""
-        try:
-            async with trio.open_nursery() as n:
-                self._nursery = n
-                task_status.started()
-                while True:
-                    await trio.sleep(check_period(self.hold_limit))
-                    await self._release_overdue()
-        finally:
-            self._nursery = None
-            with trio.CancelScope(shield=True):
-                for vid in list(self._held):
-                    await self._drop(vid)
-                if self._store is not None:
-                    await trio.to_thread.run_sync(self._store.close, limiter=self._limiter)
-
-    def held(self) -> list[int]:
-        return sorted(self._held)
-
-    async def _release_overdue(self) -> None:
-        held = self.held()
-        if self.hold_limit is None or not held or self._store is None:
-            return
-        import time
-
-        store = self._store
-        try:
-            late = await trio.to_thread.run_sync(
-                lambda: overdue(store, held, self.hold_limit, time.time()),
-                limiter=self._limiter)
-        except Exception as e:
-            log.warning("looking for removed versions held too long: %s", e)
-            return
-        for vid in late:
-            log.info("version %d was removed over removed_hold_limit (%gs) ago: releasing it "
-                     "while still in use", vid, self.hold_limit)
-            self._expired.add(vid)
-            await self._drop(vid)
-
-    async def acquire(self, version_id: int) -> None:
-        self.counts[version_id] = self.counts.get(version_id, 0) + 1
-        if version_id in self._held or version_id in self._expired:
-            return
-        if trio.current_time() - self._failed.get(version_id, -1e9) < self.linger:
-            return  # do not retry (and wait on SQLite) for every open after a failure
-        ev = self._pending.get(version_id)
-        if ev is not None:
-            await ev.wait()
-            return
-        ev = self._pending[version_id] = trio.Event()
-        try:
-            stack = await trio.to_thread.run_sync(self._enter, version_id, limiter=self._limiter)
-            if stack is not None:
-                self._held[version_id] = stack
-            else:
-                self._failed[version_id] = trio.current_time()
-        finally:
-            del self._pending[version_id]
-            ev.set()
-
-    def release(self, version_id: int) -> None:
-        n = self.counts.get(version_id, 0) - 1
-        if n > 0:
-            self.counts[version_id] = n
-            return
-        self.counts.pop(version_id, None)
-        if version_id in self._held and self._nursery is not None:
-            self._nursery.start_soon(self._linger, version_id)
-
-    async def _linger(self, version_id: int) -> None:
-        await trio.sleep(self.linger)
-        if self.counts.get(version_id, 0) == 0 and version_id in self._held:
-            await self._drop(version_id)
-
-    async def _drop(self, version_id: int) -> None:
-        stack = self._held.pop(version_id, None)
-        if stack is not None:
-            try:
-                await trio.to_thread.run_sync(stack.close, limiter=self._limiter)
-            except Exception as e:  # the row stays; a dead pid's lease is ignored by gc
-                log.warning("could not drop the mount lease on version %d: %s", version_id, e)
-
-    def _enter(self, version_id: int) -> contextlib.ExitStack | None:
-        """Worker thread: take the lease. None (logged) if the store would not let us."""
-        stack, self._store = _take_lease(self.store_dir, self._store, version_id)
-        return stack
 
 
 class ThreadLeaseKeeper:
@@ -275,7 +172,7 @@ class ThreadLeaseKeeper:
                 log.exception("replying after the lease on version %d", vid)
 
     def _enter(self, version_id: int, who: Who | None = None) -> contextlib.ExitStack | None:
-        stack, self._store = _take_lease(self.store_dir, self._store, version_id, who)
+        stack, self._store = take_lease(self.store_dir, self._store, version_id, who)
         return stack
 
     def _note(self, version_id: int, who: Who) -> None:

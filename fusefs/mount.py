@@ -129,13 +129,20 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         return _serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready,
                           private=private, parent_pid=parent_pid, idle=idle,
                           hold_limit=hold_limit)
-    import pyfuse3
-    import trio
+    try:
+        import pyfuse3
+        import trio
+    except ImportError as e:  # an optional engine: say so, and name the one that works
+        reason = f"the pyfuse3 mount engine is not available here ({e})"
+        if ready:
+            ready(reason)
+        raise MountError(reason, hint="use the raw engine: --engine raw (the default)") \
+            from None
     from jbl.store.store import Store
     from jbl.store.view import View
 
-    from .leases import LeaseKeeper
     from .ops import JblOperations
+    from .trioleases import LeaseKeeper
 
     mountpoint = Path(os.path.realpath(mountpoint))
     store_dir = Path(os.path.realpath(store_dir))

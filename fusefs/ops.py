@@ -35,8 +35,8 @@ from jbl.store.view import View
 
 from .errors import erofs, guarded
 from .inodes import ENTRY, Inode, Node
-from .leases import LeaseKeeper
 from .tree import WATCH_PERIOD, Listing, Tree
+from .trioleases import LeaseKeeper
 
 log = logging.getLogger("jbl.fusefs")
 

@@ -26,7 +26,7 @@ their own thread: written from the request thread they could deadlock (the kerne
 parent directory's lock, which a LOOKUP waiting for this very thread may hold).
 
 Errors: nothing escapes a handler: ``Errno`` is answered as is, anything else through
-``errors.logged_errno`` (store errors by table, IntegrityError = EIO + a log line naming the
+``errnos.logged_errno`` (store errors by table, IntegrityError = EIO + a log line naming the
 blob, surprises = EIO + traceback); every modifying opcode is EROFS, unknown ones ENOSYS.
 
 Thread-safety: see above; ``View.read_piece`` is the only thing the read pool runs.
@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from jbl.store.view import Piece, View
 
 from . import kernel as K
-from .errors import Errno, logged_errno
+from .errnos import Errno, logged_errno
 from .inodes import ENTRY, ROOT_INODE, Node, entry_key
 from .leases import ThreadLeaseKeeper
 from .tree import WATCH_PERIOD, Tree

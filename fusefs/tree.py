@@ -16,7 +16,7 @@ Timeouts (docs/mount.md): below a version everything is immutable, so entries, a
 and negative lookups live ``TIMEOUT``; the top two levels change with installs, so their
 attributes and negative entries live ``TOP_TIMEOUT`` (positive entries are invalidated).
 
-Errors: an expected error is ``Errno`` (fusefs/errors.py), answered as is, without a log line.
+Errors: an expected error is ``Errno`` (fusefs/errnos.py), answered as is, without a log line.
 
 Thread-safety: the engine's request thread (pyfuse3: the trio thread) only; no locks.
 """
@@ -35,7 +35,7 @@ from jbl.store.errors import IntegrityError
 from jbl.store.limits import clamp_mtime_ns
 from jbl.store.view import ChunkRef, Entry, VersionRoot, View
 
-from .errors import Errno
+from .errnos import Errno
 from .inodes import ENTRY, LATEST, NAME_DIR, ROOT, ROOT_INODE, InodeTable, Node, entry_key
 
 TIMEOUT = 86400     # entries/attrs/negative lookups below a version: immutable content
