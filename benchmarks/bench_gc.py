@@ -1,7 +1,7 @@
 """gc and verify time on synthetic stores of 10 / 100 / 1,000 versions x 10,000 files.
 
-Owns the synthetic store generator: rows inserted directly and small blobs written straight
-to their final paths (no tarballs, no ingest: generating 10M entries through ingest would take
+Owns the synthetic store generator: rows inserted through store/rows.py and small blobs
+written by BlobStore (no tarballs, no ingest: generating 10M entries through ingest would take
 longer than everything measured). Each version has ``FILES`` files in 10 directories;
 consecutive versions differ in ``CHURN`` of them (a 10% release), so a store of V versions
 holds ``FILES + (V-1)*CHURN`` contents/blobs and ``V*FILES`` entries — the dedup shape of a
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import stat
 import subprocess
@@ -30,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from jbl.store import rows
 from jbl.store.blobs import CODEC_RAW
 from jbl.store.store import Store
 
@@ -50,23 +50,18 @@ def build_store(store_dir: Path, versions: int, files: int = FILES, churn: int =
     now = time.time()
     cur: list[int] = [0] * files
     next_content = 1
-    for sh in range(256):
-        (store.blobs.root / f"{sh:02x}").mkdir(exist_ok=True)
 
     def new_content(key: bytes) -> int:
         nonlocal next_content
         body = hashlib.sha256(key).hexdigest().encode() * 4  # 256 bytes, stored raw
         d = hashlib.sha256(body).digest()
-        fd = os.open(store.blobs.path(d), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
-        os.write(fd, body)
-        os.close(fd)
+        store.blobs.write(d, body)
         cid = next_content
         next_content += 1
-        db.execute("INSERT INTO blobs(id, digest, size, stored_size, codec, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (cid, d, len(body), len(body), CODEC_RAW, now))
-        db.execute("INSERT INTO contents(id, digest, size, nchunks) VALUES (?, ?, ?, 1)",
-                   (cid, d, len(body)))
-        db.execute("INSERT INTO chunks(content_id, seq, blob_id) VALUES (?, 0, ?)", (cid, cid))
+        # One blob per content, so both share the id.
+        rows.insert_blobs(db, [rows.BlobRow(cid, d, len(body), len(body), CODEC_RAW, now)])
+        rows.insert_contents(db, [rows.ContentRow(cid, d, len(body), 1)],
+                             [rows.ChunkRow(cid, 0, cid)])
         return cid
 
     eid = 0
@@ -78,27 +73,21 @@ def build_store(store_dir: Path, versions: int, files: int = FILES, churn: int =
                 start = (v * churn) % files
                 for j in range(start, min(start + churn, files)):
                     cur[j] = new_content(b"f%d-v%d" % (j, v))
-            db.execute("INSERT INTO versions(id, name, version, manifest, installed_at, "
-                       "file_count, logical_size, source) VALUES (?, 'synth', ?, '', ?, ?, ?, "
-                       "'synthetic')", (v + 1, f"1.{v}.0", now - (versions - v) * 3600,
-                                        files, files * 256))
             eid += 1
             root = eid
-            rows = [(root, v + 1, None, b"", stat.S_IFDIR, 0o755, 0, None)]
+            entries = [rows.EntryRow(root, None, b"", stat.S_IFDIR, 0o755)]
             dir_ids = []
             for d in range(DIRS):
                 eid += 1
                 dir_ids.append(eid)
-                rows.append((eid, v + 1, root, b"d%d" % d, stat.S_IFDIR, 0o755, 0, None))
+                entries.append(rows.EntryRow(eid, root, b"d%d" % d, stat.S_IFDIR, 0o755))
             for j in range(files):
                 eid += 1
-                rows.append((eid, v + 1, dir_ids[j % DIRS], b"file%d.py" % j, stat.S_IFREG,
-                             0o644, 256, cur[j]))
-            db.executemany("INSERT INTO entries(id, version_id, parent_id, name, kind, mode, "
-                           "uid, gid, mtime_ns, size, content_id) "
-                           "VALUES (?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?)",
-                           [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows])
-            db.execute("UPDATE versions SET root_id=? WHERE id=?", (root, v + 1))
+                entries.append(rows.EntryRow(eid, dir_ids[j % DIRS], b"file%d.py" % j,
+                                             stat.S_IFREG, 0o644, size=256, content_id=cur[j]))
+            rows.insert_version_tree(db, rows.VersionRow(
+                "synth", f"1.{v}.0", "", now - (versions - v) * 3600, source="synthetic",
+                file_count=files, logical_size=files * 256, id=v + 1), entries)
     store.blobs.sync()
     store.close()
 

@@ -51,6 +51,7 @@ from .blobs import BlobStore
 from .crashpoints import crashpoint
 from .errors import StoreBusy, UnsafeStorePath
 from .policy import DEFAULT_GRACE, Policy, Selected, select
+from .rows import drop_version_rows
 from .store import Store, VersionInfo, pid_alive
 
 JOURNAL = "gc-pending"
@@ -109,12 +110,6 @@ def leased_versions(store: Store) -> set[int]:
 
 
 # --- removal ------------------------------------------------------------------------------
-def _drop_rows(store: Store, version_id: int) -> None:
-    store.db.execute("DELETE FROM entries WHERE version_id=?", (version_id,))
-    store.db.execute("DELETE FROM leases WHERE version_id=?", (version_id,))
-    store.db.execute("DELETE FROM versions WHERE id=?", (version_id,))
-
-
 def _remove(store: Store, infos: list[VersionInfo]) -> tuple[list[str], list[str]]:
     """Drop the rows of unleased versions; mark leased ones 'removed'. (removed, deferred)"""
     removed: list[str] = []
@@ -130,7 +125,7 @@ def _remove(store: Store, infos: list[VersionInfo]) -> tuple[list[str], list[str
                                  "WHERE id=?", (now, info.id))
                 deferred.append(info.spec)
             else:
-                _drop_rows(store, info.id)
+                drop_version_rows(store.db, info.id)
                 removed.append(info.spec)
     crashpoint("rm.rows-deleted")
     return removed, deferred
@@ -159,7 +154,7 @@ def purge_removed(store: Store) -> list[str]:
         gone = [(vid, f"{n}@{v}") for vid, n, v in store.db.query(
             "SELECT id, name, version FROM versions WHERE state='removed'") if vid not in live]
         for vid, _spec in gone:
-            _drop_rows(store, vid)
+            drop_version_rows(store.db, vid)
     return [spec for _vid, spec in gone]
 
 

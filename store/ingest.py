@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from . import rows
 from . import tarstream as ts
 from .blobs import ZSTD_LEVEL, BlobStore, is_enospc
 from .crashpoints import crashpoint
@@ -83,10 +84,6 @@ _IMPLIED_DIR_MODE = 0o755
 _DROPPED = "dropped"
 _DEFAULT_LIMITS = Limits()  # frozen: safe to share as the default
 
-# One `entries` row in the column order of the INSERT in _commit: id, version_id, parent_id,
-# name, kind, mode, uid, gid, mtime_ns, size, content_id, target, link_id, nlink.
-_EntryRow = tuple[int, int, int | None, bytes, int, int, int, int, int, int, int | None,
-                  bytes | None, int | None, int]
 
 
 @dataclass
@@ -705,14 +702,54 @@ def _resolve_bodies(root: _Node) -> None:
                 n.body.digest = n.body.digests[0]
 
 
+# (node, its parent, its name) in the order entry ids are handed out.
+_Placed = tuple[_Node, _Node | None, bytes]
+_KIND = {ts.DIR: stat.S_IFDIR, ts.REG: stat.S_IFREG, ts.SYMLINK: stat.S_IFLNK}
+
+
+@dataclass
+class _ContentPlan:
+    """What the contents step decided: new rows, and the counts IngestResult reports."""
+    contents: list[rows.ContentRow] = field(default_factory=list)
+    chunks: list[rows.ChunkRow] = field(default_factory=list)
+    files: int = 0
+    logical: int = 0
+    dedup_files: int = 0
+    dedup_bytes: int = 0
+
+
 def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, version: str,
             description: str, manifest_text: str, source: str, checksum: str,
             force: bool = False) -> IngestResult:
+    """Every row of the install in ONE transaction (the blobs are already synced)."""
     db = store.db
     now = time.time()
-    # Nodes in DFS preorder with children sorted by name: ids in readdir order.
-    order: list[tuple[_Node, _Node | None, bytes]] = []
-    stack: list[tuple[_Node, _Node | None, bytes]] = [(root, None, b"")]
+    order = _preorder(root)
+    with db.write():
+        have = store.get_version(name, version)
+        if have is not None and not force:  # a concurrent install won
+            return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
+                                tree.warnings)
+        _retire(store, name, version, have, now)
+        blob_ids, blob_rows = _plan_blobs(store, pipe, now)
+        rows.insert_blobs(db, blob_rows)
+        plan = _plan_contents(store, pipe, order, blob_ids)
+        rows.insert_contents(db, plan.contents, plan.chunks)
+        version_id = rows.insert_version_tree(
+            db, rows.VersionRow(name, version, manifest_text, now, description, source,
+                                checksum, plan.files, plan.logical),
+            _entry_rows(tree, order, rows.next_id(db, "entries")))
+    info = store.version_by_id(version_id)
+    assert info is not None
+    return IngestResult(info, True, plan.files, plan.logical, len(blob_rows),
+                        sum(r.stored_size for r in blob_rows), plan.dedup_files,
+                        plan.dedup_bytes, tree.warnings)
+
+
+def _preorder(root: _Node) -> list[_Placed]:
+    """Nodes in DFS preorder with children sorted by name: ids in readdir order."""
+    order: list[_Placed] = []
+    stack: list[_Placed] = [(root, None, b"")]
     while stack:
         node, parent, nm = stack.pop()
         if node.kind == _DROPPED:
@@ -721,131 +758,126 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
         if node.children:
             kids = sorted(((k.encode(), v) for k, v in node.children.items()), reverse=True)
             stack.extend((v, node, k) for k, v in kids)
-    with db.write():
-        have = store.get_version(name, version)
-        if have is not None and not force:  # a concurrent install won
-            return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
-                                tree.warnings)
-        if have is not None:  # --force: retire the installed copy exactly as `rm` would
-            db.execute("UPDATE versions SET state='removed', removed_at=? WHERE id=?",
-                       (now, have.id))
-        for (gone,) in db.query("SELECT id FROM versions WHERE name=? AND version=? "
-                                "AND state='removed'", (name, version)):
-            # Reinstalling a version that `rm` left in place because a job still used it:
-            # if that job has ended, drop the old rows now; if it still runs, rename the old
-            # row out of the way (it keeps serving that job by id; gc drops it later).
-            if any(pid_alive(pid, start) for pid, start in db.query(
-                    "SELECT pid, pid_start FROM leases WHERE version_id=?", (gone,))):
-                db.execute("UPDATE versions SET version = version || '~removed.' || id "
-                           "WHERE id=?", (gone,))
-            else:
-                for table, col in (("entries", "version_id"), ("leases", "version_id"),
-                                   ("versions", "id")):
-                    db.execute(f"DELETE FROM {table} WHERE {col}=?", (gone,))
-        # Rows other installs committed since our workers' lookups (ids above the marks:
-        # nothing is deleted while we hold the install lock). Usually none.
-        other_blobs = {bytes(d): i for d, i in db.query(
-            "SELECT digest, id FROM blobs WHERE id > ?", (pipe.blob_mark,))}
-        other_contents = {bytes(d): i for d, i in db.query(
-            "SELECT digest, id FROM contents WHERE id > ?", (pipe.content_mark,))}
-        blob_ids: dict[bytes, int] = {d: i for d, i in pipe.claimed.items() if i is not None}
-        next_blob = (db.scalar("SELECT max(id) FROM blobs") or 0) + 1
-        new_blob_rows = []
-        new_stored = 0
-        for d in sorted(pipe.new_blobs):  # digest order: index inserts stay local
-            if d in other_blobs:
-                blob_ids[d] = other_blobs[d]
-                continue
-            size, stored, codec = pipe.new_blobs[d]
-            blob_ids[d] = next_blob
-            new_blob_rows.append((next_blob, d, size, stored, codec, now))
-            new_stored += stored
-            next_blob += 1
-        missing = [d for d in pipe.claimed if d not in blob_ids]
-        if missing:  # cannot happen unless the pool was aborted: never commit a hole
-            raise StoreError(f"internal: {len(missing)} chunks were not stored; try again")
-        db.executemany("INSERT INTO blobs(id, digest, size, stored_size, codec, created_at) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", new_blob_rows)
-        # Contents: file-level dedup against committed rows, then within this archive.
-        files = logical = dedup_files = dedup_bytes = 0
-        chunk_size = store.chunk_size
-        bodies: dict[bytes, _Body] = {}   # digest -> first body with it (new ones only)
-        local: dict[bytes, int] = {}      # digest -> committed content id
-        for node, _p, _n in order:
-            if node.kind != ts.REG:
-                continue
-            files += 1
-            body = node.body
-            assert body is not None
-            if node.primary is not None:
-                continue
-            logical += body.size
-            digest = body.digest
-            assert isinstance(digest, bytes)
-            cid = body.committed_id
-            if cid is None:
-                cid = other_contents.get(digest) or local.get(digest)
-            if cid is None and (body.size > chunk_size or body.size == 0):
-                # Not looked up by a worker (multi-chunk or empty): ask now.
-                cid = db.scalar("SELECT id FROM contents WHERE digest=?", (digest,))
-            if cid is not None:
-                local[digest] = cid
-                dedup_files += 1
-                dedup_bytes += body.size
-            else:
-                bodies.setdefault(digest, body)
-        next_content = (db.scalar("SELECT max(id) FROM contents") or 0) + 1
-        content_rows: list[tuple[int, bytes, int, int]] = []  # id, digest, size, nchunks
-        chunk_rows: list[tuple[int, int, int]] = []  # content_id, seq, blob_id
-        for digest in sorted(bodies):
-            body = bodies[digest]
-            cid = local[digest] = next_content
-            next_content += 1
-            content_rows.append((cid, digest, body.size, len(body.digests)))
-            chunk_rows.extend((cid, seq, blob_ids[d]) for seq, d in enumerate(body.digests))
-        for node, _p, _n in order:
-            if node.kind == ts.REG and node.primary is None:
-                assert node.body is not None and isinstance(node.body.digest, bytes)
-                node.body.content_id = local[node.body.digest]
-        db.executemany("INSERT INTO contents(id, digest, size, nchunks) VALUES (?, ?, ?, ?)",
-                       content_rows)
-        db.executemany("INSERT INTO chunks(content_id, seq, blob_id) VALUES (?, ?, ?)",
-                       chunk_rows)
-        db.execute("INSERT INTO versions(name, version, description, manifest, root_id, state, "
-                   "source, checksum, file_count, logical_size, installed_at) "
-                   "VALUES (?, ?, ?, ?, NULL, 'installed', ?, ?, ?, ?, ?)",
-                   (name, version, description, manifest_text, source, checksum, files,
-                    logical, now))
-        version_id = db.conn.last_insert_rowid()
-        next_entry = (db.scalar("SELECT max(id) FROM entries") or 0) + 1
-        for i, (node, _p, _n) in enumerate(order):
-            node.id = next_entry + i
-        rows: list[_EntryRow] = []
-        for node, parent, nm in order:
-            kind = {ts.DIR: stat.S_IFDIR, ts.REG: stat.S_IFREG, ts.SYMLINK: stat.S_IFLNK}[
-                node.kind]
-            src = node.primary or node
-            mtime = node.mtime_ns if node.explicit else tree.max_mtime
-            if node.kind == ts.DIR:
-                nlink = 2 + sum(1 for c in (node.children or {}).values() if c.kind == ts.DIR)
-                rows.append((node.id, version_id, parent.id if parent else None, nm, kind,
-                             node.mode, node.uid, node.gid, mtime, 0, None, None, None, nlink))
-            elif node.kind == ts.SYMLINK:
-                assert node.target is not None
-                rows.append((node.id, version_id, parent.id if parent else None, nm, kind,
-                             0o777, node.uid, node.gid, mtime, len(node.target), None,
-                             node.target, None, 1))
-            else:
-                assert src.body is not None
-                link_id = src.id if src.nlink > 1 else None
-                rows.append((node.id, version_id, parent.id if parent else None, nm, kind,
-                             src.mode, src.uid, src.gid, src.mtime_ns, src.body.size,
-                             src.body.content_id, None, link_id, src.nlink))
-        db.executemany("INSERT INTO entries(id, version_id, parent_id, name, kind, mode, uid, "
-                       "gid, mtime_ns, size, content_id, target, link_id, nlink) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        db.execute("UPDATE versions SET root_id=? WHERE id=?", (root.id, version_id))
-    info = store.version_by_id(version_id)
-    assert info is not None
-    return IngestResult(info, True, files, logical, len(new_blob_rows), new_stored, dedup_files,
-                        dedup_bytes, tree.warnings)
+    return order
+
+
+def _retire(store: Store, name: str, version: str, have: VersionInfo | None,
+            now: float) -> None:
+    """Make room for name@version: ``--force`` retires the installed copy exactly as `rm`
+    would, and older removed copies are dropped or renamed out of the way."""
+    db = store.db
+    if have is not None:
+        db.execute("UPDATE versions SET state='removed', removed_at=? WHERE id=?",
+                   (now, have.id))
+    for (gone,) in db.query("SELECT id FROM versions WHERE name=? AND version=? "
+                            "AND state='removed'", (name, version)):
+        # Reinstalling a version that `rm` left in place because a job still used it: if
+        # that job has ended, drop the old rows now; if it still runs, rename the old row
+        # out of the way (it keeps serving that job by id; gc drops it later).
+        if any(pid_alive(pid, start) for pid, start in db.query(
+                "SELECT pid, pid_start FROM leases WHERE version_id=?", (gone,))):
+            db.execute("UPDATE versions SET version = version || '~removed.' || id "
+                       "WHERE id=?", (gone,))
+        else:
+            rows.drop_version_rows(db, gone)
+
+
+def _plan_blobs(store: Store, pipe: _Pipeline,
+                now: float) -> tuple[dict[bytes, int], list[rows.BlobRow]]:
+    """Every chunk digest's blob id, and the rows of the blobs this install adds."""
+    db = store.db
+    # Rows other installs committed since our workers' lookups (ids above the marks:
+    # nothing is deleted while we hold the install lock). Usually none.
+    other_blobs = {bytes(d): i for d, i in db.query(
+        "SELECT digest, id FROM blobs WHERE id > ?", (pipe.blob_mark,))}
+    blob_ids: dict[bytes, int] = {d: i for d, i in pipe.claimed.items() if i is not None}
+    next_blob = rows.next_id(db, "blobs")
+    new_rows: list[rows.BlobRow] = []
+    for d in sorted(pipe.new_blobs):  # digest order: index inserts stay local
+        if d in other_blobs:
+            blob_ids[d] = other_blobs[d]
+            continue
+        size, stored, codec = pipe.new_blobs[d]
+        blob_ids[d] = next_blob
+        new_rows.append(rows.BlobRow(next_blob, d, size, stored, codec, now))
+        next_blob += 1
+    missing = [d for d in pipe.claimed if d not in blob_ids]
+    if missing:  # cannot happen unless the pool was aborted: never commit a hole
+        raise StoreError(f"internal: {len(missing)} chunks were not stored; try again")
+    return blob_ids, new_rows
+
+
+def _plan_contents(store: Store, pipe: _Pipeline, order: list[_Placed],
+                   blob_ids: dict[bytes, int]) -> _ContentPlan:
+    """File-level dedup against committed rows, then within this archive; sets every
+    primary body's ``content_id``."""
+    db = store.db
+    other_contents = {bytes(d): i for d, i in db.query(
+        "SELECT digest, id FROM contents WHERE id > ?", (pipe.content_mark,))}
+    plan = _ContentPlan()
+    bodies: dict[bytes, _Body] = {}   # digest -> first body with it (new ones only)
+    local: dict[bytes, int] = {}      # digest -> committed content id
+    for node, _p, _n in order:
+        if node.kind != ts.REG:
+            continue
+        plan.files += 1
+        body = node.body
+        assert body is not None
+        if node.primary is not None:
+            continue
+        plan.logical += body.size
+        digest = body.digest
+        assert isinstance(digest, bytes)
+        cid = body.committed_id
+        if cid is None:
+            cid = other_contents.get(digest) or local.get(digest)
+        if cid is None and (body.size > store.chunk_size or body.size == 0):
+            # Not looked up by a worker (multi-chunk or empty): ask now.
+            cid = db.scalar("SELECT id FROM contents WHERE digest=?", (digest,))
+        if cid is not None:
+            local[digest] = cid
+            plan.dedup_files += 1
+            plan.dedup_bytes += body.size
+        else:
+            bodies.setdefault(digest, body)
+    next_content = rows.next_id(db, "contents")
+    for digest in sorted(bodies):
+        body = bodies[digest]
+        cid = local[digest] = next_content
+        next_content += 1
+        plan.contents.append(rows.ContentRow(cid, digest, body.size, len(body.digests)))
+        plan.chunks.extend(rows.ChunkRow(cid, seq, blob_ids[d])
+                           for seq, d in enumerate(body.digests))
+    for node, _p, _n in order:
+        if node.kind == ts.REG and node.primary is None:
+            assert node.body is not None and isinstance(node.body.digest, bytes)
+            node.body.content_id = local[node.body.digest]
+    return plan
+
+
+def _entry_rows(tree: _Tree, order: list[_Placed], first_id: int) -> list[rows.EntryRow]:
+    """One entry per node, ids from ``first_id`` in ``order``; hardlinks take their group's
+    attributes and body from its primary."""
+    for i, (node, _p, _n) in enumerate(order):
+        node.id = first_id + i
+    out: list[rows.EntryRow] = []
+    for node, parent, nm in order:
+        kind = _KIND[node.kind]
+        pid = parent.id if parent else None
+        src = node.primary or node
+        mtime = node.mtime_ns if node.explicit else tree.max_mtime
+        if node.kind == ts.DIR:
+            nlink = 2 + sum(1 for c in (node.children or {}).values() if c.kind == ts.DIR)
+            out.append(rows.EntryRow(node.id, pid, nm, kind, node.mode, node.uid, node.gid,
+                                     mtime, 0, nlink=nlink))
+        elif node.kind == ts.SYMLINK:
+            assert node.target is not None
+            out.append(rows.EntryRow(node.id, pid, nm, kind, 0o777, node.uid, node.gid, mtime,
+                                     len(node.target), target=node.target))
+        else:
+            assert src.body is not None
+            out.append(rows.EntryRow(node.id, pid, nm, kind, src.mode, src.uid, src.gid,
+                                     src.mtime_ns, src.body.size, src.body.content_id,
+                                     link_id=src.id if src.nlink > 1 else None,
+                                     nlink=src.nlink))
+    return out

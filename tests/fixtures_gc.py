@@ -18,7 +18,9 @@ import textwrap
 import time
 from pathlib import Path
 
+from jbl.store import rows
 from jbl.store.blobs import BlobStore
+from jbl.store.db import DB
 from jbl.store.store import Store
 
 MANIFEST = ("name: {name}\nversion: {version}\ndescription: synthetic\n"
@@ -64,54 +66,64 @@ def add_version(store_dir: Path, name: str, version: str, files: dict[str, bytes
                     new_blobs[bd] = (len(ch), len(stored), codec)
                 bodies[cd] = digests
             store.blobs.sync()
-            now = time.time()
             with db.write():
-                for bd, (size, ssize, codec) in new_blobs.items():
-                    db.execute("INSERT OR IGNORE INTO blobs(digest, size, stored_size, codec, "
-                               "created_at) VALUES (?, ?, ?, ?, ?)", (bd, size, ssize, codec, now))
-                for data in tree.values():
-                    cd = hashlib.sha256(data).digest()
-                    if db.scalar("SELECT 1 FROM contents WHERE digest=?", (cd,)):
-                        continue
-                    digests = bodies[cd]
-                    db.execute("INSERT INTO contents(digest, size, nchunks) VALUES (?, ?, ?)",
-                               (cd, len(data), len(digests)))
-                    cid = db.conn.last_insert_rowid()
-                    for seq, bd in enumerate(digests):
-                        db.execute("INSERT INTO chunks(content_id, seq, blob_id) VALUES "
-                                   "(?, ?, (SELECT id FROM blobs WHERE digest=?))", (cid, seq, bd))
-                db.execute("INSERT INTO versions(name, version, manifest, installed_at, "
-                           "last_used_at, pinned, file_count, logical_size, source) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'synthetic')",
-                           (name, version, manifest, installed_at or now, last_used_at,
-                            int(pinned), len(tree), sum(len(d) for d in tree.values())))
-                vid = db.conn.last_insert_rowid()
-                root = _entry(db, vid, None, b"", stat.S_IFDIR, 0)
-                db.execute("UPDATE versions SET root_id=? WHERE id=?", (root, vid))
-                dirs: dict[str, int] = {"": root}
-                for path in sorted(tree):
-                    parent = ""
-                    for part in path.split("/")[:-1]:
-                        here = f"{parent}/{part}" if parent else part
-                        if here not in dirs:
-                            dirs[here] = _entry(db, vid, dirs[parent], part.encode(),
-                                                stat.S_IFDIR, 0)
-                        parent = here
-                    data = tree[path]
-                    cid = db.scalar("SELECT id FROM contents WHERE digest=?",
-                                    (hashlib.sha256(data).digest(),))
-                    _entry(db, vid, dirs[parent], path.rsplit("/", 1)[-1].encode(),
-                           stat.S_IFREG, len(data), cid)
+                vid = _commit_rows(db, name, version, tree, new_blobs, bodies,
+                                   installed_at=installed_at, last_used_at=last_used_at,
+                                   pinned=pinned)
         return vid
 
 
-def _entry(db: object, vid: int, parent: int | None, name: bytes, kind: int, size: int,
-           content_id: int | None = None) -> int:
-    mode = 0o755 if kind == stat.S_IFDIR else 0o644
-    db.execute("INSERT INTO entries(version_id, parent_id, name, kind, mode, uid, gid, mtime_ns, "  # type: ignore[attr-defined]
-               "size, content_id) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
-               (vid, parent, name, kind, mode, time.time_ns(), size, content_id))
-    return int(db.conn.last_insert_rowid())  # type: ignore[attr-defined]
+def _commit_rows(db: DB, name: str, version: str, tree: dict[str, bytes],
+                 new_blobs: dict[bytes, tuple[int, int, int]], bodies: dict[bytes, list[bytes]],
+                 *, installed_at: float | None, last_used_at: float | None,
+                 pinned: bool) -> int:
+    """Every row of a synthetic version, through the store's one row writer."""
+    now = time.time()
+    blob_ids = {bytes(d): i for d, i in db.query("SELECT digest, id FROM blobs")}
+    blob_rows = []
+    for bd, (size, ssize, codec) in new_blobs.items():
+        if bd not in blob_ids:  # another install may have committed it meanwhile
+            blob_ids[bd] = rows.next_id(db, "blobs") + len(blob_rows)
+            blob_rows.append(rows.BlobRow(blob_ids[bd], bd, size, ssize, codec, now))
+    rows.insert_blobs(db, blob_rows)
+    content_ids = {bytes(d): i for d, i in db.query("SELECT digest, id FROM contents")}
+    contents: list[rows.ContentRow] = []
+    chunks: list[rows.ChunkRow] = []
+    for data in tree.values():
+        cd = hashlib.sha256(data).digest()
+        if cd not in content_ids:
+            cid = content_ids[cd] = rows.next_id(db, "contents") + len(contents)
+            contents.append(rows.ContentRow(cid, cd, len(data), len(bodies[cd])))
+            chunks.extend(rows.ChunkRow(cid, seq, blob_ids[bd])
+                          for seq, bd in enumerate(bodies[cd]))
+    rows.insert_contents(db, contents, chunks)
+    entries: list[rows.EntryRow] = []
+    first = rows.next_id(db, "entries")
+    mtime = time.time_ns()
+
+    def entry(parent: int | None, name: bytes, kind: int, size: int = 0,
+              content_id: int | None = None) -> int:
+        mode = 0o755 if kind == stat.S_IFDIR else 0o644
+        entries.append(rows.EntryRow(first + len(entries), parent, name, kind, mode,
+                                     mtime_ns=mtime, size=size, content_id=content_id))
+        return entries[-1].id
+
+    dirs: dict[str, int] = {"": entry(None, b"", stat.S_IFDIR)}
+    for path in sorted(tree):
+        parent = ""
+        for part in path.split("/")[:-1]:
+            here = f"{parent}/{part}" if parent else part
+            if here not in dirs:
+                dirs[here] = entry(dirs[parent], part.encode(), stat.S_IFDIR)
+            parent = here
+        data = tree[path]
+        entry(dirs[parent], path.rsplit("/", 1)[-1].encode(), stat.S_IFREG, len(data),
+              content_ids[hashlib.sha256(data).digest()])
+    version_row = rows.VersionRow(
+        name, version, MANIFEST.format(name=name, version=version), installed_at or now,
+        source="synthetic", file_count=len(tree), logical_size=sum(map(len, tree.values())),
+        last_used_at=last_used_at, pinned=pinned)
+    return rows.insert_version_tree(db, version_row, entries)
 
 
 def hash_version(store: Store, version_id: int) -> dict[str, str]:
