@@ -55,7 +55,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from jbl.fusefs import mount
+    from jbl.fusefs import mount, mounttab
 
     if args.status:
         if args.mountpoint is not None:
@@ -69,7 +69,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("jbl mount needs a MOUNTPOINT (or --status)")
     mp = Path(os.path.realpath(args.mountpoint))
     # a stale mount (its daemon died) answers ENOTCONN to stat: spawn() recovers it
-    if not mount.is_stale(mp) and not os.path.isdir(mp):
+    if not mounttab.is_stale(mp) and not os.path.isdir(mp):
         raise MountError(f"mountpoint {args.mountpoint} does not exist or is not a directory",
                          hint=f"create it: mkdir -p {args.mountpoint}")
     # before anything is started or written (the log lives in the store): a mistyped
@@ -95,7 +95,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                        hold_limit=hold)
     proc.returncode = 0  # detached on purpose: it outlives us (and Popen must not warn)
     output.note(args, f"mounted {args.store} on {mp} (pid {proc.pid}, {engine} engine; "
-                      f"log {mount.log_path(args.store)})")
+                      f"log {mounttab.log_path(args.store)})")
     return 0
 
 

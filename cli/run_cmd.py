@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                 manifest = load_manifest(Path(os.path.realpath(runtime_dir)))
                 label = f"{manifest.name}@{manifest.version}"
             else:
-                from jbl.fusefs.mount import view_root
+                from jbl.fusefs.broker import view_root
                 from jbl.store.store import Store
 
                 build_request(args, Path("."), "", stack)

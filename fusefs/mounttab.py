@@ -152,7 +152,7 @@ def mount_info(mountpoint: Path | str) -> MountInfo | None:
     return found[-1] if found else None
 
 
-def _mount_at(mountpoint: Path | str) -> tuple[str, str] | None:
+def mount_at(mountpoint: Path | str) -> tuple[str, str] | None:
     """(fstype, major:minor) of the topmost mount exactly at ``mountpoint``."""
     m = mount_info(mountpoint)
     return None if m is None else (m.fstype, m.dev)

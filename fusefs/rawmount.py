@@ -88,7 +88,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     from jbl.store.view import View
 
     from .leases import ThreadLeaseKeeper
-    from .mounttab import _mount_at, force_unmount, fs_source
+    from .mounttab import force_unmount, fs_source, mount_at
     from .rawfs import RawFS
 
     try:
@@ -100,7 +100,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
             ready(str(e))
         raise
     fd = fs.fd
-    our_dev = (_mount_at(mountpoint) or ("", ""))[1]
+    our_dev = (mount_at(mountpoint) or ("", ""))[1]
     leases = fs.leases = ThreadLeaseKeeper(store_dir, hold_limit=hold_limit)
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(w)
@@ -141,7 +141,7 @@ def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
     finally:
         # Unmount only if the mount at the path is still ours: after a lazy detach someone
         # may have mounted a new daemon there.
-        if (_mount_at(mountpoint) or ("", ""))[1] == our_dev:
+        if (mount_at(mountpoint) or ("", ""))[1] == our_dev:
             with contextlib.suppress(Exception):
                 force_unmount(mountpoint)
         leases.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_jbl
-from jbl.fusefs import mount as mountmod
+from jbl.fusefs import mounttab
 from rtbuild import build_runtime
 
 OTHER_USER = "jbltest2"
@@ -67,7 +67,7 @@ def mounted(store_dir: Path, mp: Path, *extra: str, engine: str | None = None
         yield mp
     finally:
         r = run_jbl("umount", mp, store=store_dir)
-        if mountmod.mount_fstype(mp) is not None:
+        if mounttab.mount_fstype(mp) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
             raise AssertionError(f"jbl umount left {mp} mounted: {r.err}")
 
@@ -79,7 +79,7 @@ def sweep_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     # (/tmp/jbl-view-*) unmount themselves when their parent dies.
     base = str(tmp_path_factory.getbasetemp()) + "/"
     yield
-    for mp in mountmod.jbl_mounts():
+    for mp in mounttab.jbl_mounts():
         if mp.startswith(base):
             subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
 

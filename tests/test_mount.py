@@ -27,7 +27,7 @@ from fixtures_mount import (  # noqa: F401 - fixtures
     pyrt_tarball,
     sweep_mounts,
 )
-from jbl.fusefs import mount as mountmod
+from jbl.fusefs import mounttab
 
 KEYWORDS = "!all,type,mode,uid,gid,size,time,link,sha256"
 
@@ -195,4 +195,4 @@ def test_mount_refusals_are_one_line_errors(served, tmp_path: Path) -> None:  # 
     assert_one_line_error(r, 11, "not mounted")
     r = run_jbl("mount", store=store_dir)
     assert_one_line_error(r, 2, "MOUNTPOINT")
-    assert mountmod.mount_fstype(str(mp)) == mountmod.FSTYPE
+    assert mounttab.mount_fstype(str(mp)) == mounttab.FSTYPE

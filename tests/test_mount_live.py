@@ -24,6 +24,7 @@ from fixtures_mount import (  # noqa: F401 - fixtures
     sweep_mounts,
     wait_until,
 )
+from jbl.fusefs import broker, mounttab
 from jbl.fusefs import mount as mountmod
 
 
@@ -108,24 +109,24 @@ def test_a_killed_daemon_leaves_a_stale_mount_that_umount_and_mount_recover(
     try:
         (st,) = mountmod.status(store_dir)
         os.kill(st.pid, signal.SIGKILL)
-        assert wait_until(lambda: not mountmod.answers(mp))
+        assert wait_until(lambda: not mounttab.answers(mp))
         with pytest.raises(OSError) as ei:
             os.listdir(mp)
         assert ei.value.errno == 107  # ENOTCONN: what a job sees when the daemon died
         r = run_jbl("mount", "--status", store=store_dir).ok()
         assert "stale" in r.out
         r = run_jbl("umount", mp, store=store_dir).ok()
-        assert mountmod.mount_fstype(str(mp)) is None
+        assert mounttab.mount_fstype(str(mp)) is None
         # and again, but this time `jbl mount` itself recovers the stale mountpoint
         run_jbl("mount", mp, "--engine", engine, store=store_dir).ok()
         (st,) = mountmod.status(store_dir)
         os.kill(st.pid, signal.SIGKILL)
-        assert wait_until(lambda: not mountmod.answers(mp))
+        assert wait_until(lambda: not mounttab.answers(mp))
         run_jbl("mount", mp, "--engine", engine, store=store_dir).ok()
         assert (mp / "pyrt/1.0.0/runtime.yml").exists()
     finally:
         run_jbl("umount", mp, store=store_dir)
-        if mountmod.mount_fstype(str(mp)):
+        if mounttab.mount_fstype(str(mp)):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)])
     assert run_jbl("mount", "--status", store=store_dir).ok().out.strip().startswith("nothing")
     assert_one_line_error(run_jbl("umount", mp, store=store_dir), 11, "not mounted")
@@ -144,32 +145,32 @@ def test_foreground_mount_unmounts_cleanly_on_sigterm(
         p.send_signal(signal.SIGTERM)
         _out, err = p.communicate(timeout=15)
         assert p.returncode == 0, err
-        assert mountmod.mount_fstype(str(mp)) is None
+        assert mounttab.mount_fstype(str(mp)) is None
         assert mountmod.status(store_with_v1) == []
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
-        if mountmod.mount_fstype(str(mp)):
+        if mounttab.mount_fstype(str(mp)):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)])
 
 
 def test_view_root_mounts_privately_or_reuses_a_running_mount(
         store_with_v1: Path, tmp_path: Path, engine: str) -> None:  # type: ignore  # noqa: F811
     store_dir = store_with_v1
-    with mountmod.view_root(store_dir, engine=engine, linger=0) as root:
+    with broker.view_root(store_dir, engine=engine, linger=0) as root:
         assert (root / "pyrt/1.0.0/runtime.yml").read_text().startswith("name: pyrt")
         private = str(root)
-        assert mountmod.mount_fstype(private) == mountmod.FSTYPE
-    assert mountmod.mount_fstype(private) is None and not os.path.exists(private)
+        assert mounttab.mount_fstype(private) == mounttab.FSTYPE
+    assert mounttab.mount_fstype(private) is None and not os.path.exists(private)
     with mounted(store_dir, tmp_path / "mnt", engine=engine) as mp, \
-            mountmod.view_root(store_dir, engine=engine) as root:
+            broker.view_root(store_dir, engine=engine) as root:
         assert root == mp
 
     # the caller dies without cleaning up: its private view goes away by itself
     code = textwrap.dedent(f"""
         import sys, time
-        from jbl.fusefs.mount import view_root
+        from jbl.fusefs.broker import view_root
         with view_root({str(store_dir)!r}, engine={engine!r}, linger=0) as root:
             print(root, flush=True)
             time.sleep(60)
@@ -177,7 +178,7 @@ def test_view_root_mounts_privately_or_reuses_a_running_mount(
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     root = p.stdout.readline().strip()
-    assert mountmod.mount_fstype(root) == mountmod.FSTYPE
+    assert mounttab.mount_fstype(root) == mounttab.FSTYPE
     p.kill()
     p.communicate()
-    assert wait_until(lambda: mountmod.mount_fstype(root) is None, 10)
+    assert wait_until(lambda: mounttab.mount_fstype(root) is None, 10)

@@ -29,6 +29,7 @@ from fixtures_mount import (  # noqa: F401 - fixtures
 )
 from jbl.fusefs import kernel as K
 from jbl.fusefs import mount as mountmod
+from jbl.fusefs import mounttab
 from jbl.store.store import Store
 
 IMPORTS = "import json, email, http.client, asyncio, sqlite3, jblprobe"
@@ -55,7 +56,7 @@ def raw_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _requests(store_dir: Path, pid: int) -> dict[str, int]:
     """What reached the daemon so far (it logs its counters on SIGUSR1)."""
-    log = mountmod.log_path(store_dir)
+    log = mounttab.log_path(store_dir)
     before = log.read_text().count("requests so far")
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + 10

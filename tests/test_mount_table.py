@@ -63,7 +63,7 @@ def test_umount_without_store_stops_the_daemon_and_stale_means_dead(
         r = run_jbl("umount", mp).ok()
         assert "stopped" in r.err and "stale" not in r.err, r.err
         assert not pid_alive(st.pid, st.pid_start)
-        assert mountmod.mount_fstype(mp) is None
+        assert mounttab.mount_fstype(mp) is None
         assert mountmod.status(store) == []
         assert not mounttab.record_path(str(mp)).exists()
 
@@ -76,10 +76,10 @@ def test_umount_without_store_stops_the_daemon_and_stale_means_dead(
         assert row["state"] == "stale" and row["store"] == str(store)
         r = run_jbl("umount", mp).ok()
         assert "stale" in r.err, r.err
-        assert mountmod.mount_fstype(mp) is None
+        assert mounttab.mount_fstype(mp) is None
         assert_one_line_error(run_jbl("umount", mp), 11, "not mounted")
     finally:
-        if mountmod.mount_fstype(mp):
+        if mounttab.mount_fstype(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)])
 
 
@@ -106,13 +106,13 @@ def test_status_forgets_dead_views_and_says_which_store(store: Path, tmp_path: P
     finally:
         run_jbl("umount", live)
         for mp in (live, dead):
-            if mountmod.mount_fstype(mp):
+            if mounttab.mount_fstype(mp):
                 subprocess.run(["fusermount3", "-u", "-z", str(mp)])
 
 
 def test_the_daemon_log_is_rotated_before_it_grows_without_bound(
         store: Path, tmp_path: Path) -> None:
-    log = mountmod.log_path(store)
+    log = mounttab.log_path(store)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"old line\n" * (mounttab.LOG_MAX // 9 + 1))
     mp = tmp_path / "mnt"
@@ -160,7 +160,7 @@ def test_a_user_mounts_their_own_store_through_fusermount3(
         assert r.rc == 0, r.err
         try:
             info = mounttab.mount_info(mp)
-            assert info is not None and info.fstype == mountmod.FSTYPE
+            assert info is not None and info.fstype == mounttab.FSTYPE
             pw_uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
                                         check=True).stdout)
             assert info.uid == pw_uid  # mounted by fusermount3 for the user, not by root
@@ -176,10 +176,10 @@ def test_a_user_mounts_their_own_store_through_fusermount3(
         finally:
             u = as_user(user, "umount", mp)  # no --store
         assert u.rc == 0 and "stopped" in u.err, u.err
-        assert mountmod.mount_fstype(mp) is None
+        assert mounttab.mount_fstype(mp) is None
         log = Path(f"/home/{user}/.local/state/jbl/mount.log").read_text()
         assert "mounted" in log and "stopped" in log
     finally:
-        if mountmod.mount_fstype(base / "mnt"):
+        if mounttab.mount_fstype(base / "mnt"):
             subprocess.run(["fusermount3", "-u", "-z", str(base / "mnt")])
         shutil.rmtree(base, ignore_errors=True)

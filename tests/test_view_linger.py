@@ -22,7 +22,7 @@ from fixtures_mount import (  # noqa: F401 - fixture
     other_user,
     wait_until,
 )
-from jbl.fusefs import mount as mountmod
+from jbl.fusefs import mounttab
 from jbl.store.store import proc_starttime
 
 SPEC = "pyrt@1.0.0"
@@ -79,7 +79,7 @@ def test_back_to_back_jobs_reuse_one_view_which_goes_away_after_the_linger(store
     assert wait_until(lambda: proc_starttime(pid) is None, 8)
     assert time.monotonic() - done > 2
     mp = str(view["mountpoint"])
-    assert mountmod.mount_fstype(mp) is None and not os.path.exists(mp)
+    assert mounttab.mount_fstype(mp) is None and not os.path.exists(mp)
     assert views(store) == []
 
 
@@ -135,10 +135,10 @@ def test_a_dead_daemons_stale_view_is_recovered_by_the_next_job(store: Path) -> 
     assert run(store, "/bin/true", linger="30").returncode == 0
     [view] = views(store)
     os.kill(int(view["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
-    assert wait_until(lambda: mountmod.is_stale(str(view["mountpoint"])))
+    assert wait_until(lambda: mounttab.is_stale(str(view["mountpoint"])))
     r = run(store, "/bin/echo", "again", linger="1")
     assert (r.returncode, r.stdout) == (0, "again\n"), r.stderr
-    assert mountmod.mount_fstype(str(view["mountpoint"])) is None  # detached, dir gone
+    assert mounttab.mount_fstype(str(view["mountpoint"])) is None  # detached, dir gone
     assert not os.path.exists(str(view["mountpoint"]))
     assert daemons_started(store) == 2
 
