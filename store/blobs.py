@@ -49,7 +49,7 @@ from pathlib import Path
 import zstandard
 
 from . import safepath
-from .errors import IntegrityError, UnsafeStorePath
+from .errors import IntegrityError, JblError, UnsafeStorePath
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -178,6 +178,19 @@ class BlobStore:
             return None
         with safepath.opened(shard):
             return safepath.lstat(shard, h[2:])
+
+    def describe(self, digest: bytes) -> str:
+        """What the blob's name is on disk (a link and its target), for a problem line."""
+        h = digest.hex()
+        try:
+            with safepath.opened(self._shard(h)) as shard:
+                return safepath.describe(shard, h[2:])
+        except (OSError, JblError):
+            return "unreadable"
+
+    def tmp_shown(self, name: str) -> Path:
+        """``blobs/tmp/NAME`` for messages (``iter_tmp`` names); never opened by path."""
+        return self.root / "tmp" / name
 
     def exists(self, digest: bytes) -> bool:
         st = self.stat(digest)

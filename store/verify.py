@@ -141,17 +141,6 @@ def _check_blob_data(blobs: BlobStore, digest: bytes, codec: int, size: int) -> 
     return None
 
 
-def _describe(blobs: BlobStore, digest: bytes) -> str:
-    """What the blob's name is on disk (a link and its target), for a problem line."""
-    h = digest.hex()
-    try:
-        with safepath.opened(safepath.open_store(blobs.store_dir)) as sfd, \
-                safepath.opened(safepath.walk(sfd, ["blobs", h[:2]])) as shard:
-            return safepath.describe(shard, h[2:])
-    except (OSError, JblError):
-        return "unreadable"
-
-
 def _batched(it: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
     batch: list[tuple[Any, ...]] = []
     for row in it:
@@ -201,7 +190,7 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
             continue
         if not stat.S_ISREG(st.st_mode):
             add(Problem("corrupt", subject, "is not a regular file but " +
-                        _describe(store.blobs, digest) + " (never followed)",
+                        store.blobs.describe(digest) + " (never followed)",
                         names.of_blob(bid), bid))
             continue
         if st.st_size != stored_size:
@@ -225,7 +214,7 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
         age = now - est.st_mtime
         if not stat.S_ISREG(est.st_mode):
             add(Problem("orphan", f"blob {digest.hex()}", "not a regular file but " +
-                        _describe(store.blobs, digest) + ", without an index row (never "
+                        store.blobs.describe(digest) + ", without an index row (never "
                         "followed; run `jbl store gc`)"))
         elif age < grace:
             res.young_orphans += 1
@@ -236,7 +225,7 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
         for name, st in store.blobs.iter_tmp():
             age = now - st.st_mtime
             if not stat.S_ISREG(st.st_mode) or age >= grace:
-                add(Problem("temp", str(store.blobs.root / "tmp" / name),
+                add(Problem("temp", str(store.blobs.tmp_shown(name)),
                             f"stale temporary file, {format_duration(age)} old "
                             "(run `jbl store gc`)"))
             else:
