@@ -1,6 +1,8 @@
 """Mount lifecycle: serve a store on a mountpoint, start it as a daemon, find, stop, recover.
 
-    serve(...)          in this process: mount, run the loop, unmount on SIGTERM/SIGINT
+    serve(...)          in this process: the one serve skeleton of both engines (mount, run
+                        the engine, stop on a signal / the parent's death / idleness:
+                        fusefs/stop.py, unmount only if the mount is still ours)
     spawn(...)          start the daemon (fusefs/daemon.py) detached; return once the mount
                         is ready (a line on a pipe), or raise MountError with the reason
     status(store_dir)   the live or stale mounts of one store (pid, since, state)
@@ -29,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import MountError
@@ -52,6 +55,7 @@ from .mounttab import (
 )
 from .mounttab import find as find_record
 from .mounttab import records as all_records
+from .stop import Stop
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -103,40 +107,59 @@ def check_mountpoint(mountpoint: Path, *, nonempty: bool = True) -> None:
                              hint="use an empty directory, or --nonempty to mount over it")
 
 
+class Engine(Protocol):
+    """What the serve skeleton needs from an engine (rawmount.RawEngine: /dev/fuse spoken
+    directly; pyfuse3mount.Pyfuse3Engine: libfuse through pyfuse3). An engine decodes
+    requests and encodes replies; the skeleton owns everything around that."""
+
+    name: str
+    stats: dict[str, int]
+
+    def mount(self, mountpoint: Path, allow_other: bool, source: str) -> None:
+        """Mount ``mountpoint``; raise (anything) if that failed, having undone it."""
+
+    def run(self, stop: Stop, ready: Callable[[], None]) -> None:
+        """Serve until ``stop.check()`` or the kernel ends the mount; ``ready()`` once
+        requests are being served."""
+
+    def close(self, unmount: bool) -> None:
+        """Release everything; detach the mount too when ``unmount``."""
+
+
+def _engine(name: str, store: Store, store_dir: Path, hold_limit: float | None) -> Engine:
+    if name == "raw":
+        from .rawmount import RawEngine
+
+        return RawEngine(store, store_dir, hold_limit)
+    try:
+        from .pyfuse3mount import Pyfuse3Engine
+    except ImportError as e:  # an optional engine: say so, and name the one that works
+        raise MountError(f"the pyfuse3 mount engine is not available here ({e})",
+                         hint="use the raw engine: --engine raw (the default)") from None
+    return Pyfuse3Engine(store, store_dir, hold_limit)
+
+
 def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
           ready: Callable[[str | None], None] | None = None, private: bool = False,
           parent_pid: int | None = None, engine: str = DEFAULT_ENGINE,
           idle: IdleWatch | None = None,
           hold_limit: float | None = REMOVED_HOLD_LIMIT) -> None:
-    """Mount ``store_dir`` on ``mountpoint`` and serve until SIGTERM/SIGINT or unmount.
+    """Mount ``store_dir`` on ``mountpoint`` and serve until SIGTERM/SIGINT/SIGHUP or unmount:
+    the one serve skeleton of both engines (``engine``: "raw" or "pyfuse3").
 
     ``ready(None)`` is called once requests are being served; ``ready(reason)`` if mounting
     failed (then MountError is raised too). With ``parent_pid``, the mount ends when that
     process does (the runner's per-job view); with ``idle``, once no job has held it for
-    ``idle.seconds`` (the lingering view, fusefs/linger.py). ``engine``: "raw" (rawfs.py,
-    /dev/fuse spoken directly) or "pyfuse3" (ops.py). ``hold_limit``: seconds a removed
-    version stays held for whoever still uses it (fusefs/leases.py; None: forever)."""
-    if engine not in ENGINES:
-        raise MountError(f"unknown mount engine {engine!r}", hint="use raw or pyfuse3")
-    if engine == "raw":
-        return _serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready,
-                          private=private, parent_pid=parent_pid, idle=idle,
-                          hold_limit=hold_limit)
-    try:
-        import pyfuse3
-        import trio
-    except ImportError as e:  # an optional engine: say so, and name the one that works
-        reason = f"the pyfuse3 mount engine is not available here ({e})"
+    ``idle.seconds`` (the lingering view, fusefs/linger.py): fusefs/stop.py. ``hold_limit``:
+    seconds a removed version stays held for whoever still uses it (fusefs/leases.py; None:
+    forever). At the end the mount is detached only if the one at the path is still ours."""
+    def failed(reason: str) -> None:
         if ready:
             ready(reason)
-        raise MountError(reason, hint="use the raw engine: --engine raw (the default)") \
-            from None
-    from jbl.store.store import Store
-    from jbl.store.view import View
 
-    from .ops import JblOperations
-    from .trioleases import LeaseKeeper
-
+    if engine not in ENGINES:
+        failed(f"unknown mount engine {engine!r}")
+        raise MountError(f"unknown mount engine {engine!r}", hint="use raw or pyfuse3")
     mountpoint = Path(os.path.realpath(mountpoint))
     store_dir = Path(os.path.realpath(store_dir))
     try:
@@ -144,117 +167,52 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         require_store(store_dir, "mount")  # never create one (a typo'd --store, a removed one)
         store = Store.open(store_dir, readonly=True)
     except Exception as e:
-        if ready:
-            ready(str(e))
+        failed(str(e))
         raise
-    leases = LeaseKeeper(store_dir, hold_limit=hold_limit)
-    ops = JblOperations(View(store), leases)
-    opts = {f"fsname={fs_source(store_dir)}", "subtype=jbl", "ro", "default_permissions"}
-    if allow_other:
-        opts.add("allow_other")
     try:
-        pyfuse3.init(ops, str(mountpoint), opts)
+        eng = _engine(engine, store, store_dir, hold_limit)
+        eng.mount(mountpoint, allow_other, fs_source(store_dir))
     except Exception as e:
         store.close()
-        reason = f"cannot mount {mountpoint}: {e}"
-        if ready:
-            ready(reason)
+        reason = str(e) if isinstance(e, MountError) else f"cannot mount {mountpoint}: {e}"
+        failed(reason)
+        if isinstance(e, MountError):
+            raise
         raise MountError(reason) from None
-    ops.mounted = True
     our_dev = (mount_at(mountpoint) or ("", ""))[1]
-    status_file = _record(store_dir, mountpoint, allow_other, private, "pyfuse3", idle)
-    log.info("mounted %s on %s (pid %d)", store_dir, mountpoint, os.getpid())
+    status_file = _record(store_dir, mountpoint, allow_other, private, engine, idle)
+    stop = Stop(parent_pid, idle)
 
-    async def main() -> None:
-        async with trio.open_nursery() as n:
-            await n.start(leases.run)
-            n.start_soon(pyfuse3.main)
-            n.start_soon(ops.watch)
-            n.start_soon(_until_signal, n.cancel_scope)
-            if parent_pid is not None:
-                n.start_soon(_until_parent_dies, parent_pid, n.cancel_scope)
-            if idle is not None:
-                n.start_soon(_until_idle, idle, n.cancel_scope)
-            if ready:
-                ready(None)
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.request(f"signal {signum}")
 
+    def dump(_signum: int, _frame: object) -> None:
+        log.info("requests so far: %s", eng.stats)  # `kill -USR1 PID`: what reached us
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT,
+                                                    signal.SIGHUP)}
+    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, dump)
     try:
-        trio.run(main)
+        log.info("mounted %s on %s (pid %d, %s engine)", store_dir, mountpoint, os.getpid(),
+                 engine)
+        eng.run(stop, lambda: ready(None) if ready else None)
         log.info("unmounting %s", mountpoint)
     except BaseException:
-        log.exception("the mount loop failed; unmounting %s", mountpoint)
+        log.exception("the request loop failed; unmounting %s", mountpoint)
         raise
     finally:
         # Unmount only if the mount at the path is still ours: after a lazy detach someone
         # may have mounted a new daemon there.
         still_ours = (mount_at(mountpoint) or ("", ""))[1] == our_dev
-        with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=still_ours)
-        with contextlib.suppress(OSError):
-            status_file.unlink()
-        store.close()
-        log.info("stopped; served %s", ops.stats)
-
-
-def _open_store(store_dir: Path, mountpoint: Path,
-                ready: Callable[[str | None], None] | None) -> Store:
-
-    try:
-        check_mountpoint(mountpoint)
-        require_store(store_dir, "mount")  # never create one (a typo'd --store, a removed one)
-        return Store.open(store_dir, readonly=True)
-    except Exception as e:
-        if ready:
-            ready(str(e))
-        raise
-
-
-def _serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
-               ready: Callable[[str | None], None] | None, private: bool,
-               parent_pid: int | None, idle: IdleWatch | None,
-               hold_limit: float | None) -> None:
-    from .rawmount import serve_raw
-
-    mountpoint = Path(os.path.realpath(mountpoint))
-    store_dir = Path(os.path.realpath(store_dir))
-    store = _open_store(store_dir, mountpoint, ready)
-
-    def started() -> Callable[[], None]:
-        path = _record(store_dir, mountpoint, allow_other, private, "raw", idle)
-        return lambda: path.unlink(missing_ok=True)
-
-    serve_raw(store_dir, mountpoint, allow_other=allow_other, ready=ready, private=private,
-              parent_pid=parent_pid, store=store, started=started,
-              idle=idle.expired if idle is not None else None, hold_limit=hold_limit)
-
-
-async def _until_signal(scope: object) -> None:
-    import trio
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-        async for s in sigs:
-            log.info("signal %d: unmounting", s)
-            scope.cancel()  # type: ignore[attr-defined]
-            return
-
-
-async def _until_parent_dies(parent_pid: int, scope: object) -> None:
-    import trio
-
-    # No event fires when a parent dies (PDEATHSIG follows the parent *thread*): poll.
-    while os.getppid() == parent_pid:  # noqa: ASYNC110
-        await trio.sleep(0.5)
-    log.info("parent %d exited: unmounting the private view", parent_pid)
-    scope.cancel()  # type: ignore[attr-defined]
-
-
-async def _until_idle(idle: IdleWatch, scope: object) -> None:
-    import trio
-
-    while not idle.expired():  # noqa: ASYNC110 - flock has no event to wait for
-        await trio.sleep(0.5)
-    log.info("no job for %s s: unmounting the lingering view", f"{idle.seconds:g}")
-    scope.cancel()  # type: ignore[attr-defined]
+        try:
+            eng.close(unmount=still_ours)
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            with contextlib.suppress(OSError):
+                status_file.unlink()
+            store.close()
+            log.info("stopped; served %s", eng.stats)
 
 
 # --- the daemon, from the caller's side -------------------------------------------------

@@ -3,14 +3,15 @@
     fuse_mount(mp, allow_other)   -> fd: as root mount(2) directly; otherwise through
                                      ``fusermount3`` (setuid), which hands the fd back over
                                      a socketpair (``_FUSE_COMMFD``, SCM_RIGHTS)
-    serve_raw(...)                 the raw engine's counterpart of ``mount.serve``
+    RawEngine                      the raw engine as ``mount.serve`` (the serve skeleton)
+                                   runs it: mount, the request loop, close
 
 The mount is ``fuse.jbl`` with source ``mounttab.fs_source(store)`` (how discovery checks that
 a mount serves the store its record names), MS_RDONLY |
 MS_NOSUID | MS_NODEV, ``default_permissions`` (the kernel checks modes), ``allow_other`` on
 request.
 
-Thread-safety: ``serve_raw`` owns its process's main thread (signal handlers live there).
+Thread-safety: ``RawEngine.run`` runs in its process's main thread (the signal wakeup pipe).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from jbl.store.errors import MountError
 
 if TYPE_CHECKING:
     from jbl.store.store import Store
+
+    from .stop import Stop
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -75,82 +78,62 @@ def fuse_mount(mountpoint: Path, allow_other: bool, source: str = "jbl") -> int:
             theirs.close()
 
 
-def serve_raw(store_dir: Path, mountpoint: Path, *, allow_other: bool,
-              ready: Callable[[str | None], None] | None, private: bool,
-              parent_pid: int | None, store: Store,
-              started: Callable[[], Callable[[], None]],
-              idle: Callable[[], bool] | None = None,
-              hold_limit: float | None = None) -> None:
-    """Mount with the raw engine and serve until SIGTERM/SIGINT/SIGHUP, unmount, the
-    death of ``parent_pid``, or ``idle()`` saying so (checked once per tick: the lingering
-    view, fusefs/linger.py). ``started()`` (mount.py: status file) is called once mounted
-    and returns the cleanup to run at the end."""
-    from jbl.store.view import View
+class RawEngine:
+    """The raw engine for the serve skeleton (``mount.serve``): mounts /dev/fuse itself and
+    runs ``RawFS``'s request loop; the skeleton's ``Stop`` is checked once per tick, and a
+    signal wakes the loop at once (a wakeup pipe the loop polls)."""
 
-    from .leases import ThreadLeaseKeeper
-    from .mounttab import force_unmount, fs_source, mount_at
-    from .rawfs import RawFS
+    name = "raw"
 
-    try:
-        fs = RawFS(View(store), -1)
-        fs.fd = fuse_mount(mountpoint, allow_other, fs_source(store_dir))
-    except Exception as e:
-        store.close()
-        if ready:
-            ready(str(e))
-        raise
-    fd = fs.fd
-    our_dev = (mount_at(mountpoint) or ("", ""))[1]
-    leases = fs.leases = ThreadLeaseKeeper(store_dir, hold_limit=hold_limit)
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_wakeup = signal.set_wakeup_fd(w)
+    def __init__(self, store: Store, store_dir: Path, hold_limit: float | None) -> None:
+        from jbl.store.view import View
 
-    def stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: unmounting", signum)
-        fs.stopping = True
+        from .rawfs import RawFS
 
-    def dump(_signum: int, _frame: object) -> None:
-        log.info("requests so far: %s", fs.stats)  # `kill -USR1 PID`: what reached us
+        self.store_dir = store_dir
+        self.hold_limit = hold_limit
+        self.fs = RawFS(View(store), -1)
+        self.stats = self.fs.stats
+        self.mountpoint: Path | None = None
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, dump)
-    if parent_pid is not None:
-        def watch_parent() -> None:
-            # No event fires when a parent dies (PDEATHSIG follows the parent *thread*): poll.
-            if os.getppid() != parent_pid:
-                log.info("parent %d exited: unmounting the private view", parent_pid)
+    def mount(self, mountpoint: Path, allow_other: bool, source: str) -> None:
+        from .leases import ThreadLeaseKeeper
+
+        self.fs.fd = fuse_mount(mountpoint, allow_other, source)
+        self.mountpoint = mountpoint
+        self.fs.leases = ThreadLeaseKeeper(self.store_dir, hold_limit=self.hold_limit)
+
+    def run(self, stop: Stop, ready: Callable[[], None]) -> None:
+        fs = self.fs
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(w)  # a signal makes the loop's poll return
+
+        def wake() -> None:
+            fs.stopping = True
+
+        def tick() -> None:
+            if stop.check():
                 fs.stopping = True
-        fs.tick = watch_parent
-    elif idle is not None:
-        def watch_idle() -> None:
-            if idle():
-                log.info("no job holds the lingering view any more: unmounting")
-                fs.stopping = True
-        fs.tick = watch_idle
-    cleanup: Callable[[], None] = lambda: None  # noqa: E731
-    try:
-        cleanup = started()
-        log.info("mounted %s on %s (pid %d, raw engine)", store_dir, mountpoint, os.getpid())
-        if ready:
-            ready(None)
-        fs.serve_forever(wakeup_fd=r)
-        log.info("unmounting %s", mountpoint)
-    except BaseException:
-        log.exception("the request loop failed; unmounting %s", mountpoint)
-        raise
-    finally:
-        # Unmount only if the mount at the path is still ours: after a lazy detach someone
-        # may have mounted a new daemon there.
-        if (mount_at(mountpoint) or ("", ""))[1] == our_dev:
+
+        stop.wake.append(wake)
+        fs.tick = tick
+        try:
+            ready()
+            fs.stopping = stop.check()  # a signal before the wake callback was in place
+            fs.serve_forever(wakeup_fd=r)
+        finally:
+            stop.wake.remove(wake)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(r)
+            os.close(w)
+
+    def close(self, unmount: bool) -> None:
+        from .mounttab import force_unmount
+
+        if unmount and self.mountpoint is not None:
             with contextlib.suppress(Exception):
-                force_unmount(mountpoint)
-        leases.stop()
-        os.close(fd)
-        signal.set_wakeup_fd(old_wakeup)
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        os.close(r)
-        os.close(w)
-        cleanup()
-        store.close()
-        log.info("stopped; served %s", fs.stats)
+                force_unmount(self.mountpoint)
+        if self.fs.leases is not None:
+            self.fs.leases.stop()
+        if self.fs.fd >= 0:
+            os.close(self.fs.fd)
