@@ -14,6 +14,7 @@ from typing import Any
 
 from jbl.store import pack as packmod
 from jbl.store.errors import JblError, PermissionDenied, UsageError
+from jbl.store.regformat import host_platforms
 from jbl.store.units import format_size
 
 from . import output
@@ -43,7 +44,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     a.add_argument("--registry", metavar="DIR", type=Path, required=True)
     a.add_argument("--platform", dest="platforms", action="append", metavar="PLATFORM",
                    help="e.g. ubuntu-amd64 (repeatable; default: this host's architecture, "
-                        f"{', '.join(packmod.host_platforms())})")
+                        f"{', '.join(host_platforms())})")
     a.add_argument("--base-url", metavar="URL",
                    help="absolute download_url prefix (default: relative to registry.json)")
     a.set_defaults(func=run_registry_add)

@@ -641,7 +641,7 @@ def _check_architecture(manifest: Manifest) -> None:
     """runtime.yml's ``requirements.architectures`` is checked like a registry entry's
     platforms, at install (exit 3, nothing stored) rather than at every run: a store serves
     one host. ``inspect`` (publishing with ``jbl registry add``) does not check it."""
-    from .registry import host_arch
+    from .regformat import host_arch
 
     why = arch_mismatch(manifest, host_arch())
     if why is not None:

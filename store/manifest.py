@@ -89,7 +89,7 @@ def arch_mismatch(m: Manifest, host: str) -> str | None:
     the same normalisation as registry platforms (``x86_64`` = ``amd64``)."""
     if not m.architectures:
         return None
-    from .registry import normalize_arch  # registry.py is heavier; only imports need this
+    from .regformat import normalize_arch  # regformat imports this module: import late
 
     wanted = {normalize_arch(a) or a.lower() for a in m.architectures}
     if host in wanted:

@@ -12,7 +12,9 @@ warning (ingest would drop them anyway); non-UTF-8 names are refused (ingest wou
 ``registry_add(DIR, TARBALLS)`` writes or updates ``DIR/registry.json`` in Joblet's format,
 checking each tarball exactly as ingest would (``ingest.inspect``) so nothing unusable is
 ever published; tarballs outside DIR are copied in, ``download_url`` is relative to the
-registry (or under ``base_url``). Every file is written to a temp name, fsync'd and renamed.
+registry (or under ``base_url``). The document is built and checked by store/regformat.py,
+the model the installer reads it with. Every file is written to a temp name, fsync'd and
+renamed.
 
 Pure apart from the files it reads and writes; not meant for concurrent use on one DIR.
 """
@@ -23,7 +25,6 @@ import datetime as dt
 import gzip
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -39,18 +40,17 @@ from urllib.parse import quote
 import zstandard
 
 from .digest import file_checksum
-from .errors import RegistryError, UnsafeArchive, UsageError
+from .errors import UnsafeArchive, UsageError
 from .ingest import inspect
 from .manifest import MANIFEST_NAME, ROOTFS_DIR, Manifest, parse_manifest
+from .regformat import INDEX_NAME, dump_registry, entry_doc, host_platforms, parse_registry
 from .versions import sort_versions
 
 COMPRESSIONS = {"gz": ".tar.gz", "zst": ".tar.zst", "none": ".tar"}
 GZIP_LEVEL = 6
 ZSTD_PACK_LEVEL = 9
-REGISTRY_FILE = "registry.json"
+REGISTRY_FILE = INDEX_NAME
 _PLATFORM_RE = re.compile(r"[a-z0-9][a-z0-9._]*-[a-z0-9_]+")  # always fullmatch (no "\n")
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-         "armv7l": "armhf", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 
 
 @dataclass
@@ -178,25 +178,12 @@ def pack(src: Path, out: Path, compress: str = "gz") -> PackResult:
 
 
 # ------------------------------------------------------------------------------ registry
-def host_platforms() -> list[str]:
-    """Joblet platform names for this host: ``ubuntu-amd64`` on x86-64, and so on."""
-    m = platform.machine().lower()
-    return [f"ubuntu-{_ARCH.get(m, m)}"]
-
-
 def _load_registry(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"version": "1", "updated_at": "", "runtimes": {}}
-    try:
-        doc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{path} is not valid JSON ({e}); fix or remove it") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("runtimes", {}), dict):
-        raise RegistryError(f"{path} is not a registry (expected an object with 'runtimes')")
-    doc.setdefault("runtimes", {})
-    for name, vers in doc["runtimes"].items():
-        if not isinstance(vers, dict):
-            raise RegistryError(f"{path}: runtimes[{name!r}] must be an object of versions")
+    data = path.read_bytes()
+    parse_registry(data, path.resolve().as_uri())  # the installer's checks, nothing else
+    doc: dict[str, Any] = json.loads(data)
     return doc
 
 
@@ -238,8 +225,8 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
                                  f"{tb.name} before adding it")
             with open(tb, "rb") as fin, atomic_write(dest) as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
-        entry = {"version": ver, "description": info.manifest.description, "download_url": url,
-                 "checksum": info.checksum, "size": info.size, "platforms": list(plats)}
+        entry = entry_doc(ver, info.manifest.description, url, info.checksum, info.size,
+                          plats)
         doc["runtimes"].setdefault(name, {})[ver] = entry
         added.append({"name": name, **entry})
     doc["version"] = "1"
@@ -247,6 +234,7 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
         .replace("+00:00", "Z")
     doc["runtimes"] = {n: {v: doc["runtimes"][n][v] for v in sort_versions(doc["runtimes"][n])}
                        for n in sorted(doc["runtimes"])}
+    data = dump_registry(doc, reg_path.resolve().as_uri())  # refused here, not at install
     with atomic_write(reg_path) as f:
-        f.write((json.dumps(doc, indent=2) + "\n").encode())
+        f.write(data)
     return added

@@ -34,7 +34,8 @@ from urllib.parse import unquote, urlsplit
 from .blobs import BlobStore
 from .errors import JblError
 from .limits import Limits
-from .registry import RegistryClient, RegistryEntry
+from .regformat import RegistryEntry
+from .registry import RegistryClient
 from .store import Store
 from .tarstream import REG, TarReader
 from .verify import Problem

@@ -19,7 +19,8 @@ from conftest import JBL, Result, assert_one_line_error, run_jbl
 from fixtures_registry import RegistryServer, publish, sha256_file
 from jbl.store.config import load_config
 from jbl.store.errors import RegistryError, UsageError
-from jbl.store.registry import location_url, normalize_arch, parse_registry
+from jbl.store.regformat import normalize_arch, parse_registry
+from jbl.store.registry import location_url
 from pausepoints import Pauses
 
 VERSIONS = ["1.2.0", "1.3.0", "1.3.2", "1.9.0", "1.10.0", "2.0.0-beta"]
