@@ -11,8 +11,9 @@ very parser it gives ``run``); only the argv shape is Joblet's:
     jbl job run [OPTIONS] CMD [ARGS…]                     run
 
 Joblet spellings jbl does not implement are refused with one line saying so (exit 2), never
-ignored or half-done: ``runtime build/test/validate``, ``job list/status/log/…`` and the job
-flags in ``REFUSED_FLAGS`` (also refused on ``jbl run`` and before the command, as Joblet's
+ignored or half-done: ``runtime build/test/validate``, ``job logs/cancel/…`` (naming jbl's
+spelling: ``jbl job list|status|log|stop|rm|prune`` are cli/job_cmd.py's) and the job flags in
+``REFUSED_FLAGS`` (also refused on ``jbl run`` and before the command, as Joblet's
 global ``--node``/``--config``). Importing this module is cheap (no store, no httpx): it is
 loaded for ``jbl job run``'s start-up too.
 """
@@ -46,10 +47,12 @@ REFUSED_RUNTIME = {
     "validate": "jbl checks a runtime when it installs it (`jbl pack DIR` checks a directory)",
 }
 REFUSED_JOB = {
-    name: "a jbl job is the foreground process that started it: its output is on your "
-          "terminal, its exit status is jbl's, Ctrl-C or kill stops it"
-    for name in ("list", "status", "log", "logs", "stop", "cancel", "delete", "delete-all",
-                 "monitor", "metrics")
+    "logs": "jbl's spelling is `jbl job log ID [--follow]`",
+    "cancel": "jbl's spelling is `jbl job stop ID`",
+    "delete": "jbl's spelling is `jbl job rm ID`",
+    "delete-all": "jbl's spelling is `jbl job prune --older-than DURATION`",
+    "monitor": "jbl records a job's peak memory and CPU time: `jbl job status ID`",
+    "metrics": "jbl records a job's peak memory and CPU time: `jbl job status ID`",
 }
 
 
@@ -154,13 +157,18 @@ def _register_runtime(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def _register_job(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     from jbl.cli import run_cmd
 
-    p = sub.add_parser("job", parents=parents, help="Joblet's spelling of `jbl run`: job run",
-                       description="Joblet's `rnx job run`, done by `jbl run`.")
+    p = sub.add_parser("job", parents=parents,
+                       help="jobs: run (= jbl run), list, status, log, stop, rm, prune",
+                       description="Joblet's `rnx job …`: run is `jbl run`; the others read "
+                                   "and manage your job records.")
     jsub = p.add_subparsers(dest="job_command", metavar="SUBCOMMAND")
     jsub.required = True
     run_cmd.register(jsub, parents)  # the very parser `jbl run` has
     jsub.choices["run"].usage = ("jbl job run --runtime=NAME[@VERSION] [options] [--] "
                                  "CMD [ARGS...]")
+    from jbl.cli import job_cmd
+
+    job_cmd.add_commands(jsub, parents)  # list, status, log, stop, rm, prune
     for name, reason in REFUSED_JOB.items():
         q = jsub.add_parser(name, parents=parents, add_help=False)
         q.add_argument("rest", nargs=argparse.REMAINDER)

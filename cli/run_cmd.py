@@ -73,6 +73,12 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     t.add_argument("--no-tty", dest="terminal", action="store_const", const="pipes",
                    help="no pseudo-terminal: stdout and stderr stay apart")
     p.set_defaults(terminal="auto")
+    j.add_argument("-d", "--detach", action="store_true",
+                   help="print the job id and return at once; the job runs on in the "
+                        "background (jbl job list/log/stop), its output in its log")
+    j.add_argument("--log-limit", metavar="SIZE",
+                   help="a detached job's log keeps at most this much output, oldest "
+                        "dropped first (default 16M)")
     from jbl.cli.joblet_cmd import refuse_joblet_flags
 
     refuse_joblet_flags(p)  # --schedule, --node, …: one line saying so, never the command
@@ -200,7 +206,8 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
         require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
         # test-only: an isolated job may reach the host's loopback (runner/network.py)
         slirp_host_loopback=os.environ.get("JBL_SLIRP_HOST_LOOPBACK") == "1",
-        runtime_label=label, terminal=args.terminal, **parse_gpu(args))
+        runtime_label=label, terminal=args.terminal, **parse_gpu(args),
+        **({"job_id": args.job_id} if getattr(args, "job_id", None) else {}))
 
 
 def parse_gpu(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,6 +245,12 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.runtime) == bool(args.runtime_dir):
         raise UsageError("jbl run needs --runtime NAME[@VERSION]")
+    if getattr(args, "detach", False):
+        from jbl.cli.job_cmd import launch_detached
+
+        return launch_detached(args)
+    from jbl.cli.job_cmd import JobRecord
+
     # Block job-control signals before any helper thread (a private FUSE mount) starts, so
     # only the supervisor's sigtimedwait takes them; run_job forwards them to the job.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATE)
@@ -283,7 +296,15 @@ def run(args: argparse.Namespace) -> int:
                 from jbl.cli.job_options import io_devices
 
                 _note(io_devices(req.volumes, req.workdir)[1])
-            result = run_job(req, note=None if quiet else _note, manifest=manifest)
+            record = JobRecord.start(req, None if quiet else _note)
+            try:
+                result = run_job(req, note=None if quiet else _note, manifest=manifest)
+            except BaseException as e:
+                if record is not None:
+                    record.failed(e)
+                raise
+            if record is not None:
+                record.finished(result)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if result.message:
@@ -295,6 +316,28 @@ def run(args: argparse.Namespace) -> int:
         rec["version"] = label.rpartition("@")[2]
         print_json(rec)
     return int(result.exit_status)
+
+
+def resolve_label(args: argparse.Namespace) -> str:
+    """``name@version`` that ``args.runtime`` names now (or ``--runtime-dir``'s manifest),
+    without holding anything: ``jbl run --detach`` fixes the version before it forks."""
+    if args.runtime_dir:
+        from jbl.runner.supervise import load_manifest
+
+        manifest = load_manifest(Path(os.path.realpath(args.runtime_dir)))
+        return f"{manifest.name}@{manifest.version}"
+    from jbl.store.access import can_admin
+
+    if can_admin(args.store) and os.access(Path(args.store) / "index.db", os.W_OK):
+        from jbl.store.store import Store
+
+        with Store.open(args.store) as store:
+            info = store.resolve_installed(args.runtime)
+            return f"{info.name}@{info.version}"
+    from jbl.store.snapshot import load as load_summary
+
+    found = load_summary(args.store).resolve(args.runtime)
+    return f"{found['name']}@{found['version']}"
 
 
 def _note(text: str) -> None:

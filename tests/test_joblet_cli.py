@@ -185,7 +185,7 @@ def test_joblets_global_node_flag_before_the_command(lab: Lab) -> None:
 
 @pytest.mark.parametrize("argv", [["runtime", "build", "./python-ml"],
                                   ["runtime", "test", ML], ["runtime", "validate", ML],
-                                  ["job", "list"], ["job", "log", "42"], ["job", "stop", "42"]])
+                                  ["job", "logs", "42"], ["job", "cancel", "42"]])
 def test_joblet_subcommands_jbl_lacks_are_refused(lab: Lab, argv: list[str]) -> None:
     r = lab.jbl(*argv)
     assert_one_line_error(r, 2, f"jbl does not support Joblet's `{' '.join(argv[:2])}`: ")

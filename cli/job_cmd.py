@@ -1,0 +1,427 @@
+"""``jbl job list|status|log|stop|rm|prune`` and the two ends of ``jbl run`` that touch job
+records: ``JobRecord`` (begin/finish, used by ``run_cmd.run``) and ``launch_detached``
+(``jbl run --detach``).
+
+The records are the caller's own (``runner/jobstore.py``); root's ``--all`` adds every other
+user's, read-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pwd
+import select
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from jbl.store.errors import ExitCode, JblError, PermissionDenied, UsageError
+
+FOLLOW_POLL = 0.1  # s between looks at the database while following a live log
+STOP_SLACK = 10.0  # s beyond the job's grace that `job stop` waits for the end
+
+
+def jobs_dir() -> Path | None:
+    """None: the caller's state directory (``jobstore.state_dir``); tests pass their own to
+    ``JobStore`` directly."""
+    return None
+
+
+# ---- recording jbl run ---------------------------------------------------------------------
+
+class JobRecord:
+    """The record of one ``jbl run`` job, written by its supervisor."""
+
+    @classmethod
+    def start(cls, req: Any, note: Any = None, detached: bool = False) -> JobRecord | None:
+        """Insert (or, detached, complete) the record of ``req``; a foreground job whose
+        record cannot be written runs anyway, with a note."""
+        import apsw
+        from jbl.runner.jobstore import JobStore, process_start
+
+        try:
+            store = JobStore.open_own(jobs_dir())
+            assert store is not None
+            store.begin(describe(req) | {"supervisor_pid": os.getpid(),
+                                         "supervisor_start": process_start(os.getpid()) or 0,
+                                         "detached": detached})
+        except (JblError, apsw.Error) as e:
+            if detached:
+                raise
+            if note is not None:
+                note(f"job {req.job_id} is not recorded: {e}")
+            return None
+        return cls(store, req.job_id, note)
+
+    def __init__(self, store: Any, job_id: str, note: Any = None) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.note = note
+        self.rusage0 = _children_cpu()
+
+    def finished(self, result: Any) -> None:
+        self._finish(exit_status=int(result.exit_status), reason=result.reason,
+                     message=result.message, peak_memory=result.peak_memory,
+                     cpu_time=_children_cpu() - self.rusage0)
+
+    def failed(self, e: BaseException) -> None:
+        if isinstance(e, JblError):
+            code, reason, message = int(e.exit_code), "setup", str(e)
+        elif isinstance(e, KeyboardInterrupt):
+            code, reason, message = int(ExitCode.INTERRUPTED), "interrupted", "interrupted"
+        else:
+            code, reason, message = 1, "error", f"{type(e).__name__}: {e}"
+        self._finish(exit_status=code, reason=reason, message=message)
+
+    def _finish(self, **fields: Any) -> None:
+        """The end, recorded; a record that cannot be written never changes the job's exit
+        status (a note says so; ``jbl job list`` then shows the job as lost)."""
+        import apsw
+
+        try:
+            self.store.finish(self.job_id, **fields)
+        except (JblError, apsw.Error) as e:
+            if self.note is not None:
+                self.note(f"the end of job {self.job_id} is not recorded: {e}")
+        finally:
+            self.store.close()
+
+
+def describe(req: Any) -> dict[str, Any]:
+    """What a record says of a request: secret values are replaced, never stored."""
+    limits = {k: v for k, v in dataclasses.asdict(req.limits).items()
+              if v not in (None, (), [])}
+    env = dict(req.env)
+    env.update({k: "***" for k, _ in req.secret_env})
+    if req.timeout is not None:
+        limits["timeout"] = req.timeout
+    limits["kill_after"] = req.kill_after
+    return {"id": req.job_id, "runtime": req.runtime_label or str(req.runtime_dir),
+            "command": list(req.argv), "limits": json.loads(json.dumps(limits, default=str)),
+            "env": env}
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return float(ru.ru_utime + ru.ru_stime)
+
+
+def launch_detached(args: argparse.Namespace) -> int:
+    """``jbl run --detach``: check the options and resolve the runtime here (a mistake is one
+    line and its exit code, as in the foreground), record the job, fork its supervisor into a
+    session of its own, print the id and return."""
+    from jbl.cli import run_cmd
+    from jbl.runner import detach
+    from jbl.runner.jobstore import LOG_LIMIT, JobStore, process_start
+    from jbl.runner.plan import new_job_id
+    from jbl.store.units import parse_size
+
+    limit = LOG_LIMIT
+    if args.log_limit is not None:
+        limit = parse_size(args.log_limit, what="--log-limit")
+        if limit <= 0:
+            raise UsageError(f"invalid --log-limit {args.log_limit!r}: must be more than 0")
+    if args.terminal == "tty":
+        raise UsageError("--detach and --tty exclude each other: a detached job has no "
+                         "terminal (its output goes to its log)")
+    with ExitStack() as stack:
+        req = run_cmd.build_request(args, Path("."), "", stack)  # options: one line, exit 2
+    label = run_cmd.resolve_label(args)
+    args.job_id = new_job_id()
+    req = dataclasses.replace(req, job_id=args.job_id, runtime_label=label)
+    directory = _checked_dir()  # no connection open across the fork: SQLite forbids it
+    if not args.runtime_dir:
+        args.runtime = label  # the version resolved now, whatever is installed meanwhile
+    as_json = bool(args.json)
+    args.detach, args.terminal, args.json = False, "pipes", False
+
+    def supervise() -> int:
+        try:
+            return int(run_cmd.run(args))
+        except JblError as e:
+            message, code = f"jbl: error: {e}", int(e.exit_code)
+        except Exception as e:
+            message, code = f"jbl: internal error: {type(e).__name__}: {e}", 1
+        print(message, file=sys.stderr)  # into the job's log
+        again = JobStore.open_own(directory)  # a failure before the job had its record
+        assert again is not None
+        again.finish(args.job_id, exit_status=code, reason="setup", message=message)
+        again.close()
+        return code
+
+    pid, go = detach.spawn(args.job_id, directory, limit, supervise)
+    store = JobStore.open_own(directory)
+    assert store is not None
+    try:
+        store.begin(describe(req) | {"supervisor_pid": pid, "detached": True,
+                                     "supervisor_start": process_start(pid) or 0})
+    finally:
+        store.close()
+    detach.release(go)
+    if as_json:
+        from jbl.cli.output import print_json
+
+        print_json({"job_id": args.job_id, "runtime": label})
+    else:
+        print(args.job_id)
+    return 0
+
+
+# ---- the commands --------------------------------------------------------------------------
+
+LIST_COLUMNS = [("id", "ID"), ("state", "STATE"), ("runtime", "RUNTIME"),
+                ("started", "STARTED"), ("exit_status", "EXIT"), ("cmd", "COMMAND")]
+
+
+def _stores(args: argparse.Namespace) -> list[Any]:
+    """The caller's store, and with ``--all`` (root only) every user's, read-only."""
+    from jbl.runner.jobstore import JobStore
+
+    if getattr(args, "all", False) and os.geteuid() != 0:
+        raise PermissionDenied("only root sees other users' jobs (--all)",
+                               hint="without --all: your own jobs")
+    own = JobStore.open_own(jobs_dir(), create=False)
+    out = [own] if own is not None else []
+    if getattr(args, "all", False) and jobs_dir() is None:
+        seen = {0}
+        for pw in pwd.getpwall():
+            if pw.pw_uid in seen or not os.path.isabs(pw.pw_dir):
+                continue
+            seen.add(pw.pw_uid)
+            if not os.path.lexists(os.path.join(pw.pw_dir, ".local/state/jbl/jobs.db")):
+                continue
+            other = JobStore.open_other(pw.pw_uid)
+            if other is not None:
+                out.append(other)
+    return out
+
+
+def _own_or_missing(args: argparse.Namespace, job: str) -> Any:
+    from jbl.runner.jobstore import JobStore
+    from jbl.store.errors import NotFound
+
+    store = JobStore.open_own(jobs_dir(), create=False)
+    if store is None:
+        raise NotFound(f"no job {job}: you have no job records yet",
+                       hint="jbl run --detach … starts one")
+    return store
+
+
+def _checked_dir() -> Path:
+    """The caller's job directory, made and checked (a connection opened and closed)."""
+    from jbl.runner.jobstore import JobStore
+
+    store = JobStore.open_own(jobs_dir())
+    assert store is not None
+    store.close()
+    return store.where
+
+
+def _when(t: float | None) -> str:
+    return "" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from jbl.cli.output import emit
+
+    rows: list[dict[str, Any]] = []
+    for store in _stores(args):
+        try:
+            rows += store.jobs(args.state)
+        finally:
+            store.close()
+    rows.sort(key=lambda r: r["created"])
+    if args.json:
+        for r in rows:
+            r.pop("supervisor_pid", None)
+            r.pop("supervisor_start", None)
+        emit(args, rows, [])
+        return 0
+    for r in rows:
+        r["started"] = _when(r["created"])
+        r["cmd"] = " ".join(r["command"])[:60]
+    cols = LIST_COLUMNS if not getattr(args, "all", False) else [("user", "USER"),
+                                                                  *LIST_COLUMNS]
+    emit(args, rows, cols, empty="no jobs")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jbl.cli.output import print_json
+
+    store = _own_or_missing(args, args.id)
+    try:
+        rec = store.get(args.id)
+    finally:
+        store.close()
+    for k in ("supervisor_start", "logger_pid", "logger_start"):
+        rec.pop(k, None)
+    if args.json:
+        print_json(rec)
+        return 0
+    for k, v in rec.items():
+        if k in ("created", "ended"):
+            v = _when(v)
+        elif isinstance(v, list | dict):
+            v = json.dumps(v)
+        print(f"{k}: {'' if v is None else v}")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from jbl.runner.jobstore import logger_alive
+
+    if args.tail is not None and args.tail < 0:
+        raise UsageError(f"invalid --tail {args.tail}: must be 0 or more")
+    store = _own_or_missing(args, args.id)
+    try:
+        rec = store.get(args.id)
+        if not rec["detached"]:
+            print(f"jbl: job {rec['id']} ran in the foreground: its output went to the "
+                  "terminal that started it, and only detached jobs keep a log",
+                  file=sys.stderr)
+            return 0
+        if rec["log_dropped"]:
+            print(f"jbl: [{rec['log_dropped']} bytes of older output dropped: --log-limit]",
+                  file=sys.stderr)
+        after = store.last_seqs(rec["id"], args.tail) if args.tail is not None else 0
+        while True:
+            for c in store.iter_chunks(rec["id"], after):
+                _emit_chunk(args, c)
+                after = c.seq
+            if not args.follow:
+                return 0
+            done = store.get(rec["id"])
+            if done["state"] != "running" and not logger_alive(done):
+                for c in store.iter_chunks(rec["id"], after):  # what came in meanwhile
+                    _emit_chunk(args, c)
+                    after = c.seq
+                return 0
+            select.select([], [], [], FOLLOW_POLL)  # sqlite has no change event across
+    finally:
+        store.close()
+
+
+def _emit_chunk(args: argparse.Namespace, c: Any) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps({"seq": c.seq, "stream": "stdout" if c.stream == 1
+                                     else "stderr", "ts": c.ts,
+                                     "data": c.data.decode("utf-8", "replace")}) + "\n")
+        sys.stdout.flush()
+        return
+    out = sys.stdout if c.stream == 1 else sys.stderr
+    out.flush()
+    out.buffer.write(c.data)
+    out.buffer.flush()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from jbl.runner.jobstore import supervisor_alive
+
+    store = _own_or_missing(args, args.id)
+    try:
+        rec = store.get(args.id)
+        if rec["state"] != "running":
+            print(f"job {rec['id']} is not running ({rec['state']})")
+            return 0
+        pid = int(rec["supervisor_pid"])
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = -1
+        try:
+            if fd >= 0 and supervisor_alive(rec):  # the same process, not a reused pid
+                # its supervisor forwards SIGTERM to the job, and after the job's grace
+                # (--kill-after) kills the job's whole cgroup: as on a timeout
+                signal.pidfd_send_signal(fd, signal.SIGTERM)
+                grace = float(rec["limits"].get("kill_after", 5.0)) + STOP_SLACK
+                select.select([fd], [], [], grace + 60.0)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        rec = store.get(rec["id"])
+    finally:
+        store.close()
+    if args.json:
+        from jbl.cli.output import print_json
+
+        print_json({"id": rec["id"], "state": rec["state"], "exit_status": rec["exit_status"],
+                    "reason": rec["reason"]})
+    else:
+        print(f"stopped {rec['id']} ({rec['state']}, exit {rec['exit_status']})")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _own_or_missing(args, args.id)
+    try:
+        rec = store.get(args.id)
+        if rec["state"] == "running":
+            raise UsageError(f"job {rec['id']} is running", hint=f"jbl job stop {rec['id']}")
+        store.remove(rec["id"])
+    finally:
+        store.close()
+    if args.json:
+        from jbl.cli.output import print_json
+
+        print_json({"removed": [rec["id"]]})
+    else:
+        print(f"removed {rec['id']}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from jbl.runner.jobstore import JobStore
+    from jbl.store.units import parse_duration
+
+    age = parse_duration(args.older_than, what="--older-than")
+    store = JobStore.open_own(jobs_dir(), create=False)
+    ids: list[str] = []
+    if store is not None:
+        try:
+            ids = store.prune(time.time() - age)
+        finally:
+            store.close()
+    if args.json:
+        from jbl.cli.output import print_json
+
+        print_json({"removed": ids})
+    else:
+        print(f"removed {len(ids)} job record{'s' if len(ids) != 1 else ''}")
+    return 0
+
+
+def add_commands(jsub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``job list|status|log|stop|rm|prune`` under ``jbl job`` (cli/joblet_cmd.py)."""
+    q = jsub.add_parser("list", parents=parents, help="your jobs (root: --all for everyone's)")
+    q.add_argument("--all", action="store_true", help="every user's jobs (root only)")
+    q.add_argument("--state", choices=("running", "done", "failed", "lost"))
+    q.set_defaults(func=cmd_list)
+    q = jsub.add_parser("status", parents=parents, help="one job's record")
+    q.add_argument("id", metavar="ID", help="a job id or an unambiguous prefix of it")
+    q.set_defaults(func=cmd_status)
+    q = jsub.add_parser("log", parents=parents, help="a detached job's output")
+    q.add_argument("id", metavar="ID")
+    q.add_argument("-f", "--follow", action="store_true",
+                   help="then what it prints, until it ends")
+    q.add_argument("--tail", metavar="N", type=int, help="only the last N chunks first")
+    q.set_defaults(func=cmd_log)
+    q = jsub.add_parser("stop", parents=parents,
+                        help="SIGTERM, then SIGKILL of the job's cgroup after its grace")
+    q.add_argument("id", metavar="ID")
+    q.set_defaults(func=cmd_stop)
+    q = jsub.add_parser("rm", parents=parents, help="remove an ended job's record and log")
+    q.add_argument("id", metavar="ID")
+    q.set_defaults(func=cmd_rm)
+    q = jsub.add_parser("prune", parents=parents, help="remove ended jobs' records")
+    q.add_argument("--older-than", metavar="DURATION", default="30d",
+                   help="created longer ago than this (default 30d)")
+    q.set_defaults(func=cmd_prune)

@@ -1,0 +1,455 @@
+"""Job records and logs: one SQLite database (apsw, WAL) per user, ``jobs.db`` in that user's
+state directory.
+
+Where (``state_dir``): an ordinary user's ``~/.local/state/jbl`` (from the password database,
+not ``$HOME``); root's ``/var/lib/jbl-jobs`` (outside the store: the store's ``run/`` is
+group-writable). The directory is made ``0700`` and the database ``0600``; both are opened
+without following links and must be the user's own, writable by nobody else
+(``fusefs/trust.owned_dir``), or the command stops with one line.
+
+Who writes: the supervisor of a job (``begin``/``finish``), and for a detached job its logger
+process (``append_log``); each has its own connection; WAL and a busy timeout let them and the
+readers (``jbl job …``) run side by side. Root's ``--all`` reads other users' databases through
+``open_other`` only: the directory and file checked (owner, no links, no FIFO), then opened
+read-only and ``immutable`` (no lock taken, no ``-wal``/``-shm`` made in the user's directory;
+rows still in the user's WAL are not seen until their next checkpoint), under a deadline.
+
+A record's ``state``: ``running`` until its supervisor writes the end (``done`` for exit 0,
+``failed`` otherwise); a ``running`` record whose supervisor (pid + start time) is gone is
+``lost`` (``mark_lost``). Secret values never reach this module: the environment it is given
+is already masked. Thread-safety: one ``JobStore`` per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+from jbl.store.errors import JblError, NotFound, PermissionDenied, UsageError
+
+DB_NAME = "jobs.db"
+ROOT_DIR = Path("/var/lib/jbl-jobs")
+USER_DIR = ".local/state/jbl"  # under the user's home
+APPLICATION_ID = 0x6A626C6A  # "jblj"
+SCHEMA_VERSION = 1
+MAX_OTHER_DB = 1 << 30  # bytes: root skips a user's database larger than this
+OTHER_DEADLINE = 5.0  # s root gives another user's home (NFS, their FUSE mount)
+LOG_LIMIT = 16 << 20  # bytes of output kept per job by default (jbl run --log-limit)
+STATES = ("running", "done", "failed", "lost")
+
+# Every column, its meaning. Times are Unix seconds (float). JSON columns are small.
+SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,          -- job-xxxxxxxx (runner/plan.new_job_id), also its hostname
+    uid INTEGER NOT NULL,         -- who started it (the database's owner)
+    user TEXT NOT NULL,           -- that uid's name when it started
+    runtime TEXT NOT NULL,        -- name@version as resolved at start: never re-resolved
+    command TEXT NOT NULL,        -- JSON list: argv
+    limits TEXT NOT NULL,         -- JSON object: memory, cpu_percent, cpu_cores, pids, ...
+    env TEXT NOT NULL,            -- JSON object: --env as given, secret names with '***'
+    detached INTEGER NOT NULL,    -- 1: jbl run --detach (its output is in logs)
+    state TEXT NOT NULL,          -- running | done | failed | lost
+    created REAL NOT NULL,
+    ended REAL,                   -- NULL while running
+    exit_status INTEGER,          -- what jbl run exited with (128+N signal, 124, 138)
+    reason TEXT,                  -- exited | signaled | timeout | oom | interrupted | setup
+    message TEXT,                 -- one line for timeout/oom/setup failures
+    peak_memory INTEGER,          -- bytes, from the job's cgroup (NULL: no memory cgroup)
+    cpu_time REAL,                -- s user+system of the job's reaped processes (rusage)
+    supervisor_pid INTEGER NOT NULL,    -- the jbl process that waits for the job
+    supervisor_start INTEGER NOT NULL,  -- its start time (clock ticks, /proc/PID/stat 22)
+    log_bytes INTEGER NOT NULL DEFAULT 0,    -- bytes of output in logs now
+    log_dropped INTEGER NOT NULL DEFAULT 0,  -- bytes of oldest output dropped (--log-limit)
+    logger_pid INTEGER NOT NULL DEFAULT 0,   -- a detached job's logger (0: none)
+    logger_start INTEGER NOT NULL DEFAULT 0  -- its start time, as supervisor_start
+);
+CREATE INDEX jobs_created ON jobs(created);
+CREATE TABLE logs (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,         -- 1, 2, ... per job across both streams: the order read
+    stream INTEGER NOT NULL,      -- 1 stdout, 2 stderr
+    ts REAL NOT NULL,             -- when the chunk was read
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"""
+
+LIST_COLUMNS = ("id", "user", "runtime", "command", "state", "created", "ended",
+                "exit_status", "reason")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    stream: int
+    ts: float
+    data: bytes
+
+
+def state_dir(uid: int) -> Path:
+    """Where ``uid``'s job database lives (see the module docstring)."""
+    if uid == 0:
+        return ROOT_DIR
+    try:
+        home = pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        raise JblError(f"uid {uid} has no entry in the password database: no home for its "
+                       "job records") from None
+    return Path(home) / USER_DIR
+
+
+def process_start(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks), None if no such process (or
+    a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    try:
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] in (b"Z", b"X"):  # dead, not yet reaped: gone for our purposes
+            return None
+        return int(fields[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _make_own_dir(d: Path, uid: int) -> None:
+    """Create the missing components of ``d`` (the last one 0700); the top that exists must
+    be a directory of ``uid``'s (or root's, for root)."""
+    missing = []
+    p = d
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=0o700)
+            os.chmod(p, 0o700)  # not what the umask leaves
+
+
+class JobStore:
+    def __init__(self, conn: apsw.Connection, where: Path, writable: bool) -> None:
+        self.conn = conn
+        self.where = where
+        self.writable = writable
+
+    # ---- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def open_own(cls, directory: Path | None = None, create: bool = True) -> JobStore | None:
+        """This user's database, created if ``create``; None when it does not exist and
+        ``create`` is false."""
+        from jbl.fusefs import trust
+
+        uid = os.geteuid()
+        d = directory or state_dir(uid)
+        if create:
+            try:
+                _make_own_dir(d, uid)
+            except OSError as e:
+                raise PermissionDenied(f"cannot make the job record directory {d}: "
+                                       f"{e.strerror}") from None
+        elif not os.path.lexists(d / DB_NAME):
+            return None
+        dfd = trust.owned_dir(d, uid)
+        if dfd is None or os.fstat(dfd).st_uid != uid:
+            if dfd is not None:
+                os.close(dfd)
+            raise PermissionDenied(f"job record directory {d} is not yours alone (a link, "
+                                   "someone else's, or writable by others)",
+                                   hint=f"fix or remove {d}")
+        try:
+            flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            try:
+                ffd = os.open(DB_NAME, flags | (os.O_CREAT if create else 0), 0o600,
+                              dir_fd=dfd)
+            except OSError as e:
+                raise PermissionDenied(f"job records {d / DB_NAME}: {e.strerror}",
+                                       hint="it must be a regular file of yours") from None
+            try:
+                st = os.fstat(ffd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_nlink != 1:
+                    raise PermissionDenied(f"job records {d / DB_NAME} is not a regular file "
+                                           "of yours", hint=f"remove {d / DB_NAME}")
+                if stat.S_IMODE(st.st_mode) & 0o077:
+                    os.fchmod(ffd, 0o600)
+            finally:
+                os.close(ffd)
+            # every component was checked to be the user's (or root's) and writable by no
+            # one else, so only the user could swap one; NOFOLLOW refuses a link anyway
+            real = Path(os.path.realpath(d)) / DB_NAME
+            conn = apsw.Connection(str(real), flags=apsw.SQLITE_OPEN_READWRITE
+                                   | apsw.SQLITE_OPEN_NOFOLLOW)
+            self = cls(conn, d, writable=True)
+            self._setup()
+            return self
+        finally:
+            os.close(dfd)
+
+    @classmethod
+    def open_other(cls, uid: int) -> JobStore | None:
+        """Root's read-only view of ``uid``'s database, or None (missing, unsafe, too big,
+        unreadable in time)."""
+        from jbl.fusefs import trust
+
+        d = state_dir(uid)
+
+        def probe() -> int | None:
+            dfd = trust.owned_dir(d, uid)
+            if dfd is None:
+                return None
+            try:
+                ffd = os.open(DB_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                              | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError:
+                return None
+            finally:
+                os.close(dfd)
+            st = os.fstat(ffd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                    or st.st_size > MAX_OTHER_DB):
+                os.close(ffd)
+                return None
+            return ffd
+
+        ffd = trust.within(OTHER_DEADLINE, probe)
+        if ffd is None:
+            return None
+        try:
+            # the very file checked above (its fd), immutable: no lock taken, no -shm/-wal
+            # made in the user's directory
+            conn = apsw.Connection(
+                f"file:/proc/self/fd/{ffd}?immutable=1",
+                flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+            conn.setbusytimeout(1000)
+            app = conn.execute("PRAGMA application_id").fetchall()[0][0]
+            if app != APPLICATION_ID:
+                return None
+            return cls(conn, d, writable=False)
+        except apsw.Error:
+            return None
+        finally:
+            os.close(ffd)
+
+    def _setup(self) -> None:
+        c = self.conn
+        c.setbusytimeout(10_000)  # the logger, the supervisor and readers share it
+        c.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writers
+        c.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+        c.execute("PRAGMA foreign_keys=ON")
+        with c:
+            version = _int(c.execute("PRAGMA user_version").fetchall()[0][0])
+            if version > SCHEMA_VERSION:
+                raise JblError(f"job records {self.where / DB_NAME} are from a newer jbl "
+                               f"(schema {version})", hint="use that jbl")
+            if version == 0:
+                c.execute(SCHEMA)
+                c.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- writing (supervisor, logger) -------------------------------------------------
+
+    def begin(self, rec: dict[str, Any]) -> None:
+        """Insert the record of a starting job (or, for a detached job whose launcher
+        inserted it, update it with what the supervisor knows)."""
+        row = {
+            "id": rec["id"], "uid": os.geteuid(), "user": _user_name(os.geteuid()),
+            "runtime": rec["runtime"], "command": json.dumps(list(rec["command"])),
+            "limits": json.dumps(rec.get("limits", {})), "env": json.dumps(rec.get("env", {})),
+            "detached": int(bool(rec.get("detached"))), "created": rec.get("created",
+                                                                           time.time()),
+            "supervisor_pid": rec["supervisor_pid"],
+            "supervisor_start": rec["supervisor_start"],
+        }
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO jobs (id, uid, user, runtime, command, limits, env, detached, "
+                "state, created, supervisor_pid, supervisor_start) VALUES (:id, :uid, :user, "
+                ":runtime, :command, :limits, :env, :detached, 'running', :created, "
+                ":supervisor_pid, :supervisor_start) ON CONFLICT(id) DO UPDATE SET "
+                "runtime=excluded.runtime, command=excluded.command, limits=excluded.limits, "
+                "env=excluded.env, supervisor_pid=excluded.supervisor_pid, "
+                "supervisor_start=excluded.supervisor_start", row)
+
+    def finish(self, job_id: str, *, exit_status: int, reason: str, message: str = "",
+               peak_memory: int | None = None, cpu_time: float | None = None) -> None:
+        state = "done" if exit_status == 0 else "failed"
+        with self.conn:
+            self.conn.execute(
+                "UPDATE jobs SET state=?, ended=?, exit_status=?, reason=?, message=?, "
+                "peak_memory=?, cpu_time=? WHERE id=? AND state='running'",
+                (state, time.time(), exit_status, reason, message or None, peak_memory,
+                 cpu_time, job_id))
+
+    def append_log(self, job_id: str, chunks: Sequence[tuple[int, float, bytes]],
+                   limit: int) -> None:
+        """Append ``(stream, ts, data)`` chunks in one transaction; then, over ``limit``
+        bytes, drop the oldest chunks (their bytes counted in ``log_dropped``)."""
+        if not chunks:
+            return
+        c = self.conn
+        with c:
+            row = c.execute("SELECT coalesce(max(seq), 0) FROM logs WHERE job_id=?",
+                            (job_id,)).fetchall()[0]
+            seq = _int(row[0])
+            total = 0
+            cut = 0
+            for stream, ts, data in chunks:
+                if len(data) > limit:  # one chunk over the whole bound: its tail only
+                    cut += len(data) - limit
+                    data = data[-limit:]
+                seq += 1
+                total += len(data)
+                c.execute("INSERT INTO logs VALUES (?, ?, ?, ?, ?)",
+                          (job_id, seq, stream, ts, data))
+            c.execute("UPDATE jobs SET log_bytes = log_bytes + ?, log_dropped = log_dropped "
+                      "+ ? WHERE id=?", (total, cut, job_id))
+            have = _int(c.execute("SELECT log_bytes FROM jobs WHERE id=?",
+                                 (job_id,)).fetchall()[0][0])
+            if have <= limit:
+                return
+            dropped = 0
+            last = 0
+            for s, n in c.execute("SELECT seq, length(data) FROM logs WHERE job_id=? "
+                                  "ORDER BY seq", (job_id,)):
+                if have - dropped <= limit:
+                    break
+                dropped += int(n)
+                last = int(s)
+            c.execute("DELETE FROM logs WHERE job_id=? AND seq<=?", (job_id, last))
+            c.execute("UPDATE jobs SET log_bytes = log_bytes - ?, log_dropped = log_dropped "
+                      "+ ? WHERE id=?", (dropped, dropped, job_id))
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every record, oldest first (``lost`` worked out and, if writable, stored)."""
+        rows = self._query(
+            f"SELECT {', '.join(LIST_COLUMNS)}, supervisor_pid, supervisor_start FROM jobs "
+            "ORDER BY created")
+        self._find_lost(rows)
+        return [r for r in rows if state is None or r["state"] == state]
+
+    def get(self, prefix: str) -> dict[str, Any]:
+        """The full record of the job whose id starts with ``prefix`` (``job-`` optional)."""
+        if not prefix or len(prefix) > 64:
+            raise UsageError(f"invalid job id {prefix!r}")
+        if not prefix.startswith("job-"):
+            prefix = "job-" + prefix
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        found = self._query("SELECT * FROM jobs WHERE id LIKE ? ESCAPE '\\' LIMIT 5",
+                            (like,))
+        if not found:
+            raise NotFound(f"no job {prefix} in {self.where / DB_NAME}",
+                           hint="jbl job list shows your jobs")
+        if len(found) > 1:
+            raise UsageError(f"job id {prefix} is ambiguous: "
+                             f"{', '.join(r['id'] for r in found)}…",
+                             hint="give more of the id")
+        self._find_lost(found)
+        return found[0]
+
+    def chunks(self, job_id: str, after: int = 0, limit: int = 1000) -> list[Chunk]:
+        return [Chunk(int(s), int(st), float(ts), bytes(d)) for s, st, ts, d in
+                self.conn.execute("SELECT seq, stream, ts, data FROM logs WHERE job_id=? "
+                                  "AND seq>? ORDER BY seq LIMIT ?", (job_id, after, limit))]
+
+    def last_seqs(self, job_id: str, n: int) -> int:
+        """The seq before the last ``n`` chunks (for ``--tail``)."""
+        rows = self.conn.execute("SELECT seq FROM logs WHERE job_id=? ORDER BY seq DESC "
+                                 "LIMIT 1 OFFSET ?", (job_id, n)).fetchall()
+        return _int(rows[0][0]) if rows else 0
+
+    def iter_chunks(self, job_id: str, after: int = 0) -> Iterator[Chunk]:
+        while True:
+            batch = self.chunks(job_id, after)
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].seq
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = self.conn.cursor()
+        cur.execute(sql, params)
+        try:
+            names = [d[0] for d in cur.getdescription()]
+        except apsw.ExecutionCompleteError:
+            return []
+        rows = [dict(zip(names, r, strict=True)) for r in cur]
+        for r in rows:
+            for k in ("command", "limits", "env"):
+                if k in r and isinstance(r[k], str):
+                    r[k] = json.loads(r[k])
+        return rows
+
+    # ---- removing -----------------------------------------------------------------------
+
+    def remove(self, job_id: str) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM logs WHERE job_id=?", (job_id,))
+            self.conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def prune(self, before: float) -> list[str]:
+        """Remove the ended (or lost) jobs created before ``before``; their ids."""
+        self.jobs()  # marks lost ones first
+        with self.conn:
+            ids = [str(r[0]) for r in self.conn.execute(
+                "SELECT id FROM jobs WHERE state != 'running' AND created < ?", (before,))]
+            for i in ids:
+                self.conn.execute("DELETE FROM logs WHERE job_id=?", (i,))
+                self.conn.execute("DELETE FROM jobs WHERE id=?", (i,))
+        return ids
+
+    # ---- lost supervisors ---------------------------------------------------------------
+
+    def _find_lost(self, rows: list[dict[str, Any]]) -> None:
+        lost = []
+        for r in rows:
+            if r["state"] == "running" and not supervisor_alive(r):
+                r["state"] = r["reason"] = "lost"
+                lost.append(r["id"])
+        if lost and self.writable:
+            with self.conn:
+                for i in lost:
+                    self.conn.execute("UPDATE jobs SET state='lost', reason='lost', "
+                                      "message='its jbl supervisor ended without recording "
+                                      "the end' WHERE id=? AND state='running'", (i,))
+
+
+def supervisor_alive(rec: dict[str, Any]) -> bool:
+    return process_start(int(rec["supervisor_pid"])) == int(rec["supervisor_start"])
+
+
+def logger_alive(rec: dict[str, Any]) -> bool:
+    """Is a detached job's logger still writing (its log not yet complete)?"""
+    pid = int(rec.get("logger_pid") or 0)
+    return pid > 0 and process_start(pid) == int(rec["logger_start"])
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise JblError(f"job records: expected a number, found {type(value).__name__}")
+    return value
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+

@@ -1,0 +1,336 @@
+"""Job records (issue 13): ``jbl run --detach`` and ``jbl job list|status|log|stop|rm|prune``,
+with real jobs, real processes and real users.
+
+Root's jobs go to root's real records (``/var/lib/jbl-jobs``), shared with other tests running
+jobs as root: every check here looks at this test's own job ids only, and removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import conftest_run
+import pytest
+from conftest_run import JBL, host_pids_with, jbl
+from fixtures_users import Users, as_user, drop_users, make_users
+
+rt = conftest_run.rt
+runtimes = conftest_run.runtimes
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real jobs as root and real users")
+
+SECRET = "s3cr3t-" + os.urandom(6).hex()
+
+
+def detach(rt: str, *cmd: str, opts: tuple[str, ...] = ()) -> str:
+    t0 = time.monotonic()
+    r = jbl("run", "-d", "--runtime-dir", rt, *opts, "--", *cmd)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 10  # returns at once, not when the job ends
+    job = r.stdout.strip()
+    assert job.startswith("job-") and len(job) == 12, r.stdout
+    return job
+
+
+def status(job: str, user: str | None = None) -> dict[str, Any]:
+    if user is not None:
+        u = as_user(user, "job", "status", job, "--json")
+        assert u.rc == 0, u.err
+        return json.loads(u.out)  # type: ignore[no-any-return]
+    r = jbl("job", "status", job, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def wait_for(pred: Callable[[], object], what: str, deadline: float = 30.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_detach_then_list_status_log_stop_from_other_processes(rt: str) -> None:
+    job = detach(rt, "sh", "-c", "trap 'echo got-term; exit 5' TERM; echo started; "
+                 "echo warn >&2; while :; do sleep 0.05; done")
+    try:
+        listed = json.loads(jbl("job", "list", "--json", "--state", "running").stdout)
+        assert job in [r["id"] for r in listed]
+        rec = status(job[4:9])  # an unambiguous prefix, without "job-"
+        assert rec["id"] == job and rec["state"] == "running" and rec["detached"] == 1
+        assert rec["runtime"] == "pyrt@1.0.0" and rec["user"] == "root"
+        wait_for(lambda: "started" in jbl("job", "log", job).stdout, "the job's first line")
+        r = jbl("job", "log", job)
+        assert (r.stdout, r.stderr) == ("started\n", "warn\n")
+        r = jbl("job", "stop", job)
+        assert r.returncode == 0 and "stopped" in r.stdout, r.stderr
+        rec = status(job)
+        assert (rec["state"], rec["exit_status"], rec["reason"]) == ("failed", 5, "interrupted")
+        assert rec["ended"] is not None and rec["cpu_time"] is not None
+        assert jbl("job", "log", job).stdout == "started\ngot-term\n"
+        r = jbl("job", "stop", job)  # stopping an ended job says so, changes nothing
+        assert r.returncode == 0 and "not running" in r.stdout
+    finally:
+        jbl("job", "stop", job)
+        assert jbl("job", "rm", job).returncode == 0
+    r = jbl("job", "status", job)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "no job" in r.stderr
+
+
+def test_log_follow_has_no_gap_no_duplicate_and_keeps_stream_order(rt: str) -> None:
+    n = 60
+    job = detach(rt, "sh", "-c", f"i=0; while [ $i -lt {n} ]; do echo out-$i; "
+                 "echo err-$i >&2; i=$((i+1)); sleep 0.02; done")
+    try:
+        follow = subprocess.run([JBL, "job", "log", job, "--follow", "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert follow.returncode == 0, follow.stderr
+        chunks = [json.loads(line) for line in follow.stdout.splitlines()]
+        seqs = [c["seq"] for c in chunks]
+        assert seqs == list(range(1, len(seqs) + 1))  # from the first, no gap, no duplicate
+        for stream, word in (("stdout", "out"), ("stderr", "err")):
+            text = "".join(c["data"] for c in chunks if c["stream"] == stream)
+            assert text == "".join(f"{word}-{i}\n" for i in range(n))
+        assert status(job)["state"] == "done"  # follow ended with the job
+        # the same log read afterwards, and its tail
+        after = jbl("job", "log", job, "--json")
+        assert [json.loads(x)["seq"] for x in after.stdout.splitlines()] == seqs
+        tail = jbl("job", "log", job, "--tail", "2", "--json").stdout.splitlines()
+        assert [json.loads(x)["seq"] for x in tail] == seqs[-2:]
+    finally:
+        jbl("job", "rm", job)
+
+
+def test_sigkilled_supervisor_leaves_the_job_lost_never_running(rt: str) -> None:
+    nap = f"{100 + int.from_bytes(os.urandom(2), 'big') / 1000:.3f}"  # a unique sleep
+    job = detach(rt, "sh", "-c", f"echo up; exec sleep {nap}")
+    try:
+        wait_for(lambda: "up" in jbl("job", "log", job).stdout, "the job to start")
+        pid = int(status(job)["supervisor_pid"])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), "the supervisor to die")
+        rec = status(job)
+        assert (rec["state"], rec["reason"]) == ("lost", "lost")
+        lost = json.loads(jbl("job", "list", "--state", "lost", "--json").stdout)
+        assert job in [r["id"] for r in lost]
+        running = json.loads(jbl("job", "list", "--state", "running", "--json").stdout)
+        assert job not in [r["id"] for r in running]
+        # the job went with its supervisor (the helper's parent-death signal)
+        wait_for(lambda: not host_pids_with(f"sleep {nap}"), "the job to end")
+        r = jbl("job", "log", job, "--follow")  # a lost job's log ends, it does not hang
+        assert r.returncode == 0 and r.stdout == "up\n"
+    finally:
+        jbl("job", "rm", job)
+
+
+def test_foreground_job_is_recorded_and_secret_values_never_stored(rt: str) -> None:
+    r = jbl("--json", "run", "--runtime-dir", rt, "-e", "PLAIN=visible", "-s",
+            f"TOKEN={SECRET}", "--memory", "256M", "--", "sh", "-c",
+            'echo out; test ${#TOKEN} -eq 19 && exit 3')
+    # the job had its secret (exit 3: its length), the foreground output streamed
+    assert r.returncode == 3 and len(SECRET) == 19, r.stderr
+    assert r.stdout.startswith("out\n")
+    job = json.loads(r.stdout[4:])["job_id"]
+    try:
+        rec = status(job)
+        assert rec["detached"] == 0 and rec["command"][0] == "sh"
+        assert rec["env"] == {"PLAIN": "visible", "TOKEN": "***"}
+        assert rec["limits"]["memory"] == 256 << 20
+        assert rec["exit_status"] == r.returncode and rec["state"] == "failed"
+        # a detached job with the same secret
+        job2 = detach(rt, "sh", "-c", 'test -n "$TOKEN" && echo has-token',
+                      opts=("-s", f"TOKEN={SECRET}"))
+        wait_for(lambda: status(job2)["state"] != "running", "the detached job to end")
+        assert jbl("job", "log", job2).stdout == "has-token\n"
+        outputs = [r.stdout, r.stderr]
+        for args in (("job", "list", "--json"), ("job", "status", job, "--json"),
+                     ("job", "status", job2), ("job", "log", job2, "--json")):
+            got = jbl(*args)
+            outputs += [got.stdout, got.stderr]
+        assert not any(SECRET in o for o in outputs)
+        for f in Path("/var/lib/jbl-jobs").iterdir():  # the database and its WAL
+            assert SECRET.encode() not in f.read_bytes(), f
+        jbl("job", "rm", job2)
+    finally:
+        jbl("job", "rm", job)
+
+
+def test_log_is_bounded_oldest_dropped_with_a_marker(rt: str) -> None:
+    job = detach(rt, "sh", "-c", "i=0; while [ $i -lt 400 ]; do echo line-$i; "
+                 "i=$((i+1)); done", opts=("--log-limit", "1K"))
+    try:
+        wait_for(lambda: status(job)["state"] == "done", "the job to end")
+        rec = status(job)
+        assert 0 < rec["log_bytes"] <= 1024
+        total = sum(len(f"line-{i}\n") for i in range(400))
+        assert rec["log_bytes"] + rec["log_dropped"] == total
+        r = jbl("job", "log", job)
+        assert r.stdout.endswith("line-399\n") and "line-0\n" not in r.stdout
+        assert f"{rec['log_dropped']} bytes of older output dropped" in r.stderr
+    finally:
+        jbl("job", "rm", job)
+
+
+def test_bad_ids_and_options_are_one_line(rt: str) -> None:
+    for args, code in ((("job", "status", "job-zzzzzzzz"), 3), (("job", "log", "nope"), 3),
+                       (("job", "stop", "job-zzzz"), 3), (("job", "rm", "zzzz"), 3),
+                       (("job", "prune", "--older-than", "soon"), 2),
+                       (("job", "list", "--state", "weird"), 2),
+                       (("run", "-d", "--tty", "--runtime-dir", rt, "--", "true"), 2),
+                       (("run", "-d", "--log-limit", "0", "--runtime-dir", rt, "--", "true"),
+                        2)):
+        r = jbl(*args)
+        assert r.returncode == code and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+# ---- two users ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[Users]:
+    u = make_users()
+    try:
+        yield u
+    finally:
+        drop_users(u)
+
+
+def test_two_users_never_see_each_others_jobs(rt: str, users: Users) -> None:
+    ids = {}
+    for who in (users.alice, users.bob):
+        r = as_user(who, "run", "-d", "--runtime-dir", rt, "--", "sh", "-c",
+                    f"echo I am {who}; exec sleep 60")
+        assert r.rc == 0, r.err
+        ids[who] = r.out.strip()
+    a, b = ids[users.alice], ids[users.bob]
+    try:
+        for me, other in ((users.alice, b), (users.bob, a)):
+            mine = json.loads(as_user(me, "job", "list", "--json").out)
+            assert [r["id"] for r in mine] == [ids[me]] and mine[0]["user"] == me
+            for cmd in ("status", "log", "stop", "rm"):
+                r = as_user(me, "job", cmd, other)
+                assert r.rc == 3 and "no job" in r.err and r.err.count("\n") == 1, r.err
+            r = as_user(me, "job", "list", "--all")
+            assert r.rc == 8 and r.err.count("\n") == 1, r.err
+        wait_for(lambda: as_user(users.alice, "job", "log", a).out == f"I am {users.alice}\n",
+                 "alice's output")
+        # bob's stop of alice's id failed above: her job still runs
+        assert status(a, users.alice)["state"] == "running"
+        # root sees both, read-only (their databases stay theirs, 0600 in a 0700 directory)
+        every = json.loads(jbl("job", "list", "--all", "--json").stdout)
+        seen = {r["id"]: r["user"] for r in every}
+        assert seen.get(a) == users.alice and seen.get(b) == users.bob
+        for who in (users.alice, users.bob):
+            d = users.home(who) / ".local/state/jbl"
+            assert (d.stat().st_mode & 0o777, (d / "jobs.db").stat().st_mode & 0o777) == (
+                0o700, 0o600)
+            assert d.stat().st_uid == (d / "jobs.db").stat().st_uid == users.uid(who)
+    finally:
+        for who, job in ids.items():
+            as_user(who, "job", "stop", job)
+
+
+def test_root_skips_a_planted_link_as_a_users_database(rt: str, users: Users) -> None:
+    """A user's jobs.db that is a link to root's records is not read by root's --all."""
+    d = users.home(users.carol) / ".local/state/jbl"
+    subprocess.run(["runuser", "-u", users.carol, "--", "sh", "-c",
+                    f"mkdir -p {d} && chmod 700 {d} && ln -sf /var/lib/jbl-jobs/jobs.db "
+                    f"{d}/jobs.db"], check=True)
+    job = detach(rt, "true")
+    try:
+        every = json.loads(jbl("job", "list", "--all", "--json").stdout)
+        assert [r["user"] for r in every if r["id"] == job] == ["root"]  # once, as root's
+        r = as_user(users.carol, "job", "list")
+        assert r.rc == 8 and r.err.count("\n") == 1 and "jobs.db" in r.err, r.err
+    finally:
+        jbl("job", "rm", job)
+
+
+# ---- the runtime version a record names -----------------------------------------------------
+
+def test_record_keeps_the_version_it_ran(runtimes: dict[str, Path], tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    for v in ("1.0.0", "2.0.0"):
+        tar = tmp_path / f"pyrt-{v}.tar.gz"
+        assert jbl("pack", str(runtimes[v]), "-o", str(tar)).returncode == 0
+    assert jbl("--store", str(store), "store", "import",
+               str(tmp_path / "pyrt-1.0.0.tar.gz")).returncode == 0
+    r = jbl("--store", str(store), "--json", "run", "--runtime", "pyrt", "--", "true")
+    assert r.returncode == 0, r.stderr
+    fg = json.loads(r.stdout)["job_id"]
+    r = jbl("--store", str(store), "run", "-d", "--runtime", "pyrt@latest", "--", "true")
+    assert r.returncode == 0, r.stderr
+    bg = r.stdout.strip()
+    try:
+        assert jbl("--store", str(store), "store", "import",
+                   str(tmp_path / "pyrt-2.0.0.tar.gz")).returncode == 0
+        wait_for(lambda: status(bg)["state"] != "running", "the detached job to end")
+        assert status(fg)["runtime"] == status(bg)["runtime"] == "pyrt@1.0.0"
+        assert status(bg)["state"] == "done"
+    finally:
+        jbl("job", "rm", fg)
+        jbl("job", "rm", bg)
+
+
+# ---- 10,000 records -------------------------------------------------------------------------
+
+def test_list_of_10000_records_is_fast(users: Users) -> None:
+    """Fills bob's database with 10,000 ended jobs, then times his ``jbl job list``."""
+    from fixtures_users import user_jbl
+
+    py = Path(user_jbl()).resolve().parent / "python"
+    fill = (
+        "import time\n"
+        "from jbl.runner.jobstore import JobStore\n"
+        "s = JobStore.open_own()\n"
+        "t = time.time() - 86400\n"
+        "with s.conn:\n"
+        "    for i in range(10000):\n"
+        "        s.begin({'id': f'job-{i:08x}', 'runtime': 'pyrt@1.0.0', 'command': "
+        "['python', '-c', 'pass', str(i)], 'limits': {'memory': 1 << 30}, 'env': {'A': 'b'}, "
+        "'supervisor_pid': 1, 'supervisor_start': 0, 'created': t + i})\n"
+        "        s.finish(f'job-{i:08x}', exit_status=i % 3, reason='exited')\n")
+    subprocess.run(["runuser", "-u", users.bob, "--", str(py if py.exists() else "python3"),
+                    "-c", fill], check=True, cwd="/", timeout=120)
+    best = {}
+    for args in (("job", "list"), ("job", "list", "--json")):
+        times = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = as_user(users.bob, *args)
+            times.append(time.monotonic() - t0)
+            assert r.rc == 0, r.err
+        best[args] = min(times)
+    assert r.out.count('"id"') >= 10000
+    inproc = []
+    code = ("import time; from jbl.runner.jobstore import JobStore\n"
+            "t=time.perf_counter(); s=JobStore.open_own(create=False); rows=s.jobs(); "
+            "print(len(rows), time.perf_counter()-t)")
+    for _ in range(3):
+        out = subprocess.run(["runuser", "-u", users.bob, "--", str(py), "-c", code],
+                             capture_output=True, text=True, check=True, cwd="/").stdout
+        inproc.append(float(out.split()[1]))
+    report = (f"jbl job list, 10,000 records: whole command {best[('job', 'list')]:.3f} s, "
+              f"--json {best[('job', 'list', '--json')]:.3f} s; "
+              f"open + query in-process {min(inproc) * 1000:.1f} ms")
+    print(report)
+    with open(os.path.join(tempfile.gettempdir(), "jbl-job-list-bench.txt"), "w") as fh:
+        fh.write(report + "\n")
+    assert min(inproc) < 0.1, report
