@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import tempfile
@@ -92,6 +94,33 @@ def test_detach_then_list_status_log_stop_from_other_processes(rt: str) -> None:
         assert jbl("job", "rm", job).returncode == 0
     r = jbl("job", "status", job)
     assert r.returncode == 3 and r.stderr.count("\n") == 1 and "no job" in r.stderr
+
+
+def test_detached_job_outlives_the_terminal_that_started_it(rt: str) -> None:
+    """A shell on a real pty starts the job, then its terminal closes (SIGHUP to the
+    session): the job runs on and ends by itself."""
+    import pty
+
+    pid, master = pty.fork()
+    if pid == 0:  # the shell of a terminal session
+        os.execv("/bin/sh", ["sh", "-c", f"{JBL} run -d --runtime-dir {rt} -- sh -c "
+                 "'sleep 1.5; echo survived' && sleep 600"])
+    out = b""
+    try:
+        while not (found := re.search(rb"job-[0-9a-f]{8}", out)):
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, out
+            out += os.read(master, 1024)
+    finally:
+        os.close(master)  # the terminal goes away: SIGHUP to the session's shell
+    _, st = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGHUP  # the shell did die
+    job = found[0].decode()
+    try:
+        wait_for(lambda: status(job)["state"] != "running", "the job to end")
+        assert (status(job)["state"], jbl("job", "log", job).stdout) == ("done", "survived\n")
+    finally:
+        jbl("job", "rm", job)
 
 
 def test_log_follow_has_no_gap_no_duplicate_and_keeps_stream_order(rt: str) -> None:
