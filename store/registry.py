@@ -1,5 +1,6 @@
-"""Registries: the ``registry.json`` model, fetching it (http(s) via httpx, ``file://``, plain
-paths), its cache, choosing a version for this host, and downloading a verified tarball.
+"""Registries: fetching ``registry.json`` (http(s) via httpx, ``file://``, plain paths; its
+model and checks are store/regformat.py), its cache, choosing a version for this host, and
+downloading a verified tarball.
 
 A registry location is a ``registry.json`` (URL or path) or a directory/URL holding one. It is
 normalised to an absolute URL (``file:///…`` for paths); Joblet's ``OWNER/REPO`` (when no such

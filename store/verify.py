@@ -165,15 +165,31 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
     res.entries = int(db.scalar("SELECT COUNT(*) FROM entries"))
     res.contents = int(db.scalar("SELECT COUNT(*) FROM contents"))
 
-    # --- the layout itself: a link where a directory belongs is never followed ----------
+    # The layout itself: a link where a directory belongs is never followed.
     for where, what in store.blobs.unsafe_items():
         add(Problem("unsafe", where, f"is {what}, not a directory (never followed; "
                     f"{safepath.FIX_HINT})"))
+    present, known = _check_blob_files(store, names, res)
+    _check_orphans(store, known, res, now, grace)
+    _check_references(store, names, add)
+    if data:
+        _check_data(store, names, res, present, workers, progress)
+    res.seconds = time.monotonic() - t0
+    return res
 
-    # --- blob rows <-> files ------------------------------------------------------------
-    present: list[tuple[int, bytes, int, int]] = []  # (id, digest, codec, size) to re-hash
+
+# (id, digest, codec, size) of a blob whose file is there, to re-hash under --data
+_Present = tuple[int, bytes, int, int]
+
+
+def _check_blob_files(store: Store, names: _Names,
+                      res: VerifyResult) -> tuple[list[_Present], set[bytes]]:
+    """Blob rows <-> files: each row's file exists, is a regular file of its stored size.
+    Returns the blobs to re-hash and every digest with a row."""
+    add = res.problems.append
+    present: list[_Present] = []
     known: set[bytes] = set()
-    for bid, digest, size, stored_size, codec in db.iter(
+    for bid, digest, size, stored_size, codec in store.db.iter(
             "SELECT id, digest, size, stored_size, codec FROM blobs"):
         res.blobs += 1
         known.add(digest)
@@ -198,8 +214,13 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
                         f"{stored_size} (truncated or overwritten)", names.of_blob(bid), bid))
             continue
         present.append((bid, digest, codec, size))
+    return present, known
 
-    # --- orphans ------------------------------------------------------------------------
+
+def _check_orphans(store: Store, known: set[bytes], res: VerifyResult, now: float,
+                   grace: float) -> None:
+    """Blob files without a row and stale temp files (young ones may be a running install)."""
+    add = res.problems.append
     pending = read_journal(store.dir)
     for digest, entry in store.blobs.scan():
         if digest in known:
@@ -233,24 +254,22 @@ def verify(store: Store, *, data: bool = False, grace: float = DEFAULT_GRACE,
     except UnsafeStorePath:
         pass  # blobs/tmp is a link: reported above with the other unsafe items
 
-    _check_references(store, names, add)
 
-    # --- data ---------------------------------------------------------------------------
-    if data:
-        nworkers = workers or os.cpu_count() or 2
-        with ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="verify") as pool:
-            for batch in _batched(iter(present), 256):
-                results = pool.map(lambda r: _check_blob_data(store.blobs, r[1], r[2], r[3]),
-                                   batch)
-                for (bid, digest, _codec, size), err in zip(batch, results, strict=True):
-                    res.bytes_hashed += size
-                    if err is not None:
-                        add(Problem("corrupt", f"blob {digest.hex()}", err,
-                                    names.of_blob(bid), bid))
-                    if progress is not None:
-                        progress(size)
-    res.seconds = time.monotonic() - t0
-    return res
+def _check_data(store: Store, names: _Names, res: VerifyResult, present: list[_Present],
+                workers: int | None, progress: Callable[[int], None] | None) -> None:
+    """``--data``: re-hash every present blob on a thread pool."""
+    nworkers = workers or os.cpu_count() or 2
+    with ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="verify") as pool:
+        for batch in _batched(iter(present), 256):
+            results = pool.map(lambda r: _check_blob_data(store.blobs, r[1], r[2], r[3]),
+                               batch)
+            for (bid, digest, _codec, size), err in zip(batch, results, strict=True):
+                res.bytes_hashed += size
+                if err is not None:
+                    res.problems.append(Problem("corrupt", f"blob {digest.hex()}", err,
+                                                names.of_blob(bid), bid))
+                if progress is not None:
+                    progress(size)
 
 
 def _check_references(store: Store, names: _Names, add: Callable[[Problem], None]) -> None:
