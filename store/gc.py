@@ -51,7 +51,7 @@ from .blobs import BlobStore
 from .crashpoints import crashpoint
 from .errors import StoreBusy, UnsafeStorePath
 from .policy import DEFAULT_GRACE, Policy, Selected, select
-from .rows import drop_version_rows
+from .rows import drop_version_rows, mark_removed
 from .store import Store, VersionInfo, pid_alive
 
 JOURNAL = "gc-pending"
@@ -121,8 +121,7 @@ def _remove(store: Store, infos: list[VersionInfo]) -> tuple[list[str], list[str
         live = leased_versions(store)
         for info in infos:
             if info.id in live:
-                store.db.execute("UPDATE versions SET state='removed', removed_at=? "
-                                 "WHERE id=?", (now, info.id))
+                mark_removed(store.db, info.id, now)
                 deferred.append(info.spec)
             else:
                 drop_version_rows(store.db, info.id)

@@ -767,8 +767,7 @@ def _retire(store: Store, name: str, version: str, have: VersionInfo | None,
     would, and older removed copies are dropped or renamed out of the way."""
     db = store.db
     if have is not None:
-        db.execute("UPDATE versions SET state='removed', removed_at=? WHERE id=?",
-                   (now, have.id))
+        rows.mark_removed(db, have.id, now)
     for (gone,) in db.query("SELECT id FROM versions WHERE name=? AND version=? "
                             "AND state='removed'", (name, version)):
         # Reinstalling a version that `rm` left in place because a job still used it: if

@@ -1,5 +1,5 @@
-"""The one writer of index rows: blobs, contents + chunks, a version with its tree, and the
-removal of a version's rows.
+"""The one writer of index rows: blobs, contents + chunks, a version with its tree, and a
+version hidden (``mark_removed``) or its rows removed (``drop_version_rows``).
 
 Ingest, gc, the test fixtures and the gc benchmark all write rows through these functions,
 so the column lists (schema.py says what each column means) are spelled out exactly once.
@@ -21,7 +21,8 @@ from typing import Literal, NamedTuple
 from .db import DB
 
 __all__ = ["BlobRow", "ContentRow", "ChunkRow", "EntryRow", "VersionRow", "next_id",
-           "insert_blobs", "insert_contents", "insert_version_tree", "drop_version_rows"]
+           "insert_blobs", "insert_contents", "insert_version_tree", "mark_removed",
+           "drop_version_rows"]
 
 # Tables whose ids a writer hands out itself (a literal: the name goes into SQL text).
 IdTable = Literal["blobs", "contents", "versions", "entries"]
@@ -120,6 +121,12 @@ def insert_version_tree(db: DB, version: VersionRow, entries: Sequence[EntryRow]
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    ((e[0], version_id, *e[1:]) for e in entries))
     return version_id
+
+
+def mark_removed(db: DB, version_id: int, now: float) -> None:
+    """Hide a version a live job or mount still uses; gc drops its rows once it is free."""
+    db.execute("UPDATE versions SET state='removed', removed_at=? WHERE id=?",
+               (now, version_id))
 
 
 def drop_version_rows(db: DB, version_id: int) -> None:
