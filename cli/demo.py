@@ -1,7 +1,7 @@
 """``make demo`` (``python -m jbl.cli.demo``): jbl end to end on a runtime built from this host.
 
 Steps, each by running the real ``jbl`` command and echoing it first:
-  1. build two runtime dirs from this host's python + libraries (tests/rtbuild.py), versions
+  1. build two runtime dirs from this host's python + libraries (cli/hostruntime.py), versions
      1.0.0 and 1.1.0 whose probe module answers differently;
   2. ``jbl pack`` each into a tarball, ``jbl registry add`` them into a local registry dir;
   3. ``jbl store available / install / list / info / df`` against a demo store;
@@ -13,29 +13,21 @@ runtimes are reused, re-adding a tarball to the registry is harmless and reinsta
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = Path(os.environ.get("JBL_DEMO_DIR", "/var/tmp/jbl-demo"))
+from jbl.cli.hostruntime import build_runtime
+from jbl.store.settings import resolve
+
+# the demo is its own entry point (python -m jbl.cli.demo): its one read of the environment
+DEMO = resolve(os.environ).demo_dir
 JBL = str(Path(sys.executable).with_name("jbl"))
 NAME = "demo-python"
 VERSIONS = ("1.0.0", "1.1.0")
-
-
-def _rtbuild() -> ModuleType:
-    """tests/rtbuild.py by path: the demo and the tests build runtimes the same way."""
-    spec = importlib.util.spec_from_file_location("jbl_rtbuild", REPO / "tests" / "rtbuild.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def step(title: str) -> None:
@@ -54,7 +46,6 @@ def sh(*argv: str | Path, check: bool = True) -> None:
 
 
 def build_runtimes() -> list[Path]:
-    rtbuild = _rtbuild()
     dirs = []
     for version in VERSIONS:
         d = DEMO / "runtimes" / f"{NAME}-{version}"
@@ -64,7 +55,7 @@ def build_runtimes() -> list[Path]:
         else:
             subprocess.run(["rm", "-rf", str(d)], check=True)
             t0 = time.monotonic()
-            rtbuild.build_runtime(d, NAME, version, probe=f"demo {version}",
+            build_runtime(d, NAME, version, probe=f"demo {version}",
                                   description=f"Python 3.11 from this host (demo {version})")
             done.write_text("")
             print(f"built {d} in {time.monotonic() - t0:.1f}s")

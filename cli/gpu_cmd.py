@@ -8,7 +8,6 @@ every GPU, its job id only for the caller's own jobs (root: every job's).
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 
@@ -27,7 +26,7 @@ def list_gpus(args: argparse.Namespace) -> int:
     from jbl.runner import gpu
     from jbl.store.units import format_size
 
-    root = gpu.resolve_driver_root(os.environ)
+    root = gpu.resolve_driver_root(args.settings)
     gpus = gpu.discover(root)
     taken = gpu.holders(root, gpus) if gpus else {}
     rows = []

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jbl.store.errors import UsageError
+from jbl.store.settings import Settings
 
 MIN_MEMORY = 4 << 20  # below this the sandbox helper itself cannot start
 MAX_MEMORY = 1 << 50  # 1P: far above any machine, far below what the kernel refuses
@@ -218,7 +219,7 @@ def upload_dirs(items: Sequence[str]) -> tuple[Path, ...]:
 
 # ---- volumes ------------------------------------------------------------------------------
 
-def named_volume(item: str, stack: ExitStack | None) -> Any | None:
+def named_volume(item: str, stack: ExitStack | None, settings: Settings) -> Any | None:
     """``--volume=NAME`` (no ``:``): the caller's named volume at /volumes/NAME, held for the
     job's lifetime through ``stack``; None when ``item`` is jbl's ``HOST:JOB[:ro]``."""
     if ":" in item:
@@ -229,7 +230,7 @@ def named_volume(item: str, stack: ExitStack | None) -> Any | None:
     if not NAME_RE.fullmatch(item):
         raise UsageError(f"invalid --volume {item!r}: expected HOST:JOB[:ro] or a volume "
                          f"NAME ({NAME_FORM})")
-    vols = Volumes(volumes_root(os.environ, os.geteuid(), os.path.expanduser("~")))
+    vols = Volumes(volumes_root(settings))
     with ExitStack() as probe:
         path = (stack or probe).enter_context(vols.use(item))
     return Volume(path, f"{VOLUMES_AT}/{item}", False)

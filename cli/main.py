@@ -18,7 +18,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from jbl.store import crashpoints
 from jbl.store.errors import ExitCode, JblError, UsageError
+from jbl.store.settings import NO_ACTION, resolve
 
 from . import options
 
@@ -91,6 +93,19 @@ def _chosen_modules(argv: Sequence[str]) -> list[str]:
     return COMMAND_MODULES
 
 
+def action_of(argv: Sequence[str]) -> str:
+    """What the command in ``argv`` changes, for permission messages: ``store install X`` ->
+    ``"install"``, ``store gc`` -> ``"gc"``, ``run`` -> ``"run"``."""
+    words = [a for a in argv if not a.startswith("-")]
+    if "--store" in argv:  # skip the value of a global --store DIR given before the command
+        i = list(argv).index("--store")
+        if i + 1 < len(argv) and argv[i + 1] in words:
+            words.remove(argv[i + 1])
+    if len(words) >= 2 and words[0] == "store":
+        return words[1]
+    return words[0] if words else NO_ACTION
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     import importlib
 
@@ -117,13 +132,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or bool(os.environ.get("JBL_DEBUG"))
+    settings = resolve(os.environ, action=action_of(argv))  # the one read of the environment
+    debug = "--debug" in argv or settings.debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="jbl: %(levelname)s: %(message)s")
     try:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
-        options.finish(args)
+        options.finish(args, settings)
+        crashpoints.arm(args.settings.var("JBL_CRASH_AT"), args.settings.var("JBL_PAUSE_AT"))
         code = int(args.func(args))
         global _exit_now
         _exit_now = bool(getattr(args, "exit_now", False))  # set by e.g. run_cmd.register

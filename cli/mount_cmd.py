@@ -78,12 +78,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mount.check_mountpoint(mp, nonempty=args.nonempty)
     if args.allow_other and os.geteuid() != 0 and not _user_allow_other():
         raise MountError("--allow-other needs root or 'user_allow_other' in /etc/fuse.conf")
-    engine = args.engine or os.environ.get("JBL_MOUNT_ENGINE") or mount.DEFAULT_ENGINE
+    engine = args.engine or args.settings.mount_engine or mount.DEFAULT_ENGINE
     if engine not in mount.ENGINES:
         raise UsageError(f"JBL_MOUNT_ENGINE={engine!r}: use raw or pyfuse3")
-    from jbl.store.config import load_config
-
-    hold = load_config().removed_hold_limit  # a malformed config: one line, exit 2
+    hold = args.settings.config.removed_hold_limit  # a malformed config: one line, exit 2
     if args.foreground:
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)

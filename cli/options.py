@@ -1,4 +1,5 @@
-"""Options every command shares (``--store``, ``--json``, ``--debug``, ``--quiet``), in one place.
+"""Options every command shares (``--store``, ``--json``, ``--debug``, ``--quiet``), in one place,
+and the one place the settings are resolved (``finish``: ``args.settings``, store/settings.py).
 
 They are accepted both before the subcommand (``jbl --json store list``) and after it
 (``jbl store list --json``): the sub-parsers get a copy whose defaults are suppressed so a
@@ -9,22 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 
-
-def default_store() -> Path:
-    env = os.environ.get("JBL_STORE")
-    if env:
-        return Path(env)
-    from jbl.store.config import load_config  # config `store:` comes after --store, JBL_STORE
-
-    configured = load_config().store
-    if configured is not None:
-        return configured
-    if os.geteuid() == 0:
-        return Path("/var/lib/jbl")
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
-    return Path(xdg) / "jbl"
+from jbl.store.settings import Settings, resolve
 
 
 def common_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -43,8 +32,12 @@ def common_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def finish(args: argparse.Namespace) -> None:
-    """Resolve defaults that depend on the environment once, after parsing."""
-    args.store = Path(args.store) if args.store else default_store()
+def finish(args: argparse.Namespace, settings: Settings | None = None) -> None:
+    """Complete the settings after parsing (flags > env > config > defaults; ``settings``:
+    what cli/main.py resolved from the environment) into ``args.settings``, and the defaults
+    that depend on them."""
+    settings = settings if settings is not None else resolve(os.environ)
+    args.settings = replace(settings, store_flag=Path(args.store) if args.store else None)
+    args.store = args.settings.store
     args.json = bool(getattr(args, "json", False))
     args.quiet = bool(getattr(args, "quiet", False))

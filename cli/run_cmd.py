@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jbl.store.errors import UsageError
+from jbl.store.settings import Settings
 
 CORES_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")  # fullmatch: `$` allows a final newline
 
@@ -148,13 +149,14 @@ def check_cores(text: str) -> None:
                          f"the cores here are {_core_list(sorted(have))}")
 
 
-def parse_volumes(items: list[str], stack: ExitStack | None = None) -> tuple[Any, ...]:
+def parse_volumes(items: list[str], settings: Settings,
+                  stack: ExitStack | None = None) -> tuple[Any, ...]:
     from jbl.cli.job_options import named_volume
     from jbl.runner.plan import Volume, clean_job_path
 
     out = []
     for item in items:
-        named = named_volume(item, stack)
+        named = named_volume(item, stack, settings)
         if named is not None:
             out.append(named)
             continue
@@ -195,17 +197,18 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
         raise UsageError("--user needs root (without it, jobs run as you)")
     env = jo.env(args.env)
     workdir = clean_job_path(args.workdir, "--workdir")
-    volumes = parse_volumes(args.volume, stack)
+    volumes = parse_volumes(args.volume, args.settings, stack)
     return JobRequest(
         runtime_dir=runtime_dir, argv=tuple(cmd), env=env,
-        secret_env=jo.secret_env(args.secret_env, env, os.environ),
+        secret_env=jo.secret_env(args.secret_env, env, args.settings.env),
         workdir=workdir, network=args.network, uploads=jo.uploads(args.upload),
         upload_dirs=jo.upload_dirs(args.upload_dir), volumes=volumes,
         limits=parse_limits(args, volumes, workdir), timeout=timeout, kill_after=kill_after,
         user=args.user,
-        require_limits=args.require_limits or os.environ.get("JBL_REQUIRE_LIMITS") == "1",
+        require_limits=args.require_limits or args.settings.require_limits,
         # test-only: an isolated job may reach the host's loopback (runner/network.py)
-        slirp_host_loopback=os.environ.get("JBL_SLIRP_HOST_LOOPBACK") == "1",
+        slirp_host_loopback=args.settings.slirp_host_loopback,
+        cgroup_parent=args.settings.cgroup_parent,
         runtime_label=label, terminal=args.terminal, **parse_gpu(args),
         **({"job_id": args.job_id} if getattr(args, "job_id", None) else {}))
 
@@ -234,7 +237,7 @@ def parse_gpu(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     from jbl.runner.gpu import resolve_driver_root
 
-    root = resolve_driver_root(os.environ)
+    root = resolve_driver_root(args.settings)
     return {"gpus": count, "gpu_memory": memory, "gpu_driver_root": str(root)}
 
 
@@ -274,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
                 writable = can_admin(args.store) and os.access(
                     Path(args.store) / "index.db", os.W_OK)
                 if writable:
-                    store = stack.enter_context(Store.open(args.store))
+                    store = stack.enter_context(Store.open(args.store,
+                                                           action=args.settings.action))
                     info = store.resolve_installed(args.runtime)
                     stack.enter_context(store.lease(info.id, kind="job"))
                     name, version = info.name, info.version
@@ -283,11 +287,11 @@ def run(args: argparse.Namespace) -> int:
 
                     found = load_summary(args.store).resolve(args.runtime)
                     name, version = found["name"], found["version"]
-                from jbl.store.config import load_config
-
                 # a private view keeps a removed version no longer than configured
-                hold = load_config().removed_hold_limit  # malformed: one line, exit 2
-                root = stack.enter_context(view_root(args.store, hold_limit=hold))
+                hold = args.settings.config.removed_hold_limit  # malformed: one line, exit 2
+                root = stack.enter_context(view_root(
+                    args.store, hold_limit=hold, engine=args.settings.mount_engine,
+                    linger=args.settings.view_linger))
                 runtime_dir = Path(root) / name / version
                 label = f"{name}@{version}"
             req = build_request(args, runtime_dir, label, stack)

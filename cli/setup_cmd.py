@@ -47,6 +47,7 @@ from typing import Any
 from jbl.store import safepath
 from jbl.store.access import DEFAULT_ADMIN_GROUP, configured_group
 from jbl.store.errors import JblError, PermissionDenied, UnsafeStorePath, UsageError
+from jbl.store.settings import Settings
 
 from .output import print_json, table
 
@@ -431,11 +432,11 @@ def ensure_tun(plan: Plan, root: Path) -> bool:
     return True
 
 
-def ensure_gpu_locks(plan: Plan) -> None:
+def ensure_gpu_locks(plan: Plan, settings: Settings) -> None:
     """The GPU lock directory and files for the GPUs the driver reports (none: no step)."""
     from jbl.runner import gpu
 
-    root = gpu.resolve_driver_root(os.environ)
+    root = gpu.resolve_driver_root(settings)
     gpus = gpu.discover(root)
     if not gpus:
         return
@@ -483,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
     if args.joblet_alias:
         ensure_alias(plan, root / JOBLET_ALIAS, mountpoint)
     has_tun = ensure_tun(plan, root)
-    ensure_gpu_locks(plan)
+    ensure_gpu_locks(plan, args.settings)
 
     nxt: list[str] = list(plan.warnings)
     if not has_tun and root == Path("/"):

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{path} is a directory; make a tarball first: jbl pack {path} -o "
                          f"{path.name}.tar.gz")
     size = os.stat(path).st_size
-    with Store.open(args.store, create=True) as store, \
+    with Store.open(args.store, create=True, action=args.settings.action) as store, \
             output.progress(args, size, f"importing {path.name}") as bar:
         r = ingest(store, path, source=str(path.resolve()), expected_checksum=args.checksum,
                    name=args.name, version=args.version, progress=bar.advance,

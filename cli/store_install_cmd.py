@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jbl.store.access import may_open_index
-from jbl.store.config import RegistrySource, load_config
+from jbl.store.config import RegistrySource
 from jbl.store.errors import JblError, NotInstalled, PermissionDenied, UsageError
 from jbl.store.snapshot import Summary
 from jbl.store.snapshot import load as load_summary
@@ -46,7 +45,7 @@ def _when(ts: float | None) -> str:
 def _sources(args: argparse.Namespace) -> list[RegistrySource]:
     if args.registry:
         return [RegistrySource(r, origin="--registry") for r in args.registry]
-    cfg = load_config()
+    cfg = args.settings.config
     if not cfg.registries:
         raise UsageError("no registry given: pass --registry URL|PATH|OWNER/REPO or list "
                          "`registries:` in ~/.config/jbl/config.yaml or /etc/jbl/config.yaml "
@@ -59,11 +58,12 @@ def _client(args: argparse.Namespace, store_dir: Path | None) -> RegistryClient:
 
     # The one place the download bounds are resolved: config `download:` + JBL_HTTP_TIMEOUT
     # (and where OWNER/REPO registries live: config github_raw_base, JBL_GITHUB_RAW_BASE).
-    cfg = load_config()
-    settings = download_settings(cfg.download, os.environ)
+    cfg = args.settings.config
+    settings = download_settings(cfg.download, args.settings.env)
     return RegistryClient(store_dir, refresh=getattr(args, "refresh", False),
                           warn=lambda msg: log.warning(msg), settings=settings,
-                          github_raw_base=cfg.github_raw_base)
+                          github_raw_base=cfg.github_raw_base,
+                          user_cache=args.settings.registry_cache)
 
 
 @contextlib.contextmanager
@@ -87,7 +87,8 @@ def _open(args: argparse.Namespace, *, write: bool = False,
     if not create and not has_index(args.store):  # a file, another's 0700 home: one line
         return None
     try:
-        return Store.open(args.store, readonly=not (write or create), create=create)
+        return Store.open(args.store, readonly=not (write or create), create=create,
+                          action=args.settings.action)
     except PermissionError as e:
         raise PermissionDenied(f"cannot {'write' if write or create else 'read'} the store at "
                                f"{args.store}: {e.strerror}",

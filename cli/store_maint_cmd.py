@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 from jbl.store import access
-from jbl.store import config as config_mod
 from jbl.store import gc as gc_mod
 from jbl.store import policy as policy_mod
 from jbl.store import verify as verify_mod
@@ -66,7 +65,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _policy(args: argparse.Namespace) -> policy_mod.Policy:
-    cfg = config_mod.load_config()
+    cfg = args.settings.config
     origin = str(cfg.files[-1]) if cfg.files else "config"
     base = policy_mod.policy_from_config(cfg.gc, origin)
     given = [k for k in _POLICY_OPTS if getattr(args, k, None) is not None]

@@ -9,7 +9,6 @@ it read-write at ``/volumes/NAME``. Where they live is resolved here, once
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from jbl.store.errors import UsageError
@@ -34,10 +33,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     rm.set_defaults(func=remove)
 
 
-def volumes() -> Any:
+def volumes(args: argparse.Namespace) -> Any:
     from jbl.runner.volumes import Volumes, volumes_root
 
-    return Volumes(volumes_root(os.environ, os.geteuid(), os.path.expanduser("~")))
+    return Volumes(volumes_root(args.settings))
 
 
 def create(args: argparse.Namespace) -> int:
@@ -47,7 +46,7 @@ def create(args: argparse.Namespace) -> int:
     if args.type not in (None, "filesystem"):
         raise UsageError(f"invalid --type {args.type!r}: jbl volumes are directories on disk "
                          "(filesystem); for memory use the job's own /tmp")
-    path = volumes().create(args.name)
+    path = volumes(args).create(args.name)
     if args.json:
         from jbl.cli.output import print_json
 
@@ -61,7 +60,7 @@ def list_(args: argparse.Namespace) -> int:
     from jbl.cli.output import emit
     from jbl.store.units import format_size
 
-    found = volumes().list()
+    found = volumes(args).list()
     if args.json:
         rows = [{"name": v.name, "path": str(v.path), "size": v.size,
                  "size_complete": v.complete, "mtime": v.mtime} for v in found]
@@ -74,7 +73,7 @@ def list_(args: argparse.Namespace) -> int:
 
 
 def remove(args: argparse.Namespace) -> int:
-    path = volumes().remove(args.name)
+    path = volumes(args).remove(args.name)
     if args.json:
         from jbl.cli.output import print_json
 

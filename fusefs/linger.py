@@ -48,26 +48,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from jbl.store.errors import UsageError
+from jbl.store.settings import DEFAULT_VIEW_LINGER
 
 from . import trust
 from .mounttab import make_dirs, records_dir
 
 ENV = "JBL_VIEW_LINGER"
-DEFAULT_LINGER = 60.0  # seconds a view outlives its last job
+DEFAULT_LINGER = DEFAULT_VIEW_LINGER  # seconds a view outlives its last job (one place)
 
 
 def linger_seconds() -> float:
-    """``JBL_VIEW_LINGER`` (a duration, e.g. ``60``, ``2m``; 0 = a view per job)."""
-    text = os.environ.get(ENV, "").strip()
-    if not text:
-        return DEFAULT_LINGER
-    from jbl.store.units import parse_duration
-
-    secs = float(parse_duration(text, what=ENV))
-    if secs < 0:
-        raise UsageError(f"invalid {ENV} {text!r}: must be 0 or more")
-    return secs
+    """The linger when the caller passes none; the CLI passes ``JBL_VIEW_LINGER``
+    (parsed once by store/settings.py: ``Settings.view_linger``)."""
+    return DEFAULT_LINGER
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ Where the job cgroup lives:
   (writable ``cgroup.procs`` and ``cgroup.subtree_control``, as under ``systemd-run --user
   --scope``); otherwise no cgroup at all.
 - v1 (root only): ``<controller>/<own cgroup>/jbl/<job>`` for each controller.
-``JBL_CGROUP_PARENT`` overrides the v2 parent. Job cgroups left over by a killed ``jbl`` are
-removed by the next job (empty ones older than a minute). Not thread-safe; one per job.
+``JBL_CGROUP_PARENT`` (``parent``, passed down from the CLI's settings) overrides the v2
+parent. Job cgroups left over by a killed ``jbl`` are removed by the next job (empty ones
+older than a minute). Not thread-safe; one per job.
 """
 
 from __future__ import annotations
@@ -88,14 +89,14 @@ class JobCgroup:
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
     @classmethod
-    def create(cls, job_id: str, limits: Limits,
-               devices: Sequence[str] | None = None) -> JobCgroup:
+    def create(cls, job_id: str, limits: Limits, devices: Sequence[str] | None = None,
+               parent: str | None = None) -> JobCgroup:
         """``devices``: a GPU job's allow-list (``c 195:0 rw`` lines) on top of the standard
         nodes, everything else denied; v1 only (on v2 the job's /dev simply lacks the other
         nodes: a BPF device program is not attempted)."""
         root = v2_root()
         if root is not None:
-            return cls._create_v2(root, job_id, limits)
+            return cls._create_v2(root, job_id, limits, parent)
         if os.geteuid() != 0:
             return cls(0, unenforced=limits.requested(),
                        why="cgroup v1 is not delegated to users")
@@ -103,8 +104,8 @@ class JobCgroup:
 
     # ---- v2 ----
     @classmethod
-    def _create_v2(cls, root: Path, job_id: str, limits: Limits) -> JobCgroup:
-        override = os.environ.get("JBL_CGROUP_PARENT")
+    def _create_v2(cls, root: Path, job_id: str, limits: Limits,
+                   override: str | None) -> JobCgroup:
         if override:
             parent = root / override.lstrip("/")
         elif os.geteuid() == 0:

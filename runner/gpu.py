@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jbl.store.errors import PermissionDenied
+from jbl.store.settings import Settings
 from jbl.store.units import format_size
 
 from .errors import GpuUnavailable, JobError, UsageError
@@ -146,15 +147,10 @@ def driver_root(env: Mapping[str, str], configured: str | None) -> Path:
     return root
 
 
-def resolve_driver_root(env: Mapping[str, str]) -> Path:
+def resolve_driver_root(settings: Settings) -> Path:
     """The driver root this command uses: ``JBL_GPU_DRIVER_ROOT``, else the config's
-    ``gpu_driver_root``, else ``/``."""
-    configured = None
-    if not env.get(DRIVER_ROOT_ENV):
-        from jbl.store.config import load_config
-
-        configured = load_config().gpu_driver_root
-    return driver_root(env, configured)
+    ``gpu_driver_root``, else ``/`` (Settings.gpu_driver_root; checked by driver_root)."""
+    return driver_root(settings.env, settings.gpu_driver_root)
 
 
 def _under(root: Path, path: str) -> Path:

@@ -89,6 +89,9 @@ class JobRequest:
     # isolated only, test-only (JBL_SLIRP_HOST_LOOPBACK=1): the job may reach the host's
     # loopback through slirp's 10.0.2.2; off by default (runner/network.py)
     slirp_host_loopback: bool = False
+    # JBL_CGROUP_PARENT (Settings.cgroup_parent): the cgroup v2 parent of the job's cgroup;
+    # None = runner/cgroups.py's default
+    cgroup_parent: str | None = None
     uploads: tuple[Path, ...] = ()
     upload_dirs: tuple[Path, ...] = ()  # --upload-dir: each one's contents into the workdir
     volumes: tuple[Volume, ...] = ()

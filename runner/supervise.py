@@ -181,7 +181,7 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
     slirp = check_isolated(os.environ, os.geteuid()) if req.network == "isolated" else ""
     plan = prepare(req, manifest, pty, gpu, note)
     try:
-        cg = JobCgroup.create(plan.job_id, plan.limits, plan.devices)
+        cg = JobCgroup.create(plan.job_id, plan.limits, plan.devices, parent=req.cgroup_parent)
     except OSError as e:
         raise CgroupError(f"create cgroup for {plan.job_id}: {e.strerror} ({e.filename})") from None
     try:

@@ -22,11 +22,12 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from jbl.store.errors import AlreadyExists, NotFound, StoreBusy, UnsafeStorePath, UsageError
+from jbl.store.settings import Settings
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_FORM = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -35,13 +36,14 @@ O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOE
 SIZE_WALK_LIMIT = 1_000_000  # entries counted for `list`'s size before it says "at least"
 
 
-def volumes_root(env: Mapping[str, str], euid: int, home: str) -> Path:
-    """Where the caller's volumes live (resolved once, by the CLI)."""
-    if env.get("JBL_VOLUMES"):
-        return Path(env["JBL_VOLUMES"])
-    if euid == 0:
+def volumes_root(settings: Settings) -> Path:
+    """Where the caller's volumes live (from the CLI's settings: ``JBL_VOLUMES``, else the
+    default for root or this user)."""
+    if settings.var("JBL_VOLUMES"):
+        return Path(settings.var("JBL_VOLUMES"))
+    if settings.euid == 0:
         return ROOT_DEFAULT
-    xdg = env.get("XDG_DATA_HOME") or os.path.join(home, ".local/share")
+    xdg = settings.env.get("XDG_DATA_HOME") or os.path.join(settings.home, ".local/share")
     return Path(xdg) / "jbl-volumes"
 
 

@@ -36,29 +36,18 @@ import stat
 from pathlib import Path
 
 from .errors import PermissionDenied
+from .settings import DEFAULT_ADMIN_GROUP, NO_ACTION, SYSTEM_STORE
 
-SYSTEM_STORE = Path("/var/lib/jbl")
-DEFAULT_ADMIN_GROUP = "jbl-admin"
-SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
+__all__ = ["DEFAULT_ADMIN_GROUP", "SYSTEM_STORE", "can_admin", "configured_group",
+           "may_open_index", "require_admin"]
 
 
 def configured_group() -> str:
-    """The admin group named in the system config (``admin_group:``), else ``jbl-admin``.
+    """The admin group named in the system config (``admin_group:``), else ``jbl-admin``
+    (store/config.py: ``system_admin_group``; only the system file is read)."""
+    from .config import system_admin_group
 
-    Only the system file is read: a user's own config must not be able to name the group
-    that the error message (and ``jbl setup``) treats as the admins.
-    """
-    try:
-        from .boundedyaml import load as load_bounded
-        from .config import CONFIG_BOUNDS  # the same YAML bounds as every config file
-
-        data = load_bounded(SYSTEM_CONFIG.read_bytes(), CONFIG_BOUNDS)
-    except (OSError, ValueError, ImportError):
-        return DEFAULT_ADMIN_GROUP
-    except Exception:  # a malformed YAML file: its owner (an admin) sees it elsewhere
-        return DEFAULT_ADMIN_GROUP
-    name = data.get("admin_group") if isinstance(data, dict) else None
-    return name if isinstance(name, str) and name else DEFAULT_ADMIN_GROUP
+    return system_admin_group()
 
 
 def _system_store() -> Path:
@@ -128,34 +117,15 @@ def may_open_index(store_dir: Path | str) -> bool:
     return can_admin(store_dir) and os.access(index, os.R_OK | os.W_OK)
 
 
-def command_action(argv: list[str] | None = None) -> str:
-    """What the running ``jbl`` command does, for the error message: ``jbl store install X``
-    -> ``"install"``, ``jbl store gc`` -> ``"gc"``; ``"changing the store"`` otherwise."""
-    import sys
-
-    argv = sys.argv if argv is None else argv
-    if not argv or Path(argv[0]).name != "jbl":
-        return "changing the store"
-    words = [a for a in argv[1:] if not a.startswith("-")]
-    # skip the value of a global --store DIR given before the command
-    if "--store" in argv[1:]:
-        i = argv.index("--store")
-        if i + 1 < len(argv) and argv[i + 1] in words:
-            words.remove(argv[i + 1])
-    if len(words) >= 2 and words[0] == "store":
-        return words[1]
-    return words[0] if words else "changing the store"
-
-
 def require_admin(action: str | None = None, store_dir: Path | str | None = None) -> None:
     """Raise PermissionDenied (exit 8) unless the caller may ``action`` on ``store_dir``.
 
-    ``action`` names the change in the message ("install", "rm", "gc"); by default it is
-    taken from the running command line (``command_action``).
+    ``action`` names the change in the message ("install", "rm", "gc"); the CLI passes the
+    running command's (``Settings.action``), else it is "changing the store".
     """
     if can_admin(store_dir):
         return
-    action = action or command_action()
+    action = action or NO_ACTION
     store = Path(store_dir) if store_dir is not None else SYSTEM_STORE
     group = store_admin_group(store)
     if group is not None:

@@ -28,6 +28,10 @@ Keys::
     gpu_driver_root: /srv/fake   # test-only: where jbl looks for proc/driver/nvidia, dev/nvidia*,
                                  # etc/ld.so.cache, usr/bin/nvidia-smi (runner/gpu.py; env
                                  # JBL_GPU_DRIVER_ROOT wins); default /
+    admin_group: jbl-admin       # read from the system file only (system_admin_group)
+
+Every key and variable, with its meaning and default, is listed once in ``store/settings.py``
+(``SETTINGS``); the README's table is generated from it.
 
 How files combine: ``registries`` lists are concatenated, the user's first (so a user can put
 a registry in front of the admin's; duplicates dropped, and the first mention of a URL
@@ -42,6 +46,7 @@ Unknown keys are kept in ``extra`` and ignored.
 A missing file is not an error; a malformed one is (UsageError naming the file and the key).
 A config file must be a regular file of at most 1 MiB; its YAML is parsed with bounds
 (``CONFIG_BOUNDS``: anchors and aliases allowed, but their expansion is capped).
+The environment is never read here: callers pass the one ``Settings`` snapshot's ``env``.
 Pure apart from reading the files; thread-safe.
 """
 
@@ -58,12 +63,12 @@ from typing import Any
 from .boundedyaml import Bounds, YamlBoundError
 from .boundedyaml import load as load_bounded
 from .errors import UsageError
+from .settings import CONFIG_KEYS, DEFAULT_ADMIN_GROUP
 
 SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
 ENV_CONFIG = "JBL_CONFIG"
 CONFIG_BOUNDS = Bounds(max_bytes=1 << 20, max_depth=32, max_nodes=100_000, allow_aliases=True)
-_KNOWN = {"registries", "store", "gc", "download", "removed_hold_limit", "gpu_driver_root",
-          "runtimes", "github_raw_base"}
+_KNOWN = CONFIG_KEYS  # store/settings.py documents each
 ENV_GITHUB_RAW_BASE = "JBL_GITHUB_RAW_BASE"
 GITHUB_RAW_BASE = "https://raw.githubusercontent.com"
 # A GitHub repository as Joblet names a registry ("mycompany/joblet-runtimes"); a name ending
@@ -100,9 +105,8 @@ class Config:
     github_raw_base: str = GITHUB_RAW_BASE  # where OWNER/REPO registries are fetched from
 
 
-def config_paths(env: Mapping[str, str] | None = None) -> list[Path]:
+def config_paths(env: Mapping[str, str]) -> list[Path]:
     """The files consulted, lowest priority first (whether or not they exist)."""
-    env = os.environ if env is None else env
     if ENV_CONFIG in env:
         return [Path(env[ENV_CONFIG])] if env[ENV_CONFIG] else []
     xdg = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -232,9 +236,9 @@ def _load_file(path: Path, joblet: bool = False) -> dict[str, Any] | None:
     return doc
 
 
-def load_config(env: Mapping[str, str] | None = None) -> Config:
-    """Read and combine the config files (see the module docstring)."""
-    env = os.environ if env is None else env
+def load_config(env: Mapping[str, str]) -> Config:
+    """Read and combine the config files (see the module docstring); ``env`` is the
+    environment the CLI resolved (``Settings.env``)."""
     registries: list[tuple[RegistrySource, bool]] = []
     raw_base = GITHUB_RAW_BASE
     store: Path | None = None
@@ -301,3 +305,19 @@ def _hold_limit(value: Any, path: Path) -> float | None:
     if not secs >= 0 or secs == float("inf"):
         raise UsageError(f"config {path}: 'removed_hold_limit' must be 0 or more")
     return secs
+
+
+def system_admin_group() -> str:
+    """``admin_group`` from the system config, else ``jbl-admin``.
+
+    Only the system file is read, whatever JBL_CONFIG says: a user's own config must not be
+    able to name the group that the error message (and ``jbl setup``) treats as the admins.
+    A missing or malformed file gives the default (its owner, an admin, sees the error from
+    every other command).
+    """
+    try:
+        doc = _load_file(SYSTEM_CONFIG)
+    except Exception:  # unreadable or malformed: as before issue 12, never fatal here
+        return DEFAULT_ADMIN_GROUP
+    name = doc.get("admin_group") if doc is not None else None
+    return name if isinstance(name, str) and name else DEFAULT_ADMIN_GROUP

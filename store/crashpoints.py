@@ -15,7 +15,8 @@ Tests use them to prove that a kill at every step of install and gc leaves a sto
 ``<dir>/<name>.<pid>`` and waits until that file is removed. Tests use it to force a race
 (hold one install just before its commit while another commits) and to see that it happened.
 
-Cost when unset: two dict lookups.
+The CLI arms them once from its settings (``arm``, cli/main.py); this module never reads the
+environment itself. Cost when unset: two string compares.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ import time
 
 ENV = "JBL_CRASH_AT"
 PAUSE_ENV = "JBL_PAUSE_AT"
+_armed = ["", ""]  # [crash point, "pause point=dir"]: process-wide, set once by the CLI
+
+
+def arm(crash_at: str, pause_at: str) -> None:
+    """Set this process's crash and pause points (the values of JBL_CRASH_AT, JBL_PAUSE_AT)."""
+    _armed[:] = [crash_at, pause_at]
 
 
 def crashpoint(name: str) -> None:
-    if os.environ.get(ENV) == name:
+    if _armed[0] == name:
         os.kill(os.getpid(), signal.SIGKILL)
-    pause = os.environ.get(PAUSE_ENV)
+    pause = _armed[1]
     if pause and pause.partition("=")[0] == name:
         _pause(name, pause.partition("=")[2])
 

@@ -277,29 +277,27 @@ def choose(reg: Registry, spec: Spec, arch: str) -> RegistryEntry:
 
 
 # --- fetching and caching ------------------------------------------------------------------
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jbl" / "registries"
-
-
 class RegistryClient:
     """Loads registries (with the cache) and downloads tarballs. Close it (or use ``with``)."""
 
     def __init__(self, store_dir: Path | None, *, refresh: bool = False, ttl: float = TTL,
                  warn: Warn | None = None, settings: DownloadSettings | None = None,
-                 github_raw_base: str = GITHUB_RAW_BASE) -> None:
+                 github_raw_base: str = GITHUB_RAW_BASE,
+                 user_cache: Path | None = None) -> None:
         self.refresh = refresh
         self.github_raw_base = github_raw_base  # config github_raw_base / JBL_GITHUB_RAW_BASE
         self.ttl = ttl
         self.warn: Warn = warn or (lambda _msg: None)
         self.settings = settings or DownloadSettings()
-        # The store's cache (reached through safepath: _open_cache_dir), then the user's own.
+        # The store's cache (reached through safepath: _open_cache_dir), then the user's own
+        # (``user_cache``: Settings.registry_cache, $XDG_CACHE_HOME/jbl/registries).
         self._store_dir = Path(store_dir) if store_dir is not None and \
             os.access(store_dir, os.W_OK) else None
         self.cache_dirs: list[Path] = []
         if self._store_dir is not None:
             self.cache_dirs.append(self._store_dir / "cache" / "registries")
-        self.cache_dirs.append(user_cache_dir())
+        if user_cache is not None:
+            self.cache_dirs.append(user_cache)
         self._unsafe_warned = False
         self._http: httpx.Client | None = None
         self._loaded: dict[str, Registry] = {}

@@ -97,14 +97,15 @@ class Store:
 
     @classmethod
     def open(cls, store_dir: Path | str, *, readonly: bool = False,
-             create: bool = False) -> Store:
+             create: bool = False, action: str | None = None) -> Store:
         store_dir = Path(store_dir)
         if not readonly:
             # Root, the owner of a private store, or the admin group of a shared one; everyone
             # else stops here with one line (exit 8) before anything is written (access.py).
+            # ``action`` names the change in that line (the CLI's Settings.action).
             from .access import require_admin
 
-            require_admin(None, store_dir)
+            require_admin(action, store_dir)
         if create:
             storepath.make_dir(store_dir)  # /proc, read-only, a file...: one line each
             try:
