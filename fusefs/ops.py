@@ -1,7 +1,8 @@
 """pyfuse3 Operations over ``store.view``: a thin, read-only adapter. No SQL here.
 
 The tree itself (the top two levels, inodes, lookups, listings, chunk lists) is
-``fusefs/tree.py``, shared with the raw engine; this module is the pyfuse3 protocol: prebuilt
+``fusefs/tree.py``, and the rules a request follows are ``fusefs/core.py``, both shared with
+the raw engine; this module is the pyfuse3 protocol: prebuilt
 ``EntryAttributes``, file handles, leases per open handle, invalidations, the trio loop.
 
 Speed (docs/mount.md): entries and attributes are immutable, so the kernel may cache them for
@@ -24,7 +25,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -33,9 +33,10 @@ import pyfuse3
 import trio
 from jbl.store.view import View
 
+from .core import Core, Negative
 from .errors import erofs, guarded
 from .inodes import ENTRY, Inode, Node
-from .tree import WATCH_PERIOD, Listing, Tree
+from .tree import WATCH_PERIOD, Listing, TopChange
 from .trioleases import LeaseKeeper
 
 log = logging.getLogger("jbl.fusefs")
@@ -77,19 +78,16 @@ class JblOperations(pyfuse3.Operations):
         super().__init__()
         self.view = view
         self.leases = leases
-        self.tree = Tree(view, make_attr)
+        self.core = Core(view, make_attr, self._on_change)
+        self.tree = self.core.tree
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_limiter = trio.CapacityLimiter(read_threads)
-        self.mounted = False  # True once serving a kernel: then invalidations are sent
         self.stats = {"lookup": 0, "open": 0, "read": 0, "read_thread": 0, "readdir": 0}
 
     # --- the top two levels -------------------------------------------------------------
-    def _refresh_top(self) -> None:
-        """Re-read installed versions if the index changed; invalidate what moved."""
-        change = self.tree.refresh_top()
-        if change is None or not self.mounted:
-            return
+    def _on_change(self, change: TopChange) -> None:
+        """The index changed (``Core.poll``, once mounted): invalidate what moved."""
         for name in change.names:
             self._invalidate(pyfuse3.ROOT_INODE, name)
         for ino, moved in change.moved.items():
@@ -107,7 +105,7 @@ class JblOperations(pyfuse3.Operations):
         while True:
             await trio.sleep(WATCH_PERIOD)
             try:
-                self._refresh_top()
+                self.core.poll()
             except Exception as e:
                 log.warning("checking the index for changes: %s", e)
 
@@ -127,12 +125,9 @@ class JblOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         self.stats["lookup"] += 1
-        parent = self.tree.node(parent_inode)
-        if parent.role != ENTRY:
-            self._refresh_top()
-        node = self.tree.lookup(parent, name)
-        if node is None:
-            return self._negative(self.tree.negative_timeout(parent))
+        node = self.core.lookup(parent_inode, name)
+        if isinstance(node, Negative):
+            return self._negative(node.timeout)
         return self._attr(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -146,30 +141,25 @@ class JblOperations(pyfuse3.Operations):
 
     @guarded
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.tree.readlink(self.tree.node(inode))
+        return self.core.readlink(inode)
 
     @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        size, files = self.view.totals()
+        fs = self.core.statfs()
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (size + 4095) // 4096
+        s.f_bsize = s.f_frsize = fs.bsize
+        s.f_blocks = fs.blocks
         s.f_bfree = s.f_bavail = 0  # read-only: nothing can be written
-        s.f_files = files
+        s.f_files = fs.files
         s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
+        s.f_namemax = fs.namemax
         return s
 
     # --- directories --------------------------------------------------------------------
     @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
-        node = self.tree.node(inode)
-        if node.kind != stat.S_IFDIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        listing = None
-        if node.role != ENTRY:
-            self._refresh_top()
-            listing = self.tree.listing(node)
+        node = self.core.directory(inode)
+        listing = self.core.top_listing(node) if node.role != ENTRY else None
         return await self._open_handle(Handle(node, node.version_id, listing))
 
     @guarded
@@ -179,24 +169,13 @@ class JblOperations(pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if h.listing is not None:
-            for i in range(start_id, len(h.listing)):
-                name, make = h.listing[i]
-                node = make()
-                if node is None:
-                    continue  # removed since opendir
-                if not self._reply(token, name, node, i + 1):
+            for name, node, next_off in self.core.top_page(h.listing, start_id):
+                if not self._reply(token, name, node, next_off):
                     return
             return
-        assert h.node.entry is not None
-        after = start_id
-        while True:
-            batch = self.view.readdir(h.node.entry.id, after, READDIR_BATCH)
-            for e in batch:
-                if not self._reply(token, e.name, self.tree.entry_node(e), e.id):
-                    return
-            if len(batch) < READDIR_BATCH:
+        for e in self.core.entries(h.node, start_id, READDIR_BATCH):
+            if not self._reply(token, e.name, self.tree.entry_node(e), e.id):
                 return
-            after = batch[-1].id
 
     def _reply(self, token: pyfuse3.ReaddirToken, name: bytes, node: Node, next_id: int) -> bool:
         if pyfuse3.readdir_reply(token, name, self._attr(node), next_id):
@@ -216,9 +195,7 @@ class JblOperations(pyfuse3.Operations):
         self.stats["open"] += 1
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        node = self.tree.node(inode)
-        if node.kind != stat.S_IFREG or node.entry is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == stat.S_IFDIR else errno.EINVAL)
+        node = self.core.file(inode)
         # Lease first, then read the chunk list: a removal that committed before our lease
         # shows up as missing rows (ENOENT), never as blobs swept under an open file.
         fh = await self._open_handle(Handle(node, node.version_id))
@@ -237,7 +214,7 @@ class JblOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         view = self.view
         out = []
-        for p in view.plan_read(h.node.refs, h.node.entry.size, off, size):
+        for p in self.core.read_plan(h.node, off, size):
             data = view.read_piece_nowait(p)
             if data is None:
                 self.stats["read_thread"] += 1

@@ -41,7 +41,7 @@ class Pyfuse3Engine:
         if allow_other:
             opts.add("allow_other")
         pyfuse3.init(self.ops, str(mountpoint), opts)
-        self.mounted = self.ops.mounted = True
+        self.mounted = self.ops.core.live = True
 
     def run(self, stop: Stop, ready: Callable[[], None]) -> None:
         ops, leases = self.ops, self.leases

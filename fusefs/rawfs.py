@@ -1,7 +1,8 @@
 """The raw FUSE engine: the store's read-only tree served by reading /dev/fuse directly.
 
-The same tree as the pyfuse3 engine (``tree.py``: inodes, top levels, lookups, listings,
-chunk lists; same errno rules, docs/mount.md), but speaking the kernel protocol itself
+The same tree and rules as the pyfuse3 engine (``core.py`` over ``tree.py``: lookups and
+negative entries, listings and their offsets, read plans, statfs, index polling; same errno
+rules, docs/mount.md), but speaking the kernel protocol itself
 (``kernel.py``) so it can use what pyfuse3 hides:
 
 * **no-open / no-opendir**: OPEN and OPENDIR answer ENOSYS once; from then on the kernel
@@ -39,7 +40,6 @@ import logging
 import os
 import queue
 import select
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -48,10 +48,11 @@ from concurrent.futures import ThreadPoolExecutor
 from jbl.store.view import Piece, View
 
 from . import kernel as K
+from .core import Core, Negative
 from .errnos import Errno, logged_errno
 from .inodes import ENTRY, ROOT_INODE, Node, entry_key
 from .leases import ThreadLeaseKeeper
-from .tree import WATCH_PERIOD, Tree
+from .tree import WATCH_PERIOD, TopChange
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -96,13 +97,13 @@ class RawFS:
         self.view = view
         self.fd = fd
         self.leases = leases
-        self.tree = Tree(view, _replies)
-        self.table = self.tree.table
+        self.core = Core(view, _replies, self._on_change)
+        self.tree = self.core.tree
+        self.table = self.core.table
         self.pool = ThreadPoolExecutor(read_threads, thread_name_prefix="jbl-read")
         self.leased: dict[int, int] = {}  # inode of a version's top dir -> version id
         self.stats: dict[str, int] = {}
         self.stopping = False
-        self.initialized = False
         self.tick: Callable[[], None] | None = None  # extra periodic work (parent watch)
         self.requester = (0, 0)  # (uid, pid) of the request being handled: noted on leases
         self._notes: queue.Queue[bytes | None] = queue.Queue()
@@ -211,7 +212,7 @@ class RawFS:
 
     def _tick(self) -> None:
         try:
-            self._refresh_top()
+            self.core.poll()
         except Exception as e:
             log.warning("checking the index for changes: %s", e)
         if self.tick is not None:
@@ -238,13 +239,10 @@ class RawFS:
                                           K.NOTIFY_INVAL_INODE, 0) + body)
 
     # --- the top two levels -------------------------------------------------------------
-    def _refresh_top(self) -> None:
-        """Re-read installed versions if the index changed; invalidate what moved: the
-        names (INVAL_ENTRY) and the cached listing of each directory that changed
+    def _on_change(self, change: TopChange) -> None:
+        """The index changed (``Core.poll``): invalidate what moved: the names
+        (INVAL_ENTRY) and the cached listing of each directory that changed
         (INVAL_INODE)."""
-        change = self.tree.refresh_top()
-        if change is None or not self.initialized:
-            return
         if change.names:
             self._inval_inode(ROOT_INODE)
         for name in change.names:
@@ -295,19 +293,16 @@ class RawFS:
         log.info("kernel FUSE %d.%d (we speak 7.%d), max_readahead %d, flags %#x; granted "
                  "%#x%s", major, minor, K.OUR_MINOR, readahead, offered, ours,
                  f", kernel lacks {missing:#x}" if missing else "")
-        self.initialized = True
+        self.core.live = True
         return K.INIT_OUT.pack(K.KERNEL_VERSION, min(minor, K.OUR_MINOR), readahead,
                                ours & 0xFFFFFFFF, 64, 48, 128 << 10, 1, K.MAX_PAGES_WANTED,
                                0, ours >> 32, *([0] * 7))
 
     def op_lookup(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
         name = bytes(body[:len(body) - 1]) if body[-1] == 0 else bytes(body)
-        parent = self.tree.node(nodeid)
-        if parent.role != ENTRY:
-            self._refresh_top()
-        node = self.tree.lookup(parent, name)
-        if node is None:
-            return _negative(self.tree.negative_timeout(parent))
+        node = self.core.lookup(nodeid, name)
+        if isinstance(node, Negative):
+            return _negative(node.timeout)
         vid = self._needs_lease(node)
         if vid is not None:
             self._after_leases(unique, [vid], _entry_out(node))
@@ -330,12 +325,11 @@ class RawFS:
         return _attr_out(self.tree.node(nodeid))
 
     def op_readlink(self, unique: int, nodeid: int, body: memoryview) -> bytes:
-        return self.tree.readlink(self.tree.node(nodeid))
+        return self.core.readlink(nodeid)
 
     def op_statfs(self, unique: int, nodeid: int, body: memoryview) -> bytes:
-        size, files = self.view.totals()
-        # read-only: nothing free; 255-byte names
-        return K.KSTATFS.pack((size + 4095) // 4096, 0, 0, files, 0, 4096, 255, 4096, 0,
+        s = self.core.statfs()
+        return K.KSTATFS.pack(s.blocks, 0, 0, s.files, 0, s.bsize, s.namemax, s.bsize, 0,
                               *([0] * 6))
 
     def op_ok(self, unique: int, nodeid: int, body: memoryview) -> bytes:
@@ -354,10 +348,7 @@ class RawFS:
     # --- files --------------------------------------------------------------------------
     def op_read(self, unique: int, nodeid: int, body: memoryview) -> bytes | None:
         _fh, off, size, *_ = K.READ_IN.unpack_from(body)
-        node = self.tree.node(nodeid)
-        refs = self.tree.refs(node)
-        assert node.entry is not None
-        pieces = self.view.plan_read(refs, node.entry.size, off, size)
+        pieces = self.core.read_plan(self.core.node(nodeid), off, size)
         out: list[bytes | None] = [self.view.read_piece_nowait(p) for p in pieces]
         if None not in out:
             self.reply(unique, *out)  # type: ignore[arg-type]
@@ -386,9 +377,7 @@ class RawFS:
     def _readdir(self, unique: int, nodeid: int, body: memoryview, plus: bool
                  ) -> bytes | None:
         _fh, off, size, *_ = K.READ_IN.unpack_from(body)
-        node = self.tree.node(nodeid)
-        if node.kind != stat.S_IFDIR:
-            raise Errno(errno.ENOTDIR)
+        node = self.core.directory(nodeid)
         out: list[bytes] = []
         room = size
         vids: list[int] = []
@@ -413,36 +402,21 @@ class RawFS:
             return True
 
         if node.role == ENTRY:
-            assert node.entry is not None
-            after = off
-            per = K.dirent_size(16, plus)
-            while True:
-                batch = self.view.readdir(node.entry.id, after, room // per + 2)
-                for e in batch:
-                    if plus:
-                        child: Node | None = self.tree.entry_node(e)
-                        ino = child.inode  # type: ignore[union-attr]
-                    else:
-                        child, ino = None, self.table.peek(entry_key(e))
-                    if not add(e.name, child, e.kind, ino, e.id):
-                        break
+            # about as many rows as fit in the reply, per fetch
+            for e in self.core.entries(node, off, room // K.dirent_size(16, plus) + 2):
+                if plus:
+                    child: Node | None = self.tree.entry_node(e)
+                    ino = child.inode  # type: ignore[union-attr]
                 else:
-                    if batch:
-                        after = batch[-1].id
-                        continue
-                break
+                    child, ino = None, self.table.peek(entry_key(e))
+                if not add(e.name, child, e.kind, ino, e.id):
+                    break
         else:
-            self._refresh_top()
-            for i, (name, make) in enumerate(self.tree.listing(node)):
-                if i < off:
-                    continue
-                child = make()
-                if child is None:
-                    continue  # removed since the listing was read
-                if not add(name, child if plus else None, child.kind, child.inode, i + 1):
+            for name, top, next_off in self.core.top_page(self.core.top_listing(node), off):
+                if not add(name, top if plus else None, top.kind, top.inode, next_off):
                     break
                 if not plus:
-                    self.table.maybe_drop(child)
+                    self.table.maybe_drop(top)
         payload = b"".join(out)
         if vids:
             self._after_leases(unique, vids, payload)
