@@ -30,10 +30,11 @@ def _env_reads(tree: ast.AST) -> list[str]:
     """``os.environ``, ``os.environb``, ``os.getenv``, ``sys.argv`` (attribute or imported)."""
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                (node.value.id, node.attr) in {("os", "environ"), ("os", "environb"),
-                                               ("os", "getenv"), ("sys", "argv")}:
-            found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+        # any `.environ`, `.environb`, `.getenv`, `.argv`, whatever it is taken from (an
+        # alias, `__import__("os")`): store/ has no other attribute of those names
+        if isinstance(node, ast.Attribute) and \
+                node.attr in ("environ", "environb", "getenv", "argv"):
+            found.append(f".{node.attr} (line {node.lineno})")
         if isinstance(node, ast.ImportFrom) and node.module in ("os", "sys"):
             found += [f"from {node.module} import {a.name}" for a in node.names
                       if a.name in ("environ", "environb", "getenv", "argv")]
