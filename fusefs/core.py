@@ -20,9 +20,19 @@ and encodes what it returns; everything in between is here, once:
                              ``PRAGMA data_version`` moved and hand the change to the engine's
                              ``on_change`` (its invalidations) once it serves a kernel (``live``)
 
-Expected errors are ``Errno`` (fusefs/errnos.py). Leases stay in the engines for now: the
-raw engine leases per top inode the kernel holds (it never sees opens), the pyfuse3 engine
-per open handle (docs/mount.md).
+    hands_out(node) / forgotten(node)
+                             the lease policy, one state per version top directory: LEASED
+                             from the reply that hands its inode to the kernel (LOOKUP,
+                             READDIRPLUS) until the FORGET that ends it, UNLEASED otherwise.
+                             Why per top inode and not per open handle: the raw engine never
+                             sees opens (no-open mode), and the kernel cannot reach a file
+                             without holding the directories above it (a dentry pins its
+                             parent), so "the kernel holds the version's top inode" covers
+                             every open file, a shell's cwd and a cached path, in both
+                             engines. The lease itself (linger, removed_hold_limit, holder
+                             notes) is fusefs/leases.py's ``ThreadLeaseKeeper``.
+
+Expected errors are ``Errno`` (fusefs/errnos.py).
 
 Thread-safety: the engine's request thread only (pyfuse3: the trio thread), like the tree.
 """
@@ -64,6 +74,7 @@ class Core:
         self.table = self.tree.table
         self.on_change = on_change
         self.live = False  # True once a kernel is served: then changes are handed on
+        self.leased: dict[int, int] = {}  # inode of a version's top dir -> version id
 
     def poll(self) -> None:
         """Re-read installed versions if the index changed; report what moved."""
@@ -129,3 +140,20 @@ class Core:
         refs = self.tree.refs(node)
         assert node.entry is not None
         return self.view.plan_read(refs, node.entry.size, off, size)
+
+    # --- the lease policy ---------------------------------------------------------------
+    def hands_out(self, node: Node) -> int | None:
+        """``node`` is being handed to the kernel: the version id to lease before the reply
+        goes out, if it is a version's top directory not leased yet (it is LEASED from
+        now on)."""
+        e = node.entry
+        if e is None or e.parent_id is not None or node.inode in self.leased:
+            return None
+        vid: int = e.version_id
+        self.leased[node.inode] = vid
+        return vid
+
+    def forgotten(self, node: Node | None) -> int | None:
+        """The kernel forgot ``node`` (``InodeTable.forget`` returned it): the version id
+        whose lease to release, if it was a leased top directory (UNLEASED again)."""
+        return None if node is None else self.leased.pop(node.inode, None)

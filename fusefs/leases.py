@@ -1,25 +1,25 @@
-"""Leases the mount holds on versions in use (gc roots): the shared steps (take a lease,
-find removed versions held too long) and ``ThreadLeaseKeeper`` for the raw engine (held top
-inodes); the pyfuse3 engine's trio keeper (open handles) is fusefs/trioleases.py, so this
-module, like everything the raw engine imports, needs neither trio nor pyfuse3.
+"""Leases the mount holds on versions in use (gc roots), for both engines:
+``ThreadLeaseKeeper``. Which versions are in use is fusefs/core.py's lease policy (the
+kernel holds the version's top directory); this module writes the leases. It needs neither
+trio nor pyfuse3.
 
-While any handle into a version is open, the daemon holds ``store.lease(version_id,
-"mount")``, so gc keeps that version's rows and blobs even if it is removed meanwhile. The
-lease is taken on the first open and dropped ``LINGER`` seconds after the last release, so
-the open/close churn of a Python import (hundreds of files) costs one SQLite write per
-version per linger period, not one per file. The lease also records the version's last use.
+While a version is in use, the daemon holds ``store.lease(version_id, "mount")``, so gc
+keeps that version's rows and blobs even if it is removed meanwhile. The lease is dropped
+``LINGER`` seconds after the kernel forgets the version's top directory, so churn costs one
+SQLite write per version per linger period, not one per file. The lease also records the
+version's last use.
 
-Writes go through a separate read-write Store used only from worker threads, one at a time
-(a CapacityLimiter of 1): the event loop never waits on SQLite's write lock. The first open
-of a version does wait for its lease (so gc cannot slip in between the open and the lease);
-a failure to take it is logged and the open goes ahead (serving beats protecting).
+Writes go through a separate read-write Store used only from the worker thread: the request
+loop never waits on SQLite's write lock. The request that hands the version out does wait
+for its lease (so gc cannot slip in between); a failure to take it is logged and the request
+goes ahead (serving beats protecting).
 
 Removed versions are not held forever: once a version has been ``removed`` for
 ``hold_limit`` seconds (config ``removed_hold_limit``, default 6 h; None = never) the keeper
 drops its lease and takes none for it again, even while the kernel still holds its inode (a
 shell ``cd``'d into it, a process with a file open). The next ``jbl store gc`` then frees it
 and the holder's next access fails (``ENOENT``/``ESTALE``; reads of open files ``EIO``).
-Until then ``store df``/``gc`` name the holder: the raw engine records, on the lease row,
+Until then ``store df``/``gc`` name the holder: the keeper records, on the lease row,
 the uid and pid of the last request it saw for the version (``note_holder``).
 
 Thread-safety: see each keeper; a keeper's Store belongs to its worker(s).
@@ -75,15 +75,15 @@ def check_period(hold_limit: float | None) -> float:
 
 
 class ThreadLeaseKeeper:
-    """The raw engine's leases (fusefs/rawfs.py): one lease per version whose top directory
-    the kernel holds (taken at the LOOKUP/READDIRPLUS that hands the inode out, dropped
-    ``linger`` seconds after the FORGET that ends it). With no-open the daemon never sees
-    opens, so "the kernel still holds the version's top inode" is the only use it can see.
+    """Both engines' leases: one lease per version whose top directory the kernel holds
+    (``Core.hands_out``/``forgotten``: taken at the LOOKUP/READDIRPLUS that hands the inode
+    out, dropped ``linger`` seconds after the FORGET that ends it).
 
     One worker thread owns a read-write Store and does every lease write; the request loop
     only posts to its queue. ``acquire(vid, then)`` runs ``then()`` on the worker once the
     lease is committed (or failed, logged: serving beats protecting): the caller defers its
-    reply into ``then`` so gc cannot slip in between the lookup and the lease.
+    reply into ``then`` (the raw engine) or waits for it off its loop (pyfuse3) so gc cannot
+    slip in between the lookup and the lease.
 
     Thread-safety: ``acquire``/``release``/``stop`` from any thread (a queue); the Store and
     the held leases belong to the worker.

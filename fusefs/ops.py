@@ -3,7 +3,8 @@
 The tree itself (the top two levels, inodes, lookups, listings, chunk lists) is
 ``fusefs/tree.py``, and the rules a request follows are ``fusefs/core.py``, both shared with
 the raw engine; this module is the pyfuse3 protocol: prebuilt
-``EntryAttributes``, file handles, leases per open handle, invalidations, the trio loop.
+``EntryAttributes``, file handles, invalidations, the trio loop; leases follow core.py's
+policy (per version top directory the kernel holds), written by ``leases.ThreadLeaseKeeper``.
 
 Speed (docs/mount.md): entries and attributes are immutable, so the kernel may cache them for
 a day (``TIMEOUT``) and negative lookups below a version are cached as long; the top two
@@ -25,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -36,8 +38,8 @@ from jbl.store.view import View
 from .core import Core, Negative
 from .errors import erofs, guarded
 from .inodes import ENTRY, Inode, Node
+from .leases import ThreadLeaseKeeper, Who
 from .tree import WATCH_PERIOD, Listing, TopChange
-from .trioleases import LeaseKeeper
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -68,12 +70,11 @@ def make_attr(ino: int, kind: int, mode: int, nlink: int, uid: int, gid: int, si
 @dataclass(slots=True)
 class Handle:
     node: Node
-    version_id: int | None
     listing: Listing | None = None  # top-level dirs: the children when opened
 
 
 class JblOperations(pyfuse3.Operations):
-    def __init__(self, view: View, leases: LeaseKeeper | None = None,
+    def __init__(self, view: View, leases: ThreadLeaseKeeper | None = None,
                  read_threads: int = 4) -> None:
         super().__init__()
         self.view = view
@@ -128,11 +129,16 @@ class JblOperations(pyfuse3.Operations):
         node = self.core.lookup(parent_inode, name)
         if isinstance(node, Negative):
             return self._negative(node.timeout)
+        vid = self._hands_out(node)
+        if vid is not None:  # held before the kernel has the inode: gc cannot slip in
+            await self._lease(vid, (ctx.uid, ctx.pid))
         return self._attr(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, n in inode_list:  # cannot fail; must not raise
-            self.tree.table.forget(inode, n)
+            vid = self.core.forgotten(self.tree.table.forget(inode, n))
+            if vid is not None and self.leases is not None:
+                self.leases.release(vid)
 
     @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
@@ -160,7 +166,7 @@ class JblOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         node = self.core.directory(inode)
         listing = self.core.top_listing(node) if node.role != ENTRY else None
-        return await self._open_handle(Handle(node, node.version_id, listing))
+        return self._open_handle(Handle(node, listing))
 
     @guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -168,18 +174,29 @@ class JblOperations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        vids: list[int] = []
+        self._fill(h, start_id, token, vids)
+        for vid in vids:  # the reply goes out when we return: lease what it hands out first
+            await self._lease(vid, None)
+
+    def _fill(self, h: Handle, start_id: int, token: pyfuse3.ReaddirToken,
+              vids: list[int]) -> None:
         if h.listing is not None:
             for name, node, next_off in self.core.top_page(h.listing, start_id):
-                if not self._reply(token, name, node, next_off):
+                if not self._reply(token, name, node, next_off, vids):
                     return
             return
         for e in self.core.entries(h.node, start_id, READDIR_BATCH):
-            if not self._reply(token, e.name, self.tree.entry_node(e), e.id):
+            if not self._reply(token, e.name, self.tree.entry_node(e), e.id, vids):
                 return
 
-    def _reply(self, token: pyfuse3.ReaddirToken, name: bytes, node: Node, next_id: int) -> bool:
+    def _reply(self, token: pyfuse3.ReaddirToken, name: bytes, node: Node, next_id: int,
+               vids: list[int]) -> bool:
         if pyfuse3.readdir_reply(token, name, self._attr(node), next_id):
             node.nlookup += 1  # READDIRPLUS: the kernel now holds a reference
+            vid = self._hands_out(node)
+            if vid is not None:
+                vids.append(vid)
             return True
         self.tree.table.maybe_drop(node)
         return False
@@ -196,9 +213,10 @@ class JblOperations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.core.file(inode)
-        # Lease first, then read the chunk list: a removal that committed before our lease
-        # shows up as missing rows (ENOENT), never as blobs swept under an open file.
-        fh = await self._open_handle(Handle(node, node.version_id))
+        # The version is leased (the kernel holds its top directory: core.py); a removal
+        # that committed before that lease shows up as missing rows (ENOENT), never as
+        # blobs swept under an open file.
+        fh = self._open_handle(Handle(node))
         try:
             self.tree.refs(node)
         except BaseException:
@@ -227,14 +245,19 @@ class JblOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self._close_handle(fh)
 
-    async def _open_handle(self, h: Handle) -> pyfuse3.FileHandleT:
+    def _hands_out(self, node: Node) -> int | None:
+        return None if self.leases is None else self.core.hands_out(node)
+
+    async def _lease(self, vid: int, who: Who | None) -> None:
+        """Hold ``vid`` (the lease worker's thread writes it; we wait without blocking
+        the trio loop)."""
+        assert self.leases is not None
+        done = threading.Event()
+        self.leases.acquire(vid, done.set, who)
+        await trio.to_thread.run_sync(done.wait)
+
+    def _open_handle(self, h: Handle) -> pyfuse3.FileHandleT:
         h.node.nopen += 1
-        try:
-            if self.leases is not None and h.version_id is not None:
-                await self.leases.acquire(h.version_id)
-        except BaseException:
-            h.node.nopen -= 1
-            raise
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
@@ -245,8 +268,6 @@ class JblOperations(pyfuse3.Operations):
         if h is None:
             return
         h.node.nopen -= 1
-        if self.leases is not None and h.version_id is not None:
-            self.leases.release(h.version_id)
         self.tree.table.maybe_drop(h.node)
 
     # --- everything that would modify the tree: EROFS ----------------------------------

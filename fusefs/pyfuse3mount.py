@@ -1,7 +1,8 @@
 """The pyfuse3 engine as the serve skeleton (``mount.serve``) runs it: ``Pyfuse3Engine``.
 
-Mounts through libfuse (``pyfuse3.init``) and runs ``ops.JblOperations`` with its lease keeper
-(fusefs/trioleases.py) and index watch in one trio nursery. The skeleton's ``Stop`` ends the
+Mounts through libfuse (``pyfuse3.init``) and runs ``ops.JblOperations`` and its index watch in
+one trio nursery; leases are written by the lease worker both engines use
+(``leases.ThreadLeaseKeeper``). The skeleton's ``Stop`` ends the
 nursery: a signal at once (``TrioToken.run_sync_soon``, which is signal-safe), the polled
 conditions within half a second. Importing this module imports pyfuse3 and trio: the raw
 engine never does (tests/test_mount_no_pyfuse3.py).
@@ -20,9 +21,9 @@ import trio
 from jbl.store.store import Store
 from jbl.store.view import View
 
+from .leases import ThreadLeaseKeeper
 from .ops import JblOperations
 from .stop import Stop
-from .trioleases import LeaseKeeper
 
 STOP_POLL = 0.5  # seconds between two looks at the polled stop conditions
 
@@ -31,8 +32,9 @@ class Pyfuse3Engine:
     name = "pyfuse3"
 
     def __init__(self, store: Store, store_dir: Path, hold_limit: float | None) -> None:
-        self.leases = LeaseKeeper(store_dir, hold_limit=hold_limit)
-        self.ops = JblOperations(View(store), self.leases)
+        self.store_dir, self.hold_limit = store_dir, hold_limit
+        self.leases: ThreadLeaseKeeper | None = None
+        self.ops = JblOperations(View(store))
         self.stats = self.ops.stats
         self.mounted = False
 
@@ -42,9 +44,11 @@ class Pyfuse3Engine:
             opts.add("allow_other")
         pyfuse3.init(self.ops, str(mountpoint), opts)
         self.mounted = self.ops.core.live = True
+        self.leases = self.ops.leases = ThreadLeaseKeeper(self.store_dir,
+                                                          hold_limit=self.hold_limit)
 
     def run(self, stop: Stop, ready: Callable[[], None]) -> None:
-        ops, leases = self.ops, self.leases
+        ops = self.ops
 
         async def until_stopped(scope: trio.CancelScope) -> None:
             while not stop.check():  # noqa: ASYNC110 - parent death, flock: no event
@@ -63,7 +67,6 @@ class Pyfuse3Engine:
 
                 wakes.append(wake)
                 stop.wake.append(wake)
-                await n.start(leases.run)
                 n.start_soon(pyfuse3.main)
                 n.start_soon(ops.watch)
                 n.start_soon(until_stopped, n.cancel_scope)
@@ -79,3 +82,5 @@ class Pyfuse3Engine:
         if self.mounted:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=unmount)
+        if self.leases is not None:
+            self.leases.stop()

@@ -101,7 +101,6 @@ class RawFS:
         self.tree = self.core.tree
         self.table = self.core.table
         self.pool = ThreadPoolExecutor(read_threads, thread_name_prefix="jbl-read")
-        self.leased: dict[int, int] = {}  # inode of a version's top dir -> version id
         self.stats: dict[str, int] = {}
         self.stopping = False
         self.tick: Callable[[], None] | None = None  # extra periodic work (parent watch)
@@ -254,21 +253,13 @@ class RawFS:
 
     # --- leases: a version's top directory held by the kernel -------------------------
     def _needs_lease(self, node: Node) -> int | None:
-        """The version id to lease before handing ``node`` out, if it is a version's top
-        directory not yet leased."""
-        e = node.entry
-        if (self.leases is None or e is None or e.parent_id is not None
-                or node.inode in self.leased):
-            return None
-        vid: int = e.version_id
-        self.leased[node.inode] = vid
-        return vid
+        """The version id to lease before handing ``node`` out (``Core.hands_out``)."""
+        return None if self.leases is None else self.core.hands_out(node)
 
     def _dropped(self, node: Node | None) -> None:
-        if node is not None and self.leases is not None:
-            vid = self.leased.pop(node.inode, None)
-            if vid is not None:
-                self.leases.release(vid)
+        vid = self.core.forgotten(node)
+        if vid is not None and self.leases is not None:
+            self.leases.release(vid)
 
     def _after_leases(self, unique: int, vids: list[int], payload: bytes) -> None:
         """Reply ``payload`` once the lease worker holds every version in ``vids``."""

@@ -15,20 +15,21 @@ from pathlib import Path
 
 import pytest
 from conftest import run_jbl
-from fixtures_mount import import_tarball, make_tarball, wait_until
+from fixtures_mount import ENGINES, import_tarball, make_tarball, wait_until
 
 LIMIT = "3s"
 
 
-@pytest.fixture
-def mounted(rt_factory, store_dir: Path, tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:  # type: ignore[no-untyped-def]
+@pytest.fixture(params=ENGINES)  # one lease policy for both engines (fusefs/core.py)
+def mounted(request: pytest.FixtureRequest, rt_factory, store_dir: Path,  # type: ignore[no-untyped-def]
+            tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     import_tarball(store_dir, make_tarball(rt_factory("pyrt", "1.0.0"), tmp_path / "a.tar.gz"))
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"removed_hold_limit: {LIMIT}\n")
     env = {"JBL_CONFIG": str(cfg)}
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    run_jbl("mount", mnt, store=store_dir, env=env).ok()
+    run_jbl("mount", mnt, "--engine", request.param, store=store_dir, env=env).ok()
     try:
         yield mnt, env
     finally:
