@@ -83,6 +83,18 @@ def test_back_to_back_jobs_reuse_one_view_which_goes_away_after_the_linger(store
     assert views(store) == []
 
 
+def test_the_pyfuse3_engine_s_lingering_view_also_goes_away_by_itself(store: Path) -> None:
+    # the idle stop condition is the serve skeleton's (fusefs/stop.py), for both engines
+    r = subprocess.run([JBL, "--store", str(store), "run", "--runtime", SPEC, "--", "/bin/true"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "JBL_VIEW_LINGER": "1", "JBL_MOUNT_ENGINE": "pyfuse3"})
+    assert r.returncode == 0, r.stderr
+    [view] = views(store)
+    assert view["engine"] == "pyfuse3"
+    assert wait_until(lambda: proc_starttime(int(view["pid"])) is None, 8)  # type: ignore[call-overload]
+    assert mounttab.mount_fstype(str(view["mountpoint"])) is None and views(store) == []
+
+
 def test_concurrent_jobs_share_one_view(store: Path) -> None:
     # four jobs started at once (none finds a view yet), all running together until the
     # test has seen them all up: they overlap, so sharing cannot come from serial reuse
