@@ -1,10 +1,12 @@
-"""``python -m benchmarks [--quick] [--only NAME…]``: run every benchmark, write BENCHMARKS.md.
+"""``python -m benchmarks [--quick] [--only NAME…] [--setup-only]``: run every benchmark.
 
 Owns discovery and the run: every ``benchmarks/bench_<name>.py`` defining ``run(ctx) ->
 list[Figure]`` is a benchmark named ``<name>``, run in name order with one shared ``Ctx``
 (series built first if missing). A benchmark that crashes is reported as "not measured
 (crashed: …)" and the others still run. Results go to ``BENCHMARKS.md`` at the repo root (or
 ``--output``), charts to ``benchmarks/charts/``, raw numbers to ``<cache>/results.json``.
+``--setup-only`` builds (or checks) the series and measures nothing. A series that cannot be
+built is one line on stderr and exit 1, before anything is measured.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime as dt
 import importlib
 import json
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -22,7 +25,7 @@ from pathlib import Path
 from .context import Ctx
 from .measure import Figure
 from .report import ROOT, write
-from .series import DEFAULT_CACHE
+from .series import DEFAULT_CACHE, SetupError
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,13 +63,23 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"run only these ({', '.join(names)})")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="data dir (%(default)s)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--setup-only", action="store_true",
+                    help="build (or check) the series in the cache, measure nothing")
     a = ap.parse_args(argv)
     started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
     load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     ctx = Ctx(quick=a.quick, cache=a.cache)
     ctx.log(f"series in {a.cache} ({'quick' if a.quick else 'full'})")
     ctx.cleanup()                          # scratch left by earlier runs that died
-    series = ctx.series
+    try:
+        series = ctx.series
+    except (SetupError, subprocess.CalledProcessError) as e:
+        print(f"benchmarks: error: series set-up failed: {e}", file=sys.stderr)
+        return 1
+    if a.setup_only:
+        ctx.log(f"series ready: {len(series.versions)} versions, registry "
+                f"{series.registry}/registry.json")
+        return 0
     try:
         figs = _run_all(ctx, a.only or names)
     finally:

@@ -2,7 +2,8 @@
 
 Owns everything under the benchmark cache (``/var/tmp/jbl-bench``, env ``JBL_BENCH_CACHE``)::
 
-    wheels/                               pip download of the pinned wheels (cp311 manylinux x86_64)
+    wheels/                               the pinned wheels (cp311 manylinux x86_64), pip download
+                                          in batches, each dist once (download_batches)
     pkgs/<dist>-<ver>/                    each wheel installed once (pip --target, .pyc compiled)
     base/isolated/                        host python3.11 + stdlib (+ __pycache__) + tools + libs
     src/python-3.11-ml-<ver>/             runtime dir: runtime.yml + isolated/ (base + packages)
@@ -123,18 +124,67 @@ def _find_wheel(wheels: Path, dist: str, ver: str) -> Path | None:
     return None
 
 
-def ensure_wheels(cache: Path, versions: list[str]) -> None:
-    wheels = cache / "wheels"
+class SetupError(RuntimeError):
+    """The series could not be built; the message says which step failed and what to do."""
+
+
+PIP_TARGET = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+              "--abi", "cp311", "--platform", "manylinux2014_x86_64",
+              "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64"]
+
+
+def download_batches(wanted: list[tuple[str, str]]) -> list[list[str]]:
+    """Requirement lists naming each distribution at most once: batch i has its i-th version.
+
+    pip's resolver (26.x included) refuses two versions of one distribution in a single ``pip
+    download`` even with ``--no-deps`` (ResolutionImpossible), so the series, which holds e.g.
+    joblib 1.3.2 and 1.4.2, is fetched in as many calls as the most-bumped package has versions
+    (scikit-learn: 8), not one call per wheel.
+    """
+    by_dist: dict[str, list[str]] = {}
+    for dist, ver in sorted(set(wanted)):
+        by_dist.setdefault(dist, []).append(ver)
+    depth = max((len(v) for v in by_dist.values()), default=0)
+    return [[f"{d}=={vs[i]}" for d, vs in sorted(by_dist.items()) if i < len(vs)]
+            for i in range(depth)]
+
+
+def download_wheels(wheels: Path, wanted: list[tuple[str, str]]) -> None:
+    """Fetch every wanted wheel not yet in ``wheels`` (cp311 manylinux x86_64, no deps).
+
+    Each batch lands in ``wheels/.download`` first and only complete ``.whl`` files are moved
+    in, so an interrupted run leaves nothing half-written for ``_find_wheel`` to trust.
+    """
     wheels.mkdir(parents=True, exist_ok=True)
-    wanted = sorted({(d, v) for ver in versions for d, v in SERIES[ver].items()})
-    missing = [f"{d}=={v}" for d, v in wanted if _find_wheel(wheels, d, v) is None]
+    missing = [(d, v) for d, v in sorted(set(wanted)) if _find_wheel(wheels, d, v) is None]
     if not missing:
         return
-    log(f"pip download {len(missing)} wheels into {wheels}")
-    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-          "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-          "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
-          "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), *missing])
+    tmp = wheels / ".download"
+    batches = download_batches(missing)
+    for i, reqs in enumerate(batches, 1):
+        log(f"pip download ({i}/{len(batches)}): {' '.join(reqs)}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                            "--disable-pip-version-check", *PIP_TARGET, "-d", str(tmp), *reqs])
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SetupError(f"pip download of {' '.join(reqs)} failed (exit {r.returncode}, "
+                             "pip's message above); check that PyPI is reachable, then rerun: "
+                             "wheels already fetched are kept")
+        for w in tmp.glob("*.whl"):
+            w.rename(wheels / w.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    still = [f"{d}=={v}" for d, v in missing if _find_wheel(wheels, d, v) is None]
+    if still:
+        raise SetupError(f"pip download gave no cp311 manylinux x86_64 wheel for "
+                         f"{', '.join(still)}; the pins in benchmarks/series.py need a version "
+                         "that has one")
+
+
+def ensure_wheels(cache: Path, versions: list[str]) -> None:
+    download_wheels(cache / "wheels",
+                    [(d, v) for ver in versions for d, v in SERIES[ver].items()])
 
 
 def ensure_pkg(cache: Path, dist: str, ver: str) -> Path:
@@ -144,7 +194,7 @@ def ensure_pkg(cache: Path, dist: str, ver: str) -> Path:
         return dest
     wheel = _find_wheel(cache / "wheels", dist, ver)
     if wheel is None:
-        raise FileNotFoundError(f"wheel {dist}=={ver} not in {cache / 'wheels'}")
+        raise SetupError(f"wheel {dist}=={ver} not in {cache / 'wheels'}; rerun to fetch it")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"pip install --target {dest.name}")
@@ -263,7 +313,9 @@ def chroot_check(isolated: Path, code: str = CHECK_IMPORT) -> None:
     r = subprocess.run([CHROOT, str(isolated), "/usr/bin/python3", "-c", code],
                        env=ENV, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"chroot {isolated} python3 -c {code!r} failed:\n{r.stderr[-2000:]}")
+        log(r.stderr[-2000:].rstrip())
+        raise SetupError(f"chroot {isolated} python3 -c {code!r} failed (exit {r.returncode}, "
+                         "its output above); rerun with --rebuild after fixing the cause")
 
 
 def _jbl() -> Path:
@@ -397,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"only {QUICK_VERSIONS} versions")
     ap.add_argument("--rebuild", action="store_true", help="rebuild runtimes and tarballs")
     a = ap.parse_args(argv)
-    s = ensure_series(a.cache, quick=a.quick, rebuild=a.rebuild)
+    try:
+        s = ensure_series(a.cache, quick=a.quick, rebuild=a.rebuild)
+    except (SetupError, subprocess.CalledProcessError) as e:
+        print(f"benchmarks.series: error: {e}", file=sys.stderr)
+        return 1
     print(f"registry: {s.registry}/registry.json   packer: {s.packer}")
     print(f"{'version':8} {'tar.gz MB':>9} {'files':>6} {'MB':>6}  packages")
     for v in s.versions:
