@@ -300,7 +300,12 @@ def run(args: argparse.Namespace) -> int:
                 from jbl.cli.job_options import io_devices
 
                 _note(io_devices(req.volumes, req.workdir)[1])
-            record = JobRecord.start(req, None if quiet else _note)
+            # A record that cannot be kept (e.g. a system user without a home) is said once,
+            # after the job ran: a job refused before it starts stays one error line.
+            unrecorded: list[str] = []
+            record = JobRecord.start(req, unrecorded.append)
+            if record is not None:
+                record.note = None if quiet else _note
             try:
                 result = run_job(req, note=None if quiet else _note, manifest=manifest)
             except BaseException as e:
@@ -309,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
                 raise
             if record is not None:
                 record.finished(result)
+            elif unrecorded and not quiet:
+                _note(unrecorded[0])
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if result.message:
