@@ -20,6 +20,9 @@ JBL = str(Path(sys.executable).with_name("jbl"))
 
 from rtbuild import build_runtime  # noqa: E402
 
+# fixtures shared by the multi-user tests (``users``: real users for one module)
+pytest_plugins = ["fixtures_users"]
+
 
 @dataclass
 class Result:

@@ -24,6 +24,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def make_users(tag: str | None = None) -> Users:
         os.chmod(u.home(name), 0o700)  # the point of the isolation tests
     _sh("usermod", "-aG", u.admin_group, u.carol)
     return u
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[Users]:
+    """Three real users and an admin group for one test module (``users`` in any test;
+    registered through ``pytest_plugins`` in conftest.py); removed again at its end."""
+    u = make_users()
+    try:
+        yield u
+    finally:
+        drop_users(u)
 
 
 def drop_users(u: Users) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Result, assert_one_line_error, run_jbl
-from fixtures_users import Users, drop_users, make_registry, make_users, sh_as, shared_dir
+from fixtures_users import Users, make_registry, sh_as, shared_dir
 from jbl.cli.setup_cmd import BLOB_DIR_MODE, FILE_MODE
 
 RT = "rootrt"
@@ -53,15 +53,6 @@ class Server:
         """Run a shell script as the admin-group member; it must succeed (the plant works)."""
         r = sh_as(self.users.carol, script)
         assert r.returncode == 0, f"planting failed: {r.stderr}"
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
 
 
 @pytest.fixture(scope="module")

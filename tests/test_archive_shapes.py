@@ -37,7 +37,7 @@ import hostile
 import pytest
 from conftest import run_jbl
 from fixtures_mount import engine, mounted, sweep_mounts  # noqa: F401 - fixtures
-from fixtures_users import Users, drop_users, make_users, sh_as, shared_dir
+from fixtures_users import Users, sh_as, shared_dir
 
 MIB = 1 << 20
 MANIFEST = b"name: shapes\nversion: 1.0.0\ndescription: archive shapes\n"
@@ -138,15 +138,6 @@ def _owned_tarball(uid: int, gid: int) -> bytes:
             + hostile.file(b"isolated/home/private/f", b"x", mode=0o644, uid=uid, gid=gid)
             + hostile.END)
     return data + bytes(-len(data) % 10240)
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
 
 
 @pytest.fixture(scope="module")

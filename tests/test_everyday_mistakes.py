@@ -27,9 +27,7 @@ from fixtures_users import (
     PREFIX,
     Users,
     as_user,
-    drop_users,
     installed_jbl,
-    make_users,
     shared_dir,
     tree_state,
 )
@@ -267,16 +265,6 @@ def test_a_missing_command_is_127_and_an_unexecutable_one_126(real_store: Path,
 
 
 # --- the shared server whose mount service is down ------------------------------------------
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    installed_jbl()
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
-
-
 def test_a_shared_store_without_its_mount_service_says_so(users: Users,
                                                           real_tarball: Path) -> None:
     base = shared_dir()

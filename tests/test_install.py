@@ -29,9 +29,7 @@ from fixtures_users import (
     BINDIR,
     PREFIX,
     Users,
-    drop_users,
     installed_jbl,
-    make_users,
     shared_dir,
     user_jbl,
 )
@@ -67,15 +65,6 @@ def test_session_install_is_root_owned_closed_and_on_the_system_python() -> None
     assert main.is_file() and not main.is_symlink()
     assert not list(site.glob("__editable__*")) and not list(site.glob("*.egg-link"))
     assert (BINDIR / "jbl").is_symlink() and os.readlink(BINDIR / "jbl") == str(jbl)
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
 
 
 def tiny_tarball(d: Path) -> Path:

@@ -15,14 +15,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import conftest_run
 import pytest
 from conftest_run import JBL, host_pids_with, jbl
-from fixtures_users import Users, as_user, drop_users, make_users
+from fixtures_users import Users, as_user
 
 rt = conftest_run.rt
 runtimes = conftest_run.runtimes
@@ -231,15 +231,6 @@ def test_bad_ids_and_options_are_one_line(rt: str) -> None:
 
 
 # ---- two users ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
-
 
 def test_two_users_never_see_each_others_jobs(rt: str, users: Users) -> None:
     ids = {}

@@ -24,7 +24,7 @@ import cgroup_probe
 import conftest_run
 import pytest
 from conftest_run import JBL, jbl
-from fixtures_users import Users, as_user, drop_users, make_users
+from fixtures_users import Users, as_user
 from jbl.runner import plan as P
 from jbl.runner.sandbox import Budget, StepFailed, copy_in
 from test_run_limits import release, start_held
@@ -399,15 +399,6 @@ def test_root_refuses_a_volumes_dir_another_user_controls(test_user: str,
     r = subprocess.run([JBL, "volume", "remove", "data"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 10 and Path("/etc/passwd").exists(), r.stderr
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
 
 
 def test_volumes_belong_to_their_user(rt: str, users: Users) -> None:

@@ -26,10 +26,8 @@ from conftest import assert_one_line_error, run_jbl
 from fixtures_users import (
     Users,
     as_user,
-    drop_users,
     index_dump,
     make_registry,
-    make_users,
     sh_as,
     shared_dir,
     tree_state,
@@ -58,15 +56,6 @@ class Server:
     def setup_args(self, *extra: str) -> list[str]:
         return ["setup", "--system", "--group", self.users.admin_group, "--mountpoint",
                 str(self.mnt), "--root", str(self.sysroot), "--joblet-alias", *extra]
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
 
 
 @pytest.fixture(scope="module")

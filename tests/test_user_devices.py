@@ -23,7 +23,7 @@ from pathlib import Path
 import conftest_run
 import pytest
 from conftest import JBL, Result, assert_one_line_error, run_jbl
-from fixtures_users import Users, as_user, drop_users, make_users, sh_as, shared_dir, user_jbl
+from fixtures_users import Users, as_user, sh_as, shared_dir, user_jbl
 from test_gpu import BUSES, PROBE, UUIDS, make_driver_tree
 
 runtimes = conftest_run.runtimes
@@ -33,15 +33,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (test user
 
 NOTE = ("jbl: note: GPU device allow-list not enforced (cgroup v1 is not delegated to users); "
         "the job's /dev holds only its own GPUs' nodes")
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[Users]:
-    u = make_users()
-    try:
-        yield u
-    finally:
-        drop_users(u)
 
 
 @pytest.fixture(scope="module")
