@@ -49,18 +49,26 @@ def add_options(limits: Any, job: Any) -> None:
 
 # ---- limits -------------------------------------------------------------------------------
 
+def _one_of(option: tuple[str, str | None], alias: tuple[str, str | None]
+            ) -> tuple[str, str] | None:
+    """The one of an option and its Joblet alias that was given (``(flag, text)``), None if
+    neither; both at once is a usage error naming the alias."""
+    (opt, text), (alt, alt_text) = option, alias
+    if text is not None and alt_text is not None:
+        raise UsageError(f"invalid {alt} {alt_text!r}: {opt} is given too; use one of them")
+    if text is not None:
+        return opt, text
+    return None if alt_text is None else (alt, alt_text)
+
+
 def memory(args: Any) -> int | None:
     """``--memory``/``--max-memory``: a bare number is MiB (Joblet's unit); sizes as jbl's."""
     from jbl.store.units import parse_size
 
-    given = [(o, v) for o, v in (("--memory", args.memory), ("--max-memory", args.max_memory))
-             if v is not None]
-    if not given:
+    given = _one_of(("--memory", args.memory), ("--max-memory", args.max_memory))
+    if given is None:
         return None
-    if len(given) > 1:
-        raise UsageError(f"invalid --max-memory {args.max_memory!r}: --memory is given too; "
-                         "use one of them")
-    opt, text = given[0]
+    opt, text = given
     bare = text.strip().isdigit()
     value = int(text) << 20 if bare else parse_size(text, what=opt)
     unit = " (a bare number is MiB)" if bare else ""
@@ -73,14 +81,10 @@ def memory(args: Any) -> int | None:
 
 def cpu_percent(args: Any) -> float | None:
     """``--cpu``/``--max-cpu``: percent of one core (100 = one core, 150 = 1.5 cores)."""
-    given = [(o, v) for o, v in (("--cpu", args.cpu), ("--max-cpu", args.max_cpu))
-             if v is not None]
-    if not given:
+    given = _one_of(("--cpu", args.cpu), ("--max-cpu", args.max_cpu))
+    if given is None:
         return None
-    if len(given) > 1:
-        raise UsageError(f"invalid --max-cpu {args.max_cpu!r}: --cpu is given too; "
-                         "use one of them")
-    opt, text = given[0]
+    opt, text = given
     try:
         value = float(text)
     except ValueError:

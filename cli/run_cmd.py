@@ -91,18 +91,6 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 # ---- option parsing (each a one-line UsageError) ------------------------------------------
 
-def _positive(text: str | None, what: str, kind: type[int] | type[float]) -> Any:
-    if text is None:
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise UsageError(f"invalid {what} {text!r}: expected a positive number") from None
-    if value <= 0:
-        raise UsageError(f"invalid {what} {text!r}: must be greater than 0")
-    return value
-
-
 def parse_limits(args: argparse.Namespace, volumes: tuple[Any, ...] = (),
                  workdir: str = "/work") -> Any:
     from jbl.cli import job_options as jo
