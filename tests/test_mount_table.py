@@ -4,8 +4,12 @@
 The story: an admin mounts a store with `--store`, and later (another shell, a systemd
 ExecStop) runs `jbl umount MNT` with no store at all: the daemon is stopped cleanly, and
 "stale" is said only of a mount whose daemon really died. Dead private views never linger in
-`--status`. An ordinary user mounts a store of their own (raw engine → fusermount3), reads
+`--status`. An ordinary user mounts a store of their own (through fusermount3), reads
 it, and unmounts it, with the daemon's log somewhere the user may write.
+
+Every test runs on both engines (the ``engine`` fixture): finding, stopping and recording a
+mount is the serve skeleton's job (fusefs/mount.py, shared), and a user's mount goes through
+fusermount3 with either (the raw engine calls it itself, pyfuse3 through libfuse).
 """
 
 from __future__ import annotations
@@ -83,12 +87,13 @@ def test_umount_without_store_stops_the_daemon_and_stale_means_dead(
             subprocess.run(["fusermount3", "-u", "-z", str(mp)])
 
 
-def test_status_forgets_dead_views_and_says_which_store(store: Path, tmp_path: Path) -> None:
+def test_status_forgets_dead_views_and_says_which_store(
+        store: Path, tmp_path: Path, engine: str) -> None:  # noqa: F811
     live, dead = tmp_path / "live", tmp_path / "jbl-view-dead"
     live.mkdir()
     dead.mkdir()
-    run_jbl("mount", live, store=store).ok()
-    run_jbl("mount", dead, store=store).ok()
+    run_jbl("mount", live, "--engine", engine, store=store).ok()
+    run_jbl("mount", dead, "--engine", engine, store=store).ok()
     try:
         # a private view whose daemon was killed and whose mount was detached by someone
         # else: its record is all that is left
@@ -111,13 +116,13 @@ def test_status_forgets_dead_views_and_says_which_store(store: Path, tmp_path: P
 
 
 def test_the_daemon_log_is_rotated_before_it_grows_without_bound(
-        store: Path, tmp_path: Path) -> None:
+        store: Path, tmp_path: Path, engine: str) -> None:  # noqa: F811
     log = mounttab.log_path(store)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"old line\n" * (mounttab.LOG_MAX // 9 + 1))
     mp = tmp_path / "mnt"
     mp.mkdir()
-    run_jbl("mount", mp, store=store).ok()
+    run_jbl("mount", mp, "--engine", engine, store=store).ok()
     try:
         assert Path(f"{log}.1").stat().st_size >= mounttab.LOG_MAX
         assert log.stat().st_size < 64 << 10 and "mounted" in log.read_text()
@@ -145,7 +150,7 @@ def user() -> Iterator[str]:
 
 
 def test_a_user_mounts_their_own_store_through_fusermount3(
-        user: str, tarball: Path) -> None:
+        user: str, tarball: Path, engine: str) -> None:  # noqa: F811
     base = shared_dir("jbl-usermount-")
     try:
         store, mp = base / "store", base / "mnt"
@@ -156,7 +161,7 @@ def test_a_user_mounts_their_own_store_through_fusermount3(
         # run/ not writable (as on a store someone else set up): the log goes to the user's
         # own directory instead
         os.chmod(store / "run", 0o555)
-        r = as_user(user, "mount", mp, "--engine", "raw", store=store)
+        r = as_user(user, "mount", mp, "--engine", engine, store=store)
         assert r.rc == 0, r.err
         try:
             info = mounttab.mount_info(mp)

@@ -10,6 +10,11 @@ Real users (tests/fixtures_users.py), real mounts, real jobs. ``user_allow_other
 /etc/fuse.conf for the module if missing (what ``jbl setup --system`` does on a real server:
 the attack needs it), and /dev/fuse opened to users (0666, the distributions' default) where
 this machine has it root-only; both are restored afterwards.
+
+The module runs once per engine (the ``engine`` fixture; ``JBL_MOUNT_ENGINE`` set for every
+jbl it starts, users' mounts and root's private views included): the records, the
+``fuse.jbl`` type and the source name in mountinfo are written by the serve skeleton and the
+engines' mount options, so a trojan must be refused whichever engine serves it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_jbl
-from fixtures_mount import make_tarball, wait_until
+from fixtures_mount import engine, make_tarball, wait_until  # noqa: F401 - fixture
 from fixtures_users import Users, as_user, drop_users, make_users, sh_as, shared_dir
 from jbl.fusefs import linger, mounttab
 from jbl.store.store import proc_starttime
@@ -46,7 +51,10 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(rt_factory) -> Iterator[World]:  # type: ignore[no-untyped-def]
+def world(rt_factory, engine: str  # type: ignore[no-untyped-def] # noqa: F811
+          ) -> Iterator[World]:
+    saved_engine = os.environ.get("JBL_MOUNT_ENGINE")
+    os.environ["JBL_MOUNT_ENGINE"] = engine  # every jbl below inherits it (as_user too)
     conf = FUSE_CONF.read_text() if FUSE_CONF.exists() else None
     if conf is None or "user_allow_other" not in [ln.strip() for ln in conf.splitlines()]:
         FUSE_CONF.write_text((conf or "") + "\nuser_allow_other\n")
@@ -82,6 +90,10 @@ def world(rt_factory) -> Iterator[World]:  # type: ignore[no-untyped-def]
             FUSE_CONF.unlink(missing_ok=True)
         else:
             FUSE_CONF.write_text(conf)
+        if saved_engine is None:
+            os.environ.pop("JBL_MOUNT_ENGINE", None)
+        else:
+            os.environ["JBL_MOUNT_ENGINE"] = saved_engine
 
 
 def open_fuse() -> None:
@@ -118,7 +130,11 @@ def status_all(user: str | None = None) -> list[dict[str, object]]:
     return json.loads(r.out)  # type: ignore[no-any-return]
 
 
-def test_the_mount_names_its_store_and_owner_in_mountinfo(world: World) -> None:
+def test_the_mount_names_its_store_and_owner_in_mountinfo(
+        world: World, engine: str) -> None:  # noqa: F811
+    # the engine really is the one under test (the environment reached bob's daemon)
+    (rec,) = [r for r in mounttab.records() if r.mountpoint == str(world.bob_mnt)]
+    assert rec.engine == engine
     m = mounttab.mount_info(world.bob_mnt)
     assert m is not None and m.fstype == mounttab.FSTYPE
     assert m.uid == world.users.uid(world.users.bob)
