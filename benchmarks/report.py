@@ -132,12 +132,18 @@ def _save(fig: object, name: str) -> str:
     return f"benchmarks/charts/{name}"
 
 
+def chart_fleet(data: dict[str, Any]) -> str:
+    from .fleetsim import chart  # fleetsim imports this module's _plt/_save
+    return chart(data["sim"])
+
+
 def charts(data: dict[str, object]) -> list[tuple[str, str | None, str]]:
     """(title, path or None, why not drawn)."""
     out: list[tuple[str, str | None, str]] = []
     for title, key, fn in (("Disk per version count", "disk", chart_disk),
                            ("Import time, warm and cold", "import", chart_import),
-                           ("gc / verify time vs store size", "gc", chart_gc)):
+                           ("gc / verify time vs store size", "gc", chart_gc),
+                           ("Fleet: origin bytes vs nodes (simulated)", "fleet", chart_fleet)):
         if key in data:
             try:
                 out.append((title, fn(data[key]), ""))  # type: ignore[arg-type]
@@ -213,6 +219,11 @@ def write(path: Path, figs: list[Figure], data: dict[str, object], series: Serie
         if disk.get("df"):
             b += ["`jbl store df --json` after the last version:",
                   f"```json\n{json.dumps(disk['df'], indent=1)[:3000]}\n```"]
+    fleet = data.get("fleet")
+    if isinstance(fleet, dict):           # bench_fleet: the simulation's tables
+        b += ["## Fleet simulation (benchmarks/fleetsim.py)", fleet["versions_table"],
+              "Origin bytes / requests, every node installing every version in order:",
+              fleet["fleet_table"]]
     profiled = [f for f in figs if f.profile]
     if profiled:
         b.append("## Where the time goes (missed figures)")

@@ -1,0 +1,361 @@
+"""Fleet simulation: origin bytes and requests when N nodes install M versions of the series.
+
+Owns the issue-16 model over the REAL series (no synthetic data):
+- **Objects** (``scan``): every regular file of each version's extracted tree is cut into
+  1 MiB chunks named by the sha256 of their bytes, each stored as the store's blobs are
+  (``store/blobs.py``: raw under 64 bytes, zstd level 1 when that saves ≥ 5 %, else raw).
+  A chunk of a file larger than one chunk is a *large* object; any other is *small*. The
+  version's tree is estimated as its entries (path, mode, size, mtime, chunk digests) in JSON,
+  zstd-compressed.
+- **Publishing** (``publish``): versions in order; a version's objects not published before are
+  new; new small objects go, in tree order, into that version's packs of ≤ 4 MiB (the "new since
+  the previous version" packs), new large objects stay single objects. Every object is also
+  served on its own.
+- **A node's fetch** (``fetch_plan``): ``registry.json`` and the tree, then the objects it lacks:
+  each large one singly; per pack, the whole pack when it is smaller than the lacked objects
+  plus ``REQUEST_COST`` bytes for each request it saves, else those objects singly (the rule of
+  ``store/casformat.py`` ``plan_fetch``). Objects that came with a pack but are not in the
+  version are not kept.
+- **The fleet** (``simulate``): N identical nodes install version 1 cold and then every later
+  version in order, keeping the earlier ones. Origin bytes for (a) tarballs, no cache; (b)
+  tarballs behind one shared cache; (c) the content-addressed form, no cache; (d) the same
+  behind one cache. A shared cache is ideal: it stores every URL once and forever, and
+  ``registry.json`` (short-lived) is counted once per version's rollout. Stock squid stores
+  nothing over 4 MB, so with it (b) is (a); packs and objects are all under 4 MiB.
+Scans are cached per version in ``<cache>/fleetsim/`` and results per version set.
+``python -m benchmarks.fleetsim [--quick] [--cache DIR]`` prints the tables.
+Single-threaded except for the scan's hashing pool (hashlib and zstd release the GIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import stat
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from .measure import fmt
+
+MODEL = 2                      # bump when the simulation changes: cached results are keyed by it
+SCAN = 1                       # bump when the chunking or the size rule changes (scan cache key)
+CHUNK = 1 << 20                # store/schema.py CHUNK_SIZE
+ZSTD_LEVEL = 1                 # store/blobs.py ZSTD_LEVEL
+MIN_SAVING = 0.05              # store/blobs.py MIN_SAVING
+PACK_MAX = 4 << 20             # a pack stays cacheable by stock squid (maximum_object_size 4 MB)
+REQUEST_COST = 128 << 10       # bytes one more request costs: store/casformat.py's value
+REGISTRY_JSON = 2_000          # bytes of registry.json per request (order of magnitude)
+NODES = (1, 10, 100, 1_000, 10_000)
+
+
+# ---------------------------------------------------------------- objects of one version
+@dataclass
+class Scan:
+    """One version's objects: digest -> (stored bytes, large?), in tree order; its tree size."""
+
+    version: str
+    objects: dict[str, tuple[int, bool]]
+    tree_bytes: int
+    raw_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"version": self.version, "tree_bytes": self.tree_bytes,
+                "raw_bytes": self.raw_bytes,
+                "objects": [[d, s, int(big)] for d, (s, big) in self.objects.items()]}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> Scan:
+        objs = {str(d): (int(s), bool(b)) for d, s, b in doc["objects"]}  # type: ignore[attr-defined]
+        return cls(str(doc["version"]), objs, int(doc["tree_bytes"]),  # type: ignore[call-overload]
+                   int(doc["raw_bytes"]))  # type: ignore[call-overload]
+
+
+def stored_size(data: bytes, cctx: zstandard.ZstdCompressor) -> int:
+    """Bytes the store keeps for this chunk (store/blobs.py ``BlobStore.encode``)."""
+    if len(data) < 64:
+        return len(data)
+    c = len(cctx.compress(data))
+    return c if c <= len(data) * (1 - MIN_SAVING) else len(data)
+
+
+def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
+    out = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs.sort()
+        for n in sorted(names) + dirs:
+            p = os.path.join(dirpath, n)
+            out.append((os.path.relpath(p, root), os.lstat(p)))
+    return out
+
+
+def _chunks(path: Path, known: dict[str, int]) -> list[tuple[str, int]]:
+    """(digest, stored size) per chunk; zstd only runs on chunks not seen before."""
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    out = []
+    with open(path, "rb") as f:
+        while data := f.read(CHUNK):
+            d = hashlib.sha256(data).hexdigest()
+            size = known.get(d)
+            out.append((d, size if size is not None else stored_size(data, cctx)))
+    return out
+
+
+def scan(root: Path, version: str, known: dict[str, int]) -> Scan:
+    """Chunk every regular file under ``root`` (``known``: sizes from earlier scans)."""
+    entries = _walk(root)
+    files = [(rel, st) for rel, st in entries if stat.S_ISREG(st.st_mode)]
+    with ThreadPoolExecutor(os.cpu_count() or 2) as ex:
+        chunked = dict(zip((rel for rel, _ in files),
+                           ex.map(lambda f: _chunks(root / f[0], known), files), strict=True))
+    objects: dict[str, tuple[int, bool]] = {}
+    tree = []
+    for rel, st in entries:
+        cs = chunked.get(rel, [])
+        for d, size in cs:
+            known[d] = size
+            objects.setdefault(d, (size, len(cs) > 1))
+        target = os.readlink(root / rel) if stat.S_ISLNK(st.st_mode) else None
+        tree.append([rel, st.st_mode, st.st_size, st.st_mtime_ns, target, [d for d, _ in cs]])
+    body = json.dumps(tree, separators=(",", ":")).encode()
+    return Scan(version, objects, len(zstandard.ZstdCompressor(level=3).compress(body)),
+                sum(st.st_size for _, st in files))
+
+
+def cached_scans(cache: Path, versions: list[tuple[str, Path]], log: object = None
+                 ) -> list[Scan]:
+    """Scans of ``(version, extracted runtime dir)``, from ``<cache>/fleetsim/`` when there."""
+    d = cache / "fleetsim"
+    d.mkdir(exist_ok=True)
+    known: dict[str, int] = {}
+    out = []
+    for ver, root in versions:
+        f = d / f"scan-s{SCAN}-{ver}.json"
+        if f.is_file():
+            s = Scan.from_json(json.loads(f.read_text()))
+        else:
+            if callable(log):
+                log(f"fleetsim: chunking {ver} (1 MiB, sha256, zstd-1 sizes; cached after)")
+            s = scan(root, ver, known)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(s.to_json()))
+            tmp.rename(f)
+        known.update((dg, size) for dg, (size, _b) in s.objects.items())
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------- publishing and fetching
+@dataclass
+class Published:
+    """Where each object is served: ``pack_of`` (small objects) and every pack's members."""
+
+    pack_of: dict[str, int] = field(default_factory=dict)
+    packs: list[list[str]] = field(default_factory=list)
+    pack_bytes: list[int] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    packs_of_version: list[list[int]] = field(default_factory=list)
+
+
+def _pack(pub: Published, members: list[str], size: int) -> int:
+    for d in members:
+        pub.pack_of[d] = len(pub.packs)
+    pub.packs.append(members)
+    pub.pack_bytes.append(size)
+    return len(pub.packs) - 1
+
+
+def publish(scans: list[Scan]) -> Published:
+    """Versions in order: each one's new small objects packed in tree order, ≤ PACK_MAX each."""
+    pub = Published()
+    for s in scans:
+        mine: list[int] = []
+        cur: list[str] = []
+        size = 0
+        for d, (n, big) in s.objects.items():
+            if d in pub.seen:
+                continue
+            pub.seen.add(d)
+            if big:
+                continue
+            if cur and size + n > PACK_MAX:
+                mine.append(_pack(pub, cur, size))
+                cur, size = [], 0
+            cur.append(d)
+            size += n
+        if cur:
+            mine.append(_pack(pub, cur, size))
+        pub.packs_of_version.append(mine)
+    return pub
+
+
+@dataclass
+class Plan:
+    """What one node fetches for one version: URL -> bytes (URLs name immutable things)."""
+
+    urls: dict[str, int] = field(default_factory=dict)
+    lacking: int = 0           # bytes of objects the node lacked
+    present: int = 0           # bytes of the version's objects already held
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.urls.values())
+
+    @property
+    def requests(self) -> int:
+        return len(self.urls)
+
+
+def fetch_plan(s: Scan, pub: Published, held: set[str]) -> Plan:
+    plan = Plan({f"registry.json@{s.version}": REGISTRY_JSON,   # one cached copy per rollout
+                 f"trees/{s.version}": s.tree_bytes})
+    by_pack: dict[int, list[str]] = {}
+    for d, (n, big) in s.objects.items():
+        if d in held:
+            plan.present += n
+            continue
+        plan.lacking += n
+        if big or d not in pub.pack_of:
+            plan.urls[f"objects/{d}"] = n
+        else:
+            by_pack.setdefault(pub.pack_of[d], []).append(d)
+    for p, want in by_pack.items():
+        lacked = sum(s.objects[d][0] for d in want)
+        if pub.pack_bytes[p] < lacked + REQUEST_COST * (len(want) - 1):   # plan_fetch's rule
+            plan.urls[f"packs/{p}"] = pub.pack_bytes[p]
+        else:
+            plan.urls.update((f"objects/{d}", s.objects[d][0]) for d in want)
+    return plan
+
+
+# ---------------------------------------------------------------- the fleet
+def _union(plans: Iterable[Plan]) -> tuple[int, int]:
+    """Bytes and requests at the origin behind an ideal cache: each URL once."""
+    urls: dict[str, int] = {}
+    for p in plans:
+        urls.update(p.urls)
+    return sum(urls.values()), len(urls)
+
+
+def simulate(scans: list[Scan], tar_sizes: list[int]) -> dict[str, object]:
+    """Per version: update and cold plans; per node count: origin bytes/requests (a)-(d)."""
+    pub = publish(scans)
+    held: set[str] = set()
+    updates: list[Plan] = []
+    rows: list[dict[str, object]] = []
+    for s, tar in zip(scans, tar_sizes, strict=True):
+        up = fetch_plan(s, pub, held)
+        cold = fetch_plan(s, pub, set())
+        held |= set(s.objects)
+        updates.append(up)
+        rows.append({"version": s.version, "tar": tar, "objects": len(s.objects),
+                     "stored": sum(n for n, _b in s.objects.values()), "tree": s.tree_bytes,
+                     "update_bytes": up.bytes, "update_requests": up.requests,
+                     "update_present": up.present, "cold_bytes": cold.bytes,
+                     "cold_requests": cold.requests,
+                     "packs": len(pub.packs_of_version[len(rows)])})
+    once, once_req = _union(updates)
+    per_node = sum(p.bytes for p in updates)
+    tars, m = sum(tar_sizes), len(scans)
+    fleet = [{"nodes": n,
+              "a": n * (tars + m * REGISTRY_JSON), "a_req": n * 2 * m,
+              "b": tars + m * REGISTRY_JSON, "b_req": 2 * m,
+              "c": n * per_node, "c_req": n * sum(p.requests for p in updates),
+              "d": once, "d_req": once_req}
+             for n in NODES]
+    return {"model": MODEL, "pack_max": PACK_MAX, "request_cost": REQUEST_COST,
+            "versions": rows, "fleet": fleet}
+
+
+def rollout(sim: dict[str, object], k: int, nodes: int = 1_000) -> dict[str, int]:
+    """Origin bytes when ``nodes`` nodes holding versions < k update to version k."""
+    r = sim["versions"][k]  # type: ignore[index]
+    return {"a": nodes * r["tar"], "b": r["tar"], "c": nodes * r["update_bytes"],
+            "d": r["update_bytes"], "lan_b": nodes * r["tar"],
+            "lan_d": nodes * r["update_bytes"]}
+
+
+def cached_simulation(cache: Path, versions: list[tuple[str, Path, int]],
+                      log: object = None) -> dict[str, object]:
+    """``simulate`` over ``(version, extracted runtime dir, tarball size)``, cached per set."""
+    key = cache / "fleetsim" / f"sim-m{MODEL}-{'_'.join(v for v, _r, _t in versions)}.json"
+    if key.is_file():
+        return dict(json.loads(key.read_text()))
+    scans = cached_scans(cache, [(v, r) for v, r, _t in versions], log)
+    sim = simulate(scans, [t for _v, _r, t in versions])
+    key.write_text(json.dumps(sim, indent=1))
+    return sim
+
+
+# ---------------------------------------------------------------- presentation
+def version_table(sim: dict[str, object]) -> str:
+    rows = ["| version | .tar.gz | objects (stored) | tree | update: fetched | of .tar.gz | "
+            "update requests | cold: fetched | cold requests |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in sim["versions"]:  # type: ignore[attr-defined]
+        rows.append(f"| {r['version']} | {fmt(r['tar'], 'B')} | {r['objects']:,} "
+                    f"({fmt(r['stored'], 'B')}) | {fmt(r['tree'], 'B')} | "
+                    f"{fmt(r['update_bytes'], 'B')} | {r['update_bytes'] / r['tar']:.3f} | "
+                    f"{r['update_requests']:,} | {fmt(r['cold_bytes'], 'B')} | "
+                    f"{r['cold_requests']:,} |")
+    return "\n".join(rows)
+
+
+def fleet_table(sim: dict[str, object]) -> str:
+    rows = ["| nodes | (a) tarballs, no cache | (b) tarballs, one cache | "
+            "(c) content-addressed, no cache | (d) content-addressed, one cache |",
+            "|---|---|---|---|---|"]
+    for r in sim["fleet"]:  # type: ignore[attr-defined]
+        cells = [f"{fmt(r[k], 'B')} / {r[k + '_req']:,} req" for k in "abcd"]
+        rows.append(f"| {r['nodes']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def chart(sim: dict[str, object]) -> str:
+    """Origin bytes vs nodes for (a)-(d), log-log: ``benchmarks/charts/fleet.png``."""
+    from .report import _plt, _save
+
+    plt = _plt()
+    fleet = sim["fleet"]
+    xs = [r["nodes"] for r in fleet]  # type: ignore[attr-defined]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, style, label in (("a", "o-", "(a) tarballs, no cache"),
+                            ("b", "s--", "(b) tarballs, one shared cache"),
+                            ("c", "D-", "(c) content-addressed, no cache"),
+                            ("d", "^--", "(d) content-addressed, one shared cache")):
+        ax.plot(xs, [r[k] / 1e9 for r in fleet], style, label=label)  # type: ignore[attr-defined]
+    vs = [r["version"] for r in sim["versions"]]  # type: ignore[attr-defined]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("origin bytes (GB)")
+    ax.set_title(f"Rolling out {vs[0]} … {vs[-1]} to every node (simulated)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, "fleet.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .series import DEFAULT_CACHE, ensure_series
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fleetsim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    a = ap.parse_args(argv)
+    s = ensure_series(a.cache, quick=a.quick)
+    sim = cached_simulation(a.cache, [(v.version, Path(v.extracted), v.tar_size)
+                                      for v in s.versions],
+                            lambda m: print(m, file=sys.stderr))
+    print(version_table(sim), fleet_table(sim), sep="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The fleet simulation (benchmarks/fleetsim.py) counts what the store and the form really hold.
+
+Its objects must be the store's blobs (same chunk names, same stored sizes: a real ``jbl store
+import`` of the same tree is the reference), and its fetch and fleet arithmetic must follow the
+policy it claims: an update fetches only what is new, a pack is taken whole when that is cheaper,
+a shared cache makes the origin's bytes independent of the node count.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+from conftest import run_jbl
+
+from benchmarks import fleetsim
+
+MANIFEST = ("name: fleetrt\nversion: {v}\ndescription: fleet simulation test\n"
+            "mounts:\n  - source: isolated\n    target: /\n    readonly: true\n")
+
+
+def _runtime(root: Path, version: str, seed: int, changed: int = 0) -> Path:
+    """A runtime with large files of every codec kind and many small files (``changed`` of
+    them, and the large file's last chunk, differ from seed 0's)."""
+    rnd = random.Random(seed)
+    iso = root / "isolated"
+    (iso / "lib").mkdir(parents=True)
+    (root / "runtime.yml").write_text(MANIFEST.format(v=version))
+    noise = random.Random(1).randbytes(1 << 20)           # incompressible: kept raw
+    tail = b"tail %d\n" % (seed if changed else 0) * 60_000
+    (iso / "lib/big.bin").write_bytes(noise + bytes(1 << 20) + tail)   # 3 chunks
+    barely = bytearray(random.Random(2).randbytes(50_000))
+    barely[:1500] = bytes(1500)                           # saves < 5 %: kept raw
+    (iso / "lib/barely.bin").write_bytes(bytes(barely))
+    (iso / "lib/tiny").write_bytes(b"short")               # under 64 bytes: raw
+    (iso / "lib/empty").write_bytes(b"")                   # no chunk at all
+    for i in range(60):
+        body = random.Random(100 + i).randbytes(20_000)    # stored raw: sizes exact
+        if i < changed:
+            body = rnd.randbytes(20_000)
+        (iso / f"lib/m{i:03d}.py").write_bytes(body)
+    (iso / "lib/text.py").write_text("import os\n" * 3000)  # compresses: zstd
+    (iso / "lib/copy.py").write_text("import os\n" * 3000)  # the same content once
+    os.symlink("big.bin", iso / "lib/link")
+    return root
+
+
+def test_scan_objects_are_the_blobs_a_real_import_stores(tmp_path: Path,
+                                                         store_dir: Path) -> None:
+    src = _runtime(tmp_path / "rt", "1.0.0", 0)
+    tarball = tmp_path / "rt.tar.gz"
+    run_jbl("pack", src, "-o", tarball).ok()
+    run_jbl("store", "import", tarball, store=store_dir).ok()
+    blobs = {f"{shard.name}{f.name}": f.stat().st_size
+             for shard in (store_dir / "blobs").iterdir() if len(shard.name) == 2
+             for f in shard.iterdir()}
+    scan = fleetsim.scan(src, "1.0.0", {})
+    assert {d: n for d, (n, _big) in scan.objects.items()} == blobs
+    big = subprocess.run(["sha256sum", str(src / "isolated/lib/big.bin")], check=True,
+                         capture_output=True, text=True).stdout.split()[0]
+    assert big not in scan.objects                         # chunks, not the whole file
+    assert sum(b for _n, b in scan.objects.values()) == 3
+    assert scan.objects[_sha(b"short")] == (5, False)
+    assert scan.objects[_sha(src / "isolated/lib/barely.bin")] == (50_000, False)
+    assert scan.objects[_sha(src / "isolated/lib/text.py")][0] < 30_000 // 10
+
+
+def _sha(x: bytes | Path) -> str:
+    import hashlib
+    return hashlib.sha256(x if isinstance(x, bytes) else x.read_bytes()).hexdigest()
+
+
+def test_updates_fetch_what_is_new_packs_whole_when_cheaper_and_caches_flatten(
+        tmp_path: Path) -> None:
+    scans = [fleetsim.scan(_runtime(tmp_path / "v1", "1.0.0", 0), "1.0.0", {}),
+             fleetsim.scan(_runtime(tmp_path / "v2", "2.0.0", 7, changed=10), "2.0.0", {})]
+    pub = fleetsim.publish(scans)
+    assert len(pub.packs_of_version[0]) == 1 and len(pub.packs_of_version[1]) == 1
+    assert all(size <= fleetsim.PACK_MAX for size in pub.pack_bytes)
+
+    update = fleetsim.fetch_plan(scans[1], pub, set(scans[0].objects))
+    new = {d: n for d, (n, _b) in scans[1].objects.items() if d not in scans[0].objects}
+    # 10 files, runtime.yml (its version line) and the large file's last chunk
+    assert len(new) == 12 and update.lacking == sum(new.values())
+    # the 11 small ones come as their version's pack, the changed chunk alone
+    assert sorted(u.split("/")[0] for u in update.urls) == [
+        "objects", "packs", "registry.json@2.0.0", "trees"]
+    assert update.bytes == sum(new.values()) + scans[1].tree_bytes + fleetsim.REGISTRY_JSON
+
+    cold = fleetsim.fetch_plan(scans[1], pub, set())
+    # a cold node lacks 50 of version 1's pack's 60+ small objects: the whole pack is cheaper
+    assert sorted(u for u in cold.urls if u.startswith("packs/")) == ["packs/0", "packs/1"]
+    assert cold.requests == 2 + 2 + 3                     # registry, tree, packs, 3 chunks
+
+    sim = fleetsim.simulate(scans, [1000, 1000])
+    rows = {r["nodes"]: r for r in sim["fleet"]}          # type: ignore[attr-defined]
+    assert rows[1_000]["a"] == 1_000 * rows[1]["a"] and rows[1_000]["c"] == 1_000 * rows[1]["c"]
+    assert rows[1_000]["b"] == rows[1]["b"] and rows[1_000]["d"] == rows[1]["d"]
+    assert rows[1]["d"] == rows[1]["c"] == sum(r["update_bytes"]
+                                               for r in sim["versions"])  # type: ignore[attr-defined]
+    out = fleetsim.rollout(sim, 1)
+    assert out["d"] == update.bytes and out["lan_d"] == 1_000 * update.bytes
