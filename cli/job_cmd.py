@@ -27,10 +27,12 @@ FOLLOW_POLL = 0.1  # s between looks at the database while following a live log
 STOP_SLACK = 10.0  # s beyond the job's grace that `job stop` waits for the end
 
 
-def jobs_dir() -> Path | None:
-    """None: the caller's state directory (``jobstore.state_dir``); tests pass their own to
-    ``JobStore`` directly."""
-    return None
+def jobs_dir(args: argparse.Namespace) -> Path | None:
+    """``JBL_JOBS_DIR`` when it applies (``jobstore.chosen_dir``), else None: the caller's
+    state directory (``jobstore.state_dir``)."""
+    from jbl.runner.jobstore import chosen_dir
+
+    return chosen_dir(args.settings.var("JBL_JOBS_DIR"))
 
 
 # ---- recording jbl run ---------------------------------------------------------------------
@@ -39,14 +41,15 @@ class JobRecord:
     """The record of one ``jbl run`` job, written by its supervisor."""
 
     @classmethod
-    def start(cls, req: Any, note: Any = None, detached: bool = False) -> JobRecord | None:
-        """Insert (or, detached, complete) the record of ``req``; a foreground job whose
-        record cannot be written runs anyway, with a note."""
+    def start(cls, req: Any, note: Any = None, detached: bool = False,
+              args: argparse.Namespace | None = None) -> JobRecord | None:
+        """Insert (or, detached, complete) the record of ``req`` (in ``jobs_dir(args)``); a
+        foreground job whose record cannot be written runs anyway, with a note."""
         import apsw
         from jbl.runner.jobstore import JobStore, process_start
 
         try:
-            store = JobStore.open_own(jobs_dir())
+            store = JobStore.open_own(jobs_dir(args) if args is not None else None)
             assert store is not None
             store.begin(describe(req) | {"supervisor_pid": os.getpid(),
                                          "supervisor_start": process_start(os.getpid()) or 0,
@@ -137,7 +140,7 @@ def launch_detached(args: argparse.Namespace) -> int:
     label = run_cmd.resolve_label(args)
     args.job_id = new_job_id()
     req = dataclasses.replace(req, job_id=args.job_id, runtime_label=label)
-    directory = _checked_dir()  # no connection open across the fork: SQLite forbids it
+    directory = _checked_dir(args)  # no connection open across the fork: SQLite forbids it
     if not args.runtime_dir:
         args.runtime = label  # the version resolved now, whatever is installed meanwhile
     as_json = bool(args.json)
@@ -188,9 +191,9 @@ def _stores(args: argparse.Namespace) -> list[Any]:
     if getattr(args, "all", False) and os.geteuid() != 0:
         raise PermissionDenied("only root sees other users' jobs (--all)",
                                hint="without --all: your own jobs")
-    own = JobStore.open_own(jobs_dir(), create=False)
+    own = JobStore.open_own(jobs_dir(args), create=False)
     out = [own] if own is not None else []
-    if getattr(args, "all", False) and jobs_dir() is None:
+    if getattr(args, "all", False):
         seen = {0}
         for pw in pwd.getpwall():
             if pw.pw_uid in seen or not os.path.isabs(pw.pw_dir):
@@ -208,18 +211,18 @@ def _own_or_missing(args: argparse.Namespace, job: str) -> Any:
     from jbl.runner.jobstore import JobStore
     from jbl.store.errors import NotFound
 
-    store = JobStore.open_own(jobs_dir(), create=False)
+    store = JobStore.open_own(jobs_dir(args), create=False)
     if store is None:
         raise NotFound(f"no job {job}: you have no job records yet",
                        hint="jbl run --detach … starts one")
     return store
 
 
-def _checked_dir() -> Path:
+def _checked_dir(args: argparse.Namespace) -> Path:
     """The caller's job directory, made and checked (a connection opened and closed)."""
     from jbl.runner.jobstore import JobStore
 
-    store = JobStore.open_own(jobs_dir())
+    store = JobStore.open_own(jobs_dir(args))
     assert store is not None
     store.close()
     return store.where
@@ -383,7 +386,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from jbl.store.units import parse_duration
 
     age = parse_duration(args.older_than, what="--older-than")
-    store = JobStore.open_own(jobs_dir(), create=False)
+    store = JobStore.open_own(jobs_dir(args), create=False)
     ids: list[str] = []
     if store is not None:
         try:

@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
             # A record that cannot be kept (e.g. a system user without a home) is said once,
             # after the job ran: a job refused before it starts stays one error line.
             unrecorded: list[str] = []
-            record = JobRecord.start(req, unrecorded.append)
+            record = JobRecord.start(req, unrecorded.append, args=args)
             if record is not None:
                 record.note = None if quiet else _note
             try:

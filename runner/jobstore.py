@@ -23,6 +23,7 @@ is already masked. Thread-safety: one ``JobStore`` per thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -40,7 +41,7 @@ DB_NAME = "jobs.db"
 ROOT_DIR = Path("/var/lib/jbl-jobs")
 USER_DIR = ".local/state/jbl"  # under the user's home
 APPLICATION_ID = 0x6A626C6A  # "jblj"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_OTHER_DB = 1 << 30  # bytes: root skips a user's database larger than this
 OTHER_DEADLINE = 5.0  # s root gives another user's home (NFS, their FUSE mount)
 LOG_LIMIT = 16 << 20  # bytes of output kept per job by default (jbl run --log-limit)
@@ -70,7 +71,9 @@ CREATE TABLE jobs (
     log_bytes INTEGER NOT NULL DEFAULT 0,    -- bytes of output in logs now
     log_dropped INTEGER NOT NULL DEFAULT 0,  -- bytes of oldest output dropped (--log-limit)
     logger_pid INTEGER NOT NULL DEFAULT 0,   -- a detached job's logger (0: none)
-    logger_start INTEGER NOT NULL DEFAULT 0  -- its start time, as supervisor_start
+    logger_start INTEGER NOT NULL DEFAULT 0, -- its start time, as supervisor_start
+    boot_id TEXT NOT NULL DEFAULT ''         -- the kernel's boot id when the supervisor began:
+                                             -- after a reboot no pid is the same process
 );
 CREATE INDEX jobs_created ON jobs(created);
 CREATE TABLE logs (
@@ -82,6 +85,9 @@ CREATE TABLE logs (
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
 """
+# Numbered steps from each older user_version, run in one transaction.
+MIGRATIONS = {1: "ALTER TABLE jobs ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''"}
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 LIST_COLUMNS = ("id", "user", "runtime", "command", "state", "created", "ended",
                 "exit_status", "reason")
@@ -105,6 +111,50 @@ def state_dir(uid: int) -> Path:
         raise JblError(f"uid {uid} has no entry in the password database: no home for its "
                        "job records") from None
     return Path(home) / USER_DIR
+
+
+def boot_id() -> str:
+    """This boot's id ("" if the kernel has none): a record's pid and start time name a
+    process of the boot it was written in only."""
+    try:
+        with open(BOOT_ID, "rb") as fh:
+            return fh.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
+def chosen_dir(value: str) -> Path | None:
+    """``JBL_JOBS_DIR`` (``value``; "" when unset): the directory to use instead of the
+    caller's state directory, or None for that default. It is used only when it is a 0700
+    directory of the caller's (opened without following links); a directory of someone
+    else's is ignored (the variable was meant for another user: ``sudo``, a test harness);
+    anything else is one line."""
+    if not value:
+        return None
+    if not os.path.isabs(value):
+        raise UsageError(f"invalid JBL_JOBS_DIR {value!r}: must be an absolute path")
+    hint = "make it a directory of yours, mode 0700, or unset it"
+    try:
+        seen = os.lstat(value)  # whose it is, before opening (another's 0700 is unreadable)
+        if stat.S_ISDIR(seen.st_mode) and seen.st_uid != os.geteuid():
+            return None
+        fd = os.open(value, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError as e:
+        why = "a link" if e.errno == errno.ELOOP else e.strerror
+        raise UsageError(f"invalid JBL_JOBS_DIR {value!r}: {why}", hint=hint) from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (st.st_dev, st.st_ino, st.st_uid) != (seen.st_dev, seen.st_ino, os.geteuid()):
+        raise UsageError(f"invalid JBL_JOBS_DIR {value!r}: it changed while being checked",
+                         hint=hint)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionDenied(f"JBL_JOBS_DIR {value} is mode "
+                               f"{stat.S_IMODE(st.st_mode):04o}, not 0700",
+                               hint=f"chmod 700 {value}")
+    return Path(value)
 
 
 def process_start(pid: int) -> int | None:
@@ -143,6 +193,7 @@ class JobStore:
         self.conn = conn
         self.where = where
         self.writable = writable
+        self.version = SCHEMA_VERSION  # open_other: the user's, which may be older
 
     # ---- opening ----------------------------------------------------------------------
 
@@ -234,9 +285,14 @@ class JobStore:
                 flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
             conn.setbusytimeout(1000)
             app = conn.execute("PRAGMA application_id").fetchall()[0][0]
-            if app != APPLICATION_ID:
+            version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+            if app != APPLICATION_ID or not isinstance(version, int) or not (
+                    0 < version <= SCHEMA_VERSION):
+                conn.close()
                 return None
-            return cls(conn, d, writable=False)
+            other = cls(conn, d, writable=False)
+            other.version = version
+            return other
         except apsw.Error:
             return None
         finally:
@@ -256,6 +312,10 @@ class JobStore:
             if version == 0:
                 c.execute(SCHEMA)
                 c.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    c.execute(MIGRATIONS[step])
+            if version != SCHEMA_VERSION:
                 c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -273,17 +333,17 @@ class JobStore:
             "detached": int(bool(rec.get("detached"))), "created": rec.get("created",
                                                                            time.time()),
             "supervisor_pid": rec["supervisor_pid"],
-            "supervisor_start": rec["supervisor_start"],
+            "supervisor_start": rec["supervisor_start"], "boot_id": boot_id(),
         }
         with self.conn:
             self.conn.execute(
                 "INSERT INTO jobs (id, uid, user, runtime, command, limits, env, detached, "
-                "state, created, supervisor_pid, supervisor_start) VALUES (:id, :uid, :user, "
-                ":runtime, :command, :limits, :env, :detached, 'running', :created, "
-                ":supervisor_pid, :supervisor_start) ON CONFLICT(id) DO UPDATE SET "
+                "state, created, supervisor_pid, supervisor_start, boot_id) VALUES (:id, :uid, "
+                ":user, :runtime, :command, :limits, :env, :detached, 'running', :created, "
+                ":supervisor_pid, :supervisor_start, :boot_id) ON CONFLICT(id) DO UPDATE SET "
                 "runtime=excluded.runtime, command=excluded.command, limits=excluded.limits, "
                 "env=excluded.env, supervisor_pid=excluded.supervisor_pid, "
-                "supervisor_start=excluded.supervisor_start", row)
+                "supervisor_start=excluded.supervisor_start, boot_id=excluded.boot_id", row)
 
     def finish(self, job_id: str, *, exit_status: int, reason: str, message: str = "",
                peak_memory: int | None = None, cpu_time: float | None = None) -> None:
@@ -339,8 +399,8 @@ class JobStore:
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
         """Every record, oldest first (``lost`` worked out and, if writable, stored)."""
         rows = self._query(
-            f"SELECT {', '.join(LIST_COLUMNS)}, supervisor_pid, supervisor_start FROM jobs "
-            "ORDER BY created")
+            f"SELECT {', '.join(LIST_COLUMNS)}, supervisor_pid, supervisor_start"
+            f"{', boot_id' if self.version >= 2 else ''} FROM jobs ORDER BY created")
         self._find_lost(rows)
         return [r for r in rows if state is None or r["state"] == state]
 
@@ -431,13 +491,19 @@ class JobStore:
 
 
 def supervisor_alive(rec: dict[str, Any]) -> bool:
+    """Is the process that recorded ``rec`` still there: the same boot (a record from before
+    a reboot names a pid of another boot), then the same pid and start time?"""
+    if rec.get("boot_id") and rec["boot_id"] != boot_id():
+        return False
     return process_start(int(rec["supervisor_pid"])) == int(rec["supervisor_start"])
 
 
 def logger_alive(rec: dict[str, Any]) -> bool:
     """Is a detached job's logger still writing (its log not yet complete)?"""
     pid = int(rec.get("logger_pid") or 0)
-    return pid > 0 and process_start(pid) == int(rec["logger_start"])
+    if pid <= 0 or (rec.get("boot_id") and rec["boot_id"] != boot_id()):
+        return False
+    return process_start(pid) == int(rec["logger_start"])
 
 
 def _int(value: object) -> int:

@@ -105,6 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
        "(as `--require-limits`)"),
     _e("JBL_CGROUP_PARENT", "`jbl` (root) or the caller's own cgroup's parent",
        "the cgroup v2 parent of job cgroups"),
+    _e("JBL_JOBS_DIR", "unset: `~/.local/state/jbl`, root's `/var/lib/jbl-jobs`",
+       "where job records and logs live (`jobs.db`); used only when it is a 0700 directory "
+       "of the caller's, ignored when it is someone else's (the test suite's own records)"),
     _e("JBL_DEBUG", "unset", "non-empty: debug logs and tracebacks (as `--debug`)"),
     _e("JBL_GPU_DRIVER_ROOT", "unset", "test-only: overrides config `gpu_driver_root`"),
     _e("JBL_SLIRP_HOST_LOOPBACK", "unset", "test-only: `1` lets an isolated job reach the "

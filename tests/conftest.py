@@ -20,6 +20,23 @@ JBL = str(Path(sys.executable).with_name("jbl"))
 
 from rtbuild import build_runtime  # noqa: E402
 
+# Job records of the jobs tests run as root go to a directory of the session's own, never
+# into root's real ones (/var/lib/jbl-jobs): JBL_JOBS_DIR, inherited by every jbl the tests
+# start. Under /run (root's, 0755), as /tmp's sticky 1777 is no safe parent for records.
+# Test users' jbl ignores it (not their directory) and keeps to their own homes.
+if os.geteuid() == 0 and "JBL_JOBS_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JBL_JOBS_DIR"] = tempfile.mkdtemp(prefix="jbl-test-jobs-", dir="/run")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    jobs = os.environ.get("JBL_JOBS_DIR", "")
+    if os.geteuid() == 0 and Path(jobs).name.startswith("jbl-test-jobs-"):
+        import shutil
+
+        shutil.rmtree(jobs, ignore_errors=True)
+
 # fixtures shared by the multi-user tests (``users``: real users for one module)
 pytest_plugins = ["fixtures_users"]
 

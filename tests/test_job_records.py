@@ -1,8 +1,9 @@
 """Job records (issue 13): ``jbl run --detach`` and ``jbl job list|status|log|stop|rm|prune``,
 with real jobs, real processes and real users.
 
-Root's jobs go to root's real records (``/var/lib/jbl-jobs``), shared with other tests running
-jobs as root: every check here looks at this test's own job ids only, and removes them.
+Root's jobs go to the test session's records (``JBL_JOBS_DIR``, set by conftest.py), never
+root's real ones, shared with other tests running jobs as root: every check here looks at
+this test's own job ids only, and removes them.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def test_foreground_job_is_recorded_and_secret_values_never_stored(rt: str) -> N
             got = jbl(*args)
             outputs += [got.stdout, got.stderr]
         assert not any(SECRET in o for o in outputs)
-        for f in Path("/var/lib/jbl-jobs").iterdir():  # the database and its WAL
+        for f in Path(os.environ["JBL_JOBS_DIR"]).iterdir():  # the database and its WAL
             assert SECRET.encode() not in f.read_bytes(), f
         jbl("job", "rm", job2)
     finally:
@@ -271,7 +272,7 @@ def test_root_skips_a_planted_link_as_a_users_database(rt: str, users: Users) ->
     """A user's jobs.db that is a link to root's records is not read by root's --all."""
     d = users.home(users.carol) / ".local/state/jbl"
     subprocess.run(["runuser", "-u", users.carol, "--", "sh", "-c",
-                    f"mkdir -p {d} && chmod 700 {d} && ln -sf /var/lib/jbl-jobs/jobs.db "
+                    f"mkdir -p {d} && chmod 700 {d} && ln -sf {os.environ['JBL_JOBS_DIR']}/jobs.db "
                     f"{d}/jobs.db"], check=True)
     job = detach(rt, "true")
     try:
@@ -354,3 +355,88 @@ def test_list_of_10000_records_is_fast(users: Users) -> None:
     with open(os.path.join(tempfile.gettempdir(), "jbl-job-list-bench.txt"), "w") as fh:
         fh.write(report + "\n")
     assert min(inproc) < 0.1, report
+
+
+# ---- where records live; what survives a reboot ----------------------------------------------
+
+def _own_dir(tag: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=f"jbl-test-jobs-{tag}-", dir="/run"))
+    d.chmod(0o700)
+    return d
+
+
+def test_a_record_from_before_a_reboot_is_lost_and_an_old_database_migrates() -> None:
+    """A ``running`` record whose pid and start time match a live process but whose boot id
+    is another boot's is lost (after a reboot pids and start ticks repeat); a schema-1
+    database (no boot id) is migrated in place, its records kept."""
+    import shutil
+
+    import apsw
+    from jbl.runner.jobstore import JobStore, boot_id, process_start
+
+    d = _own_dir("boot")
+    try:
+        s = JobStore.open_own(d)
+        assert s is not None
+        me = {"runtime": "pyrt@1.0.0", "command": ["true"], "supervisor_pid": os.getpid(),
+              "supervisor_start": process_start(os.getpid())}
+        s.begin(me | {"id": "job-0000aaaa"})
+        s.begin(me | {"id": "job-0000bbbb"})
+        with s.conn:
+            s.conn.execute("UPDATE jobs SET boot_id='another-boot' WHERE id='job-0000bbbb'")
+        assert boot_id() and {r["id"]: r["state"] for r in s.jobs()} == {
+            "job-0000aaaa": "running", "job-0000bbbb": "lost"}
+        # back to schema 1, as an older jbl left it
+        with s.conn:
+            s.conn.execute("ALTER TABLE jobs DROP COLUMN boot_id")
+            s.conn.execute("PRAGMA user_version=1")
+        s.close()
+        s = JobStore.open_own(d)
+        assert s is not None
+        assert s.conn.execute("PRAGMA user_version").fetchall()[0][0] == 2
+        assert {r["id"]: r["state"] for r in s.jobs()} == {
+            "job-0000aaaa": "running", "job-0000bbbb": "lost"}
+        s.close()
+        with pytest.raises(apsw.Error):  # and nothing else was made of it
+            apsw.Connection(str(d / "jobs.db")).execute("SELECT x FROM jobs")
+    finally:
+        shutil.rmtree(d)
+
+
+def test_jobs_dir_setting_is_used_checked_or_ignored(rt: str, users: Users) -> None:
+    import shutil
+
+    real = Path("/var/lib/jbl-jobs")
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in real.iterdir()} \
+        if real.is_dir() else {}
+    d = _own_dir("set")
+    env = dict(os.environ, JBL_JOBS_DIR=str(d))
+    try:
+        r = subprocess.run([JBL, "--json", "run", "--runtime-dir", rt, "--", "true"],
+                           capture_output=True, text=True, env=env, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        job = json.loads(r.stdout)["job_id"]
+        listed = subprocess.run([JBL, "job", "list", "--json"], capture_output=True,
+                                text=True, env=env, timeout=60).stdout
+        assert [x["id"] for x in json.loads(listed)] == [job]  # there, and only it
+        # root's real records never saw it (nor any other job of this test session)
+        after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in real.iterdir()} \
+            if real.is_dir() else {}
+        assert after == before
+        # someone else's directory: ignored, the user keeps to their own records
+        u = as_user(users.alice, "job", "list", "--json", env={"JBL_JOBS_DIR": str(d)})
+        assert u.rc == 0 and job not in u.out, u.err
+        # the caller's own but open to others, a link, relative, missing: one line each
+        d.chmod(0o755)
+        link = Path(str(d) + "-link")
+        link.symlink_to(d)
+        for value, code in ((str(d), 8), (str(link), 2), ("rel/dir", 2),
+                            (str(d / "missing"), 2)):
+            r = subprocess.run([JBL, "job", "list"], capture_output=True, text=True,
+                               env=dict(env, JBL_JOBS_DIR=value), timeout=60)
+            assert r.returncode == code and r.stderr.count("\n") == 1, (value, r.stderr)
+            assert "JBL_JOBS_DIR" in r.stderr and "Traceback" not in r.stderr
+        link.unlink()
+    finally:
+        shutil.rmtree(d)
