@@ -1,0 +1,234 @@
+"""Servers for the transport and fleet tests, all on 127.0.0.1 and random free ports:
+
+* ``ScriptedServer``: a small HTTP/1.1 server (keep-alive) serving a dict of files, told
+  per path what to do next (serve bad bytes, answer 503/429, trickle, vanish) and logging
+  every request with its headers and connection;
+* ``ForwardProxy``: a minimal forward HTTP proxy (absolute-URI GETs) that logs what it
+  forwarded, to prove the proxy settings are honoured;
+* fixtures for the real servers ``docs/fleet.md`` configures: nginx as the origin
+  (``nginx_origin``), squid as the cache in front of it (``squid_cache``), both started from
+  the config files in ``docs/fleet/`` with only ports and paths filled in, and moto's server
+  mode as the S3 API (``s3_server``). Each is killed and its directory removed afterwards; a
+  fixture skips only when its program is not installed (``make test`` installs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FLEET_DOCS = ROOT / "docs" / "fleet"
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Logged:
+    path: str
+    headers: dict[str, str]
+    conn: int  # which TCP connection (a counter per accepted socket)
+
+
+@dataclass
+class Script:
+    """What the server does for requests of a path, one action per request, then serves the
+    file: ``"bad"`` (flipped bytes), ``"503"``, ``"429"``, ``"404"``, ``"trickle"`` (one
+    byte every ``trickle_gap`` s), ``"big"`` (the file plus extra bytes)."""
+
+    actions: list[str] = field(default_factory=list)
+
+
+class ScriptedServer:
+    def __init__(self, files: dict[str, bytes] | None = None, *, trickle_gap: float = 0.3,
+                 chunk_gap: float = 0.0) -> None:
+        self.files: dict[str, bytes] = dict(files or {})
+        self.scripts: dict[str, list[str]] = {}
+        self.always: dict[str, str] = {}  # path -> an action for every request
+        self.log: list[Logged] = []
+        self.trickle_gap = trickle_gap
+        self.chunk_gap = chunk_gap  # seconds between 256-byte chunks (0: one write)
+        self.lock = threading.Lock()
+        self._conns = 0
+        self._socks: list[socket.socket] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with outer.lock:
+                    outer._conns += 1
+                    self.conn_no = outer._conns
+                    outer._socks.append(self.connection)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer._serve(self)
+
+        self.httpd = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{HOST}:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def connections(self) -> int:
+        return self._conns
+
+    def script(self, path: str, *actions: str) -> None:
+        with self.lock:
+            self.scripts.setdefault(path.lstrip("/"), []).extend(actions)
+
+    def requests_for(self, path: str) -> list[Logged]:
+        return [r for r in self.log if r.path == path.lstrip("/")]
+
+    def _serve(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?", 1)[0]
+        if path.startswith("http://"):  # absolute form (from a proxy)
+            path = "/" + path.split("/", 3)[3]
+        path = path.lstrip("/")
+        with self.lock:
+            self.log.append(Logged(path, {k.lower(): v for k, v in h.headers.items()},
+                                   getattr(h, "conn_no", 0)))
+            queue = self.scripts.get(path, [])
+            action = queue.pop(0) if queue else self.always.get(path, "")
+        body = self.files.get(path)
+        if action in ("503", "429", "404") or body is None:
+            code = int(action) if action else 404
+            h.send_response(code)
+            if code == 429:
+                h.send_header("Retry-After", "0")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if action == "bad":
+            body = bytes([body[0] ^ 0xFF]) + body[1:] if body else b"x"
+        elif action == "big":
+            body = body + b"\0" * 4096
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Content-Type", "application/octet-stream")
+        h.end_headers()
+        try:
+            if action == "trickle":
+                for i in range(len(body)):
+                    h.wfile.write(body[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(self.trickle_gap)
+            elif self.chunk_gap:
+                for i in range(0, len(body), 256):
+                    h.wfile.write(body[i:i + 256])
+                    h.wfile.flush()
+                    time.sleep(self.chunk_gap)
+            else:
+                h.wfile.write(body)
+        except OSError:
+            pass  # the client gave up (the stall rule shut its socket)
+
+    def disappear(self) -> None:
+        """Stop listening and close every connection: later ones are refused."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.lock:
+            for sock in self._socks:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.disappear()
+
+
+class ForwardProxy:
+    """A forward HTTP proxy for absolute-URI GETs to 127.0.0.1, logging each URL."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.log.append(self.path)
+                rest = self.path.split("://", 1)[1]
+                hostport, _, path = rest.partition("/")
+                host, _, port = hostport.partition(":")
+                if host != HOST:  # never anywhere but this machine's loopback
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                c = http.client.HTTPConnection(host, int(port or 80), timeout=10)
+                c.request("GET", "/" + path, headers={"Cache-Control":
+                                                      self.headers.get("Cache-Control", "")})
+                r = c.getresponse()
+                body = r.read()
+                c.close()
+                self.send_response(r.status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Via", "1.1 test-proxy")
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://{HOST}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path | None = None,
+              timeout: float = 20.0) -> None:
+    """Until something accepts on ``port`` (the process still alive), at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {text}")
+        with socket.socket() as s:
+            if s.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def python_exe() -> str:
+    return sys.executable
