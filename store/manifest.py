@@ -261,19 +261,3 @@ def manifest_from_doc(doc: Any, *, source: str = MANIFEST_NAME) -> Manifest:
     archs, gpu = _requirements(doc, source)
     return Manifest(name, version, str(doc.get("description") or ""), tuple(mounts), env, extra,
                     archs, gpu)
-
-
-def dump_manifest(m: Manifest) -> str:
-    doc: dict[str, Any] = {"name": m.name, "version": m.version}
-    if m.description:
-        doc["description"] = m.description
-    if m.mounts:
-        doc["mounts"] = [{"source": x.source, "target": x.target, "readonly": x.readonly}
-                         for x in m.mounts]
-    if m.environment:
-        doc["environment"] = dict(m.environment)
-    doc.update(m.extra)
-    import yaml
-
-    text: str = yaml.safe_dump(doc, sort_keys=False)  # PyYAML ships no type hints
-    return text
