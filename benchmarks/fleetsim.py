@@ -4,9 +4,10 @@ Owns the issue-16 model over the REAL series (no synthetic data):
 - **Objects** (``scan``): every regular file of each version's extracted tree is cut into
   1 MiB chunks named by the sha256 of their bytes, each stored as the store's blobs are
   (``store/blobs.py``: raw under 64 bytes, zstd level 1 when that saves ≥ 5 %, else raw).
-  A chunk of a file larger than one chunk is a *large* object; any other is *small*. The
-  version's tree is estimated as its entries (path, mode, size, mtime, chunk digests) in JSON,
-  zstd-compressed.
+  A whole 1 MiB chunk is a *large* object, any shorter one (a small file, a large file's
+  tail) *small*, as ``store/caspublish.py`` decides. Entries are taken in ``jbl pack``'s order.
+  The version's tree is estimated as its entries (path, mode, size, mtime, chunk digests) in
+  JSON, zstd level 9 (the published tree also lists packs and bodies).
 - **Publishing** (``publish``): versions in order; a version's objects not published before are
   new; new small objects go, in tree order, into that version's packs of ≤ 4 MiB (the "new since
   the previous version" packs), new large objects stay single objects. Every object is also
@@ -44,8 +45,8 @@ import zstandard
 
 from .measure import fmt
 
-MODEL = 2                      # bump when the simulation changes: cached results are keyed by it
-SCAN = 1                       # bump when the chunking or the size rule changes (scan cache key)
+MODEL = 3                      # bump when the simulation changes: cached results are keyed by it
+SCAN = 2                       # bump when the chunking or the size rule changes (scan cache key)
 CHUNK = 1 << 20                # store/schema.py CHUNK_SIZE
 ZSTD_LEVEL = 1                 # store/blobs.py ZSTD_LEVEL
 MIN_SAVING = 0.05              # store/blobs.py MIN_SAVING
@@ -86,24 +87,37 @@ def stored_size(data: bytes, cctx: zstandard.ZstdCompressor) -> int:
 
 
 def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
+    """Entries in ``jbl pack``'s order (store/pack.py): runtime.yml first, then depth-first
+    with names in byte order; an install records them, and the publisher packs, in it."""
     out = []
-    for dirpath, dirs, names in os.walk(root):
-        dirs.sort()
-        for n in sorted(names) + dirs:
-            p = os.path.join(dirpath, n)
-            out.append((os.path.relpath(p, root), os.lstat(p)))
+    top = root / "runtime.yml"
+    if top.is_file():
+        out.append(("runtime.yml", top.lstat()))
+
+    def visit(d: Path, rel: str) -> None:
+        for raw in sorted(os.fsencode(n) for n in os.listdir(d)):
+            arc = f"{rel}/{os.fsdecode(raw)}" if rel else os.fsdecode(raw)
+            if arc == "runtime.yml":
+                continue
+            st = os.lstat(root / arc)
+            out.append((arc, st))
+            if stat.S_ISDIR(st.st_mode):
+                visit(root / arc, arc)
+
+    visit(root, "")
     return out
 
 
-def _chunks(path: Path, known: dict[str, int]) -> list[tuple[str, int]]:
-    """(digest, stored size) per chunk; zstd only runs on chunks not seen before."""
+def _chunks(path: Path, known: dict[str, int]) -> list[tuple[str, int, bool]]:
+    """(digest, stored size, a whole chunk?) per chunk; zstd runs on chunks not seen before."""
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     out = []
     with open(path, "rb") as f:
         while data := f.read(CHUNK):
             d = hashlib.sha256(data).hexdigest()
             size = known.get(d)
-            out.append((d, size if size is not None else stored_size(data, cctx)))
+            out.append((d, size if size is not None else stored_size(data, cctx),
+                        len(data) == CHUNK))
     return out
 
 
@@ -118,13 +132,14 @@ def scan(root: Path, version: str, known: dict[str, int]) -> Scan:
     tree = []
     for rel, st in entries:
         cs = chunked.get(rel, [])
-        for d, size in cs:
+        for d, size, whole in cs:
             known[d] = size
-            objects.setdefault(d, (size, len(cs) > 1))
+            objects.setdefault(d, (size, whole))
         target = os.readlink(root / rel) if stat.S_ISLNK(st.st_mode) else None
-        tree.append([rel, st.st_mode, st.st_size, st.st_mtime_ns, target, [d for d, _ in cs]])
+        tree.append([rel, st.st_mode, st.st_size, st.st_mtime_ns, target,
+                     [d for d, _s, _w in cs]])
     body = json.dumps(tree, separators=(",", ":")).encode()
-    return Scan(version, objects, len(zstandard.ZstdCompressor(level=3).compress(body)),
+    return Scan(version, objects, len(zstandard.ZstdCompressor(level=9).compress(body)),
                 sum(st.st_size for _, st in files))
 
 

@@ -22,15 +22,18 @@ MANIFEST = ("name: fleetrt\nversion: {v}\ndescription: fleet simulation test\n"
 
 
 def _runtime(root: Path, version: str, seed: int, changed: int = 0) -> Path:
-    """A runtime with large files of every codec kind and many small files (``changed`` of
-    them, and the large file's last chunk, differ from seed 0's)."""
+    """A runtime with a large file (whole chunks raw and zstd, a short tail), small files of
+    every codec kind (``changed`` of them, and the large file's second chunk and tail, differ
+    from seed 0's)."""
     rnd = random.Random(seed)
     iso = root / "isolated"
     (iso / "lib").mkdir(parents=True)
     (root / "runtime.yml").write_text(MANIFEST.format(v=version))
     noise = random.Random(1).randbytes(1 << 20)           # incompressible: kept raw
-    tail = b"tail %d\n" % (seed if changed else 0) * 60_000
-    (iso / "lib/big.bin").write_bytes(noise + bytes(1 << 20) + tail)   # 3 chunks
+    mark = seed if changed else 0
+    middle = (b"middle %d\n" % mark * (1 << 17))[:1 << 20]
+    tail = b"tail %d\n" % mark * 60_000
+    (iso / "lib/big.bin").write_bytes(noise + middle + tail)   # 2 whole chunks + a tail
     barely = bytearray(random.Random(2).randbytes(50_000))
     barely[:1500] = bytes(1500)                           # saves < 5 %: kept raw
     (iso / "lib/barely.bin").write_bytes(bytes(barely))
@@ -61,7 +64,7 @@ def test_scan_objects_are_the_blobs_a_real_import_stores(tmp_path: Path,
     big = subprocess.run(["sha256sum", str(src / "isolated/lib/big.bin")], check=True,
                          capture_output=True, text=True).stdout.split()[0]
     assert big not in scan.objects                         # chunks, not the whole file
-    assert sum(b for _n, b in scan.objects.values()) == 3
+    assert sum(b for _n, b in scan.objects.values()) == 2     # the tail is a small object
     assert scan.objects[_sha(b"short")] == (5, False)
     assert scan.objects[_sha(src / "isolated/lib/barely.bin")] == (50_000, False)
     assert scan.objects[_sha(src / "isolated/lib/text.py")][0] < 30_000 // 10
@@ -82,9 +85,9 @@ def test_updates_fetch_what_is_new_packs_whole_when_cheaper_and_caches_flatten(
 
     update = fleetsim.fetch_plan(scans[1], pub, set(scans[0].objects))
     new = {d: n for d, (n, _b) in scans[1].objects.items() if d not in scans[0].objects}
-    # 10 files, runtime.yml (its version line) and the large file's last chunk
-    assert len(new) == 12 and update.lacking == sum(new.values())
-    # the 11 small ones come as their version's pack, the changed chunk alone
+    # 10 files, runtime.yml (its version line), the large file's tail and its middle chunk
+    assert len(new) == 13 and update.lacking == sum(new.values())
+    # the 12 small ones come as their version's pack, the changed whole chunk alone
     assert sorted(u.split("/")[0] for u in update.urls) == [
         "objects", "packs", "registry.json@2.0.0", "trees"]
     assert update.bytes == sum(new.values()) + scans[1].tree_bytes + fleetsim.REGISTRY_JSON
@@ -92,7 +95,7 @@ def test_updates_fetch_what_is_new_packs_whole_when_cheaper_and_caches_flatten(
     cold = fleetsim.fetch_plan(scans[1], pub, set())
     # a cold node lacks 50 of version 1's pack's 60+ small objects: the whole pack is cheaper
     assert sorted(u for u in cold.urls if u.startswith("packs/")) == ["packs/0", "packs/1"]
-    assert cold.requests == 2 + 2 + 3                     # registry, tree, packs, 3 chunks
+    assert cold.requests == 2 + 2 + 2                     # registry, tree, packs, 2 chunks
 
     sim = fleetsim.simulate(scans, [1000, 1000])
     rows = {r["nodes"]: r for r in sim["fleet"]}          # type: ignore[attr-defined]
