@@ -25,6 +25,11 @@ Keys::
     removed_hold_limit: 6h       # how long a mount keeps holding a removed version someone
                                  # still has open or cd'd into (fusefs/leases.py); never = no limit
     download: {...}              # download bounds; read by store/registry (DownloadSettings)
+    mirrors:                     # asked before a registry's origin for its content-addressed
+      - http://cache.lab:8080/runtimes             # files (store/transport.py), in order:
+      - {url: /srv/mirror, registry: https://origin.example.org/runtimes}  # for one only
+    proxy: http://squid.lab:3128 # HTTP proxy of downloads (HTTP(S)_PROXY/ALL_PROXY win)
+    s3_endpoint: https://s3.eu-west-1.amazonaws.com   # what s3://BUCKET/PREFIX reaches
     gpu_driver_root: /srv/fake   # test-only: where jbl looks for proc/driver/nvidia, dev/nvidia*,
                                  # etc/ld.so.cache, usr/bin/nvidia-smi (runner/gpu.py; env
                                  # JBL_GPU_DRIVER_ROOT wins); default /
@@ -37,7 +42,8 @@ How files combine: ``registries`` lists are concatenated, the user's first (so a
 a registry in front of the admin's; duplicates dropped, and the first mention of a URL
 decides whether it is ``enabled``, so a user can switch off an admin's registry); ``store``
 is overridden; ``gc`` and
-``download`` are shallow merges (a user's key replaces the admin's). A relative path in
+``download`` are shallow merges (a user's key replaces the admin's); ``mirrors`` are
+concatenated, the user's first; ``proxy`` and ``s3_endpoint`` are overridden. A relative path in
 ``registries`` is taken relative to the file that names it, unless it has the shape
 ``OWNER/REPO`` and no such path exists there: then it is that GitHub repository
 (``https://github.com/OWNER/REPO``; registry.py maps it to its raw registry.json).
@@ -75,6 +81,7 @@ GITHUB_RAW_BASE = "https://raw.githubusercontent.com"
 # in .json is a registry file's path, never a repository.
 GITHUB_REPO_RE = re.compile(r"[A-Za-z0-9-]+/(?!\.\.?$)(?![^/]*\.json$)[A-Za-z0-9._-]+")
 MAX_REGISTRIES = 256  # per file: a list longer than this is a mistake, not a setup
+MAX_MIRRORS = 16  # per file: each is asked in turn for a missing file
 REMOVED_HOLD_LIMIT = 6 * 3600.0  # seconds; the default of removed_hold_limit
 
 
@@ -92,6 +99,16 @@ class RegistrySource:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """One configured mirror: a URL or directory, for every registry (``registry`` empty) or
+    for the one whose base URL (or registry.json URL) is ``registry``."""
+
+    url: str
+    registry: str = ""
+    origin: str = ""  # the config file that named it
+
+
+@dataclass(frozen=True)
 class Config:
     registries: tuple[RegistrySource, ...] = ()
     store: Path | None = None
@@ -103,6 +120,9 @@ class Config:
     removed_hold_limit: float | None = REMOVED_HOLD_LIMIT  # seconds; None = never released
     gpu_driver_root: str | None = None  # test-only fake driver tree (runner/gpu.py)
     github_raw_base: str = GITHUB_RAW_BASE  # where OWNER/REPO registries are fetched from
+    mirrors: tuple[Mirror, ...] = ()  # store/transport.py, before each registry's origin
+    proxy: str | None = None  # HTTP proxy of downloads (the environment's proxies win)
+    s3_endpoint: str | None = None  # what s3:// names (None: transport's AWS default)
 
 
 def config_paths(env: Mapping[str, str]) -> list[Path]:
@@ -170,11 +190,16 @@ def file_registries(doc: Mapping[str, Any], path: Path) -> list[tuple[RegistrySo
 
 def _raw_base(value: Any, what: str) -> str:
     """``github_raw_base`` / JBL_GITHUB_RAW_BASE: an http(s) URL without query or fragment."""
+    return _http_url(value, what, GITHUB_RAW_BASE)
+
+
+def _http_url(value: Any, what: str, example: str) -> str:
+    """An http(s) URL without query, fragment or spaces, else UsageError with ``example``."""
     text = value.strip().rstrip("/") if isinstance(value, str) else ""
     scheme, _, rest = text.partition("://")
     if scheme.lower() not in ("http", "https") or not rest or len(text) > 2048 \
             or any(c in text for c in "?# ") or not text.isprintable():
-        raise UsageError(f"{what} must be an http(s) URL such as {GITHUB_RAW_BASE} "
+        raise UsageError(f"{what} must be an http(s) URL such as {example} "
                          f"(got {str(value)[:200]!r})")
     return text
 
@@ -247,6 +272,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     extra: dict[str, Any] = {}
     hold: float | None = REMOVED_HOLD_LIMIT
     gpu_root: str | None = None
+    fleet: dict[str, Any] = {"mirrors": [], "proxy": None, "s3_endpoint": None}
     read: list[Path] = []
     for path, joblet in _files(env):
         doc = _load_file(path, joblet)
@@ -277,6 +303,7 @@ def load_config(env: Mapping[str, str]) -> Config:
                 raise UsageError(f"config {path}: 'gpu_driver_root' must be an absolute path")
         if doc.get("removed_hold_limit") is not None:
             hold = _hold_limit(doc["removed_hold_limit"], path)
+        _fleet_keys(doc, path, fleet)
         extra.update({k: v for k, v in doc.items() if k not in _KNOWN})
     if env.get(ENV_GITHUB_RAW_BASE):
         raw_base = _raw_base(env[ENV_GITHUB_RAW_BASE], ENV_GITHUB_RAW_BASE)
@@ -288,7 +315,49 @@ def load_config(env: Mapping[str, str]) -> Config:
             if enabled:
                 unique.append(r)
     return Config(tuple(unique), store, gc, tuple(read), extra, download=download,
-                  removed_hold_limit=hold, gpu_driver_root=gpu_root, github_raw_base=raw_base)
+                  removed_hold_limit=hold, gpu_driver_root=gpu_root, github_raw_base=raw_base,
+                  mirrors=tuple(fleet["mirrors"]), proxy=fleet["proxy"],
+                  s3_endpoint=fleet["s3_endpoint"])
+
+
+def _fleet_keys(doc: Mapping[str, Any], path: Path, fleet: dict[str, Any]) -> None:
+    """``mirrors`` (this file's go first), ``proxy`` and ``s3_endpoint`` into ``fleet``."""
+    if doc.get("proxy") is not None:
+        fleet["proxy"] = _http_url(doc["proxy"], f"config {path}: 'proxy'",
+                                   "http://squid.example.org:3128")
+    if doc.get("s3_endpoint") is not None:
+        fleet["s3_endpoint"] = _http_url(doc["s3_endpoint"], f"config {path}: 's3_endpoint'",
+                                         "https://s3.eu-west-1.amazonaws.com")
+    value = doc.get("mirrors")
+    if value is None:
+        return
+    if isinstance(value, str | dict):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_MIRRORS:
+        raise UsageError(f"config {path}: 'mirrors' must be a list of at most {MAX_MIRRORS}")
+    mine = []
+    for i, item in enumerate(value):
+        where = f"config {path}: mirrors[{i}]"
+        url: Any = None
+        registry: Any = ""
+        if isinstance(item, str):
+            url = item
+        elif isinstance(item, dict):
+            url, registry = item.get("url"), item.get("registry", "")
+        if not isinstance(url, str) or not url.strip() or not isinstance(registry, str):
+            raise UsageError(f"{where} must be a URL/directory or a mapping with 'url' (and "
+                             "'registry')")
+        mine.append(Mirror(_place(url.strip(), path), _place(registry.strip(), path)
+                           if registry.strip() else "", str(path)))
+    fleet["mirrors"] = mine + fleet["mirrors"]
+
+
+def _place(text: str, path: Path) -> str:
+    """A URL as it is; a path made absolute relative to the config file naming it."""
+    if _is_url(text) or len(text) > 2048:
+        return text[:2048]
+    p = Path(os.path.expanduser(text))
+    return str(p if p.is_absolute() else (path.parent / p).resolve())
 
 
 def _hold_limit(value: Any, path: Path) -> float | None:

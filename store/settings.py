@@ -85,6 +85,14 @@ SETTINGS: tuple[Setting, ...] = (
        "still has open or cd'd into; `never` = no limit"),
     _c("github_raw_base", "`https://raw.githubusercontent.com`", "where `OWNER/REPO` "
        "registries are fetched from (a mirror; `JBL_GITHUB_RAW_BASE` wins)"),
+    _c("mirrors", "none", "where a registry's content-addressed files are asked for before "
+       "its origin, in order: each a URL (`http(s)://`, `s3://BUCKET/PREFIX`, a directory) "
+       "for every registry, or `{url, registry}` for one (docs/fleet.md)"),
+    _c("proxy", "none", "the HTTP proxy of registry downloads (`http://HOST:PORT`, e.g. a "
+       "squid cache); `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY` win, `NO_PROXY` applies"),
+    _c("s3_endpoint", "`https://s3.amazonaws.com`", "the S3 API that `s3://BUCKET/PREFIX` "
+       "names: read as unsigned HTTP(S) at `ENDPOINT/BUCKET/PREFIX/…` (`{bucket}` in it: "
+       "virtual-hosted), published to with boto3"),
     _c("gpu_driver_root", "`/`", "test-only: the tree holding the GPU driver's files "
        "(`JBL_GPU_DRIVER_ROOT` wins)"),
     _c("admin_group", f"`{DEFAULT_ADMIN_GROUP}`", "the admin group `jbl setup --system` makes "
@@ -116,6 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
        "(store/crashpoints.py)"),
     _e("JBL_PAUSE_AT", "unset", "test-only: `NAME=DIR` pauses at crash point NAME until "
        "`DIR/NAME.PID` is removed"),
+    _e("HTTP_PROXY", "unset", "proxy for http:// registry downloads (also `http_proxy`; "
+       "wins over config `proxy`)"),
+    _e("HTTPS_PROXY", "unset", "proxy for https:// registry downloads (also `https_proxy`)"),
+    _e("ALL_PROXY", "unset", "proxy for both when the two above are unset (also `all_proxy`)"),
+    _e("NO_PROXY", "unset", "hosts reached without a proxy, comma-separated (`*`: none; "
+       "also `no_proxy`)"),
     _e("JBL_DEMO_DIR", "`/var/tmp/jbl-demo`", "where `make demo` builds and installs"),
     _e("JBL_JOB_ID", "—", "set by jbl in every job's environment (never read)"),
     _e("JBL_BENCH_CACHE", "`/var/tmp/jbl-bench`", "benchmarks only: their download and "

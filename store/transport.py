@@ -66,6 +66,7 @@ import httpx
 from .errors import IntegrityError, RegistryError, UsageError
 
 if TYPE_CHECKING:
+    from .config import Config
     from .registry import DownloadSettings
 
 Check = Callable[[bytes], bool]
@@ -91,6 +92,27 @@ class TransportSettings:
     tries: int = 5             # requests per file and source on 429/5xx
     backoff: float = 0.25      # seconds before the first retry; doubled each time, jittered
     backoff_total: float = 30.0  # most seconds spent waiting on one file and source
+
+
+def transport_settings(config: Config, env: Mapping[str, str],
+                       download: DownloadSettings | None = None) -> TransportSettings:
+    """The settings of one command: config ``proxy``/``s3_endpoint``, the environment
+    snapshot (``Settings.env``; only its proxy variables are read) and the download bounds."""
+    return TransportSettings(download=download, proxy=config.proxy, env=env,
+                             s3_endpoint=config.s3_endpoint or DEFAULT_S3_ENDPOINT)
+
+
+def mirrors_for(config: Config, registry_url: str) -> list[str]:
+    """The configured mirrors of the registry at ``registry_url`` (its registry.json or its
+    directory), in order: those named for it and those for every registry as they come."""
+    def base(url: str) -> str:
+        url = url.rstrip("/")
+        if url.startswith("file://"):
+            url = unquote(urlsplit(url).path)
+        return url.rsplit("/", 1)[0] if url.endswith(".json") else url
+
+    me = base(registry_url)
+    return [m.url for m in config.mirrors if not m.registry or base(m.registry) == me]
 
 
 def check_relpath(relpath: str) -> str:

@@ -17,15 +17,18 @@ from pathlib import Path
 
 import pytest
 from fleet_servers import ForwardProxy, ScriptedServer
+from jbl.store.config import load_config
 from jbl.store.errors import ExitCode, IntegrityError, RegistryError, UsageError
 from jbl.store.registry import DownloadSettings
 from jbl.store.transport import (
     DirTarget,
     Fetcher,
     TransportSettings,
+    mirrors_for,
     proxy_map,
     source_for,
     target_for,
+    transport_settings,
 )
 
 BODY = os.urandom(3000)
@@ -307,3 +310,29 @@ def test_s3_target_without_boto3_is_one_line(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
     assert out.stdout.strip() == "publishing to s3://bucket/x needs boto3: pip install " \
         "'jbl[s3]'", out.stderr
+
+
+def test_config_mirrors_proxy_and_s3_endpoint(tmp_path: Path) -> None:
+    system = tmp_path / "system.yaml"
+    system.write_text("mirrors: [http://127.0.0.1:9/all]\nproxy: http://127.0.0.1:3128\n"
+                      "s3_endpoint: http://127.0.0.1:9000/\n")
+    cfg = load_config({"JBL_CONFIG": str(system)})
+    assert (cfg.proxy, cfg.s3_endpoint) == ("http://127.0.0.1:3128", "http://127.0.0.1:9000")
+    user = tmp_path / "user.yaml"
+    user.write_text("mirrors:\n  - {url: mirror, registry: http://o.example/reg/}\n"
+                    "  - s3://bucket-1/x\n")
+    cfg2 = load_config({"JBL_CONFIG": str(user)})
+    assert [m.url for m in cfg2.mirrors] == [str(tmp_path / "mirror"), "s3://bucket-1/x"]
+    assert mirrors_for(cfg2, "http://o.example/reg/registry.json") == \
+        [str(tmp_path / "mirror"), "s3://bucket-1/x"]
+    assert mirrors_for(cfg2, "http://other.example/registry.json") == ["s3://bucket-1/x"]
+    ts = transport_settings(cfg, {"HTTPS_PROXY": "http://127.0.0.1:1"})
+    assert ts.s3_endpoint == "http://127.0.0.1:9000" and ts.proxy == cfg.proxy
+    assert transport_settings(cfg2, {}).s3_endpoint == "https://s3.amazonaws.com"
+    for bad, what in (("proxy: squid:3128", r"'proxy' must be an http\(s\) URL"),
+                      ("mirrors: [{registry: x}]", r"mirrors\[0\] must be a URL"),
+                      ("mirrors: 5", "'mirrors' must be a list")):
+        user.write_text(bad + "\n")
+        with pytest.raises(UsageError, match=what) as ei:
+            load_config({"JBL_CONFIG": str(user)})
+        assert "\n" not in str(ei.value)
