@@ -115,6 +115,10 @@ class Engine(Protocol):
     name: str
     stats: dict[str, int]
 
+    def busy(self) -> dict[str, int]:
+        """Nanoseconds spent so far per opcode and per kind of read work, and the chunk
+        cache's counters (``kill -USR1``: docs/mount.md, "Where the time goes")."""
+
     def mount(self, mountpoint: Path, allow_other: bool, source: str) -> None:
         """Mount ``mountpoint``; raise (anything) if that failed, having undone it."""
 
@@ -188,6 +192,7 @@ def serve(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
 
     def dump(_signum: int, _frame: object) -> None:
         log.info("requests so far: %s", eng.stats)  # `kill -USR1 PID`: what reached us
+        log.info("time spent so far (ns), chunk cache: %s", eng.busy())
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT,
                                                     signal.SIGHUP)}

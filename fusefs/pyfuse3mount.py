@@ -38,6 +38,11 @@ class Pyfuse3Engine:
         self.stats = self.ops.stats
         self.mounted = False
 
+    def busy(self) -> dict[str, int]:
+        c = self.ops.view.cache  # per opcode: not measured in this engine
+        return {**self.ops.view.spent_ns, "cache_hits": c.hits, "cache_misses": c.misses,
+                "cache_bytes": c.bytes}
+
     def mount(self, mountpoint: Path, allow_other: bool, source: str) -> None:
         opts = {f"fsname={source}", "subtype=jbl", "ro", "default_permissions"}
         if allow_other:

@@ -30,6 +30,9 @@ Errors: nothing escapes a handler: ``Errno`` is answered as is, anything else th
 ``errnos.logged_errno`` (store errors by table, IntegrityError = EIO + a log line naming the
 blob, surprises = EIO + traceback); every modifying opcode is EROFS, unknown ones ENOSYS.
 
+Counters: ``stats`` (requests per opcode) and ``busy_ns`` (nanoseconds per opcode on the
+request thread, and in the read pool as "read_thread"), logged on ``kill -USR1``.
+
 Thread-safety: see above; ``View.read_piece`` is the only thing the read pool runs.
 """
 
@@ -101,7 +104,11 @@ class RawFS:
         self.tree = self.core.tree
         self.table = self.core.table
         self.pool = ThreadPoolExecutor(read_threads, thread_name_prefix="jbl-read")
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, int] = {}     # requests per opcode (+ "read_thread")
+        # nanoseconds spent per opcode on the request thread, and by the read pool
+        # ("read_thread": disk waits included): where a slow import's time goes (USR1 logs it)
+        self.busy_ns: dict[str, int] = {}
+        self._busy_lock = threading.Lock()  # the read pool adds to busy_ns too
         self.stopping = False
         self.tick: Callable[[], None] | None = None  # extra periodic work (parent watch)
         self.requester = (0, 0)  # (uid, pid) of the request being handled: noted on leases
@@ -178,13 +185,21 @@ class RawFS:
         if quick is not None:
             self._write([K.OUT_HEADER.pack(K.OUT_HEADER.size, -quick, unique)])
             return
+        t0 = time.perf_counter_ns()
+        try:
+            self._handle(op, name, unique, nodeid, req[_HDR:length])
+        finally:
+            self._busy(name, t0)
+
+    def _handle(self, op: int, name: str, unique: int, nodeid: int, body: memoryview
+                ) -> None:
         handler = self._handlers.get(op)
         try:
             if handler is None:
                 if op in K.NO_REPLY:
                     return
                 raise Errno(errno.ENOSYS)
-            out = handler(unique, nodeid, req[_HDR:length])
+            out = handler(unique, nodeid, body)
         except Errno as e:
             self.reply_error(unique, e.code)
             return
@@ -193,6 +208,11 @@ class RawFS:
             return
         if out is not None:
             self.reply(unique, out)
+
+    def _busy(self, name: str, t0: int) -> None:
+        ns = time.perf_counter_ns() - t0
+        with self._busy_lock:
+            self.busy_ns[name] = self.busy_ns.get(name, 0) + ns
 
     def reply(self, unique: int, *parts: bytes) -> None:
         size = K.OUT_HEADER.size + sum(len(p) for p in parts)
@@ -350,12 +370,15 @@ class RawFS:
 
     def _read_slow(self, unique: int, pieces: list[Piece], got: list[bytes | None]) -> None:
         """Read pool: the pieces the request thread could not have without waiting."""
+        t0 = time.perf_counter_ns()
         try:
             data = [g if g is not None else self.view.read_piece(p)
                     for p, g in zip(pieces, got, strict=True)]
         except Exception as e:
             self.reply_error(unique, logged_errno(e, "read"))
             return
+        finally:
+            self._busy("read_thread", t0)
         self.reply(unique, *data)
 
     # --- directories --------------------------------------------------------------------

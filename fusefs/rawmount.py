@@ -96,6 +96,11 @@ class RawEngine:
         self.stats = self.fs.stats
         self.mountpoint: Path | None = None
 
+    def busy(self) -> dict[str, int]:
+        c = self.fs.view.cache
+        return {**self.fs.busy_ns, **self.fs.view.spent_ns, "cache_hits": c.hits,
+                "cache_misses": c.misses, "cache_bytes": c.bytes}
+
     def mount(self, mountpoint: Path, allow_other: bool, source: str) -> None:
         from .leases import ThreadLeaseKeeper
 

@@ -18,6 +18,9 @@ browse a store (tests, ``jbl store info``) can use it directly.
   cache only, via ``preadv(RWF_NOWAIT)``, and decompresses inline only small chunks) and
   ``read_piece`` (may block; run it in a worker thread).
 
+``spent_ns`` adds up the nanoseconds spent reading blob files, decompressing and hashing
+(from every thread; the mount logs it on ``kill -USR1``), so a slow read can be attributed.
+
 A missing or corrupt blob raises ``IntegrityError`` whose message names the blob digest, and
 every byte served has been sha256-checked against its blob's name: a zstd chunk once per
 decode; a raw chunk read whole is checked as read; for a partial range of a raw chunk the
@@ -38,6 +41,7 @@ import errno
 import hashlib
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -156,6 +160,15 @@ class View:
         self.cache = ChunkCache(cache_bytes)
         self._data_version: int | None = None
         self._nowait_ok = True  # False once the blob filesystem refuses RWF_NOWAIT
+        # nanoseconds spent reading blob files ("pread"), decompressing ("decode") and
+        # hashing ("hash"), from any thread: the daemon's share of a read (`kill -USR1`)
+        self.spent_ns = {"pread": 0, "decode": 0, "hash": 0}
+        self._spent_lock = threading.Lock()
+
+    def _spent(self, what: str, t0: int) -> None:
+        ns = time.perf_counter_ns() - t0
+        with self._spent_lock:
+            self.spent_ns[what] += ns
 
     # --- what is installed --------------------------------------------------------------
     def changed(self) -> bool:
@@ -263,9 +276,11 @@ class View:
             return None
         return self._decode(p.ref, stored)[p.start:p.end]
 
-    @staticmethod
-    def _check(ref: ChunkRef, data: bytes) -> None:
-        if hashlib.sha256(data).digest() != ref.digest:
+    def _check(self, ref: ChunkRef, data: bytes) -> None:
+        t0 = time.perf_counter_ns()
+        ok = hashlib.sha256(data).digest() == ref.digest
+        self._spent("hash", t0)
+        if not ok:
             raise IntegrityError(f"blob {ref.digest.hex()} is corrupt (its bytes do not hash "
                                  "to its name; run `jbl store verify`)")
 
@@ -279,7 +294,9 @@ class View:
         if len(stored) != ref.stored_size:
             raise IntegrityError(f"blob {ref.digest.hex()}: {len(stored)} bytes on disk, "
                                  f"index says {ref.stored_size}")
+        t0 = time.perf_counter_ns()
         data = self.blobs.decode(stored, ref.codec, ref.size, f"blob {ref.digest.hex()}")
+        self._spent("decode", t0)
         self._check(ref, data)  # once per decode; the cache then serves verified bytes
         self.cache.put(ref.digest, data)
         return data
@@ -289,6 +306,14 @@ class View:
         are not all in the page cache (RWF_NOWAIT said EAGAIN or returned short)."""
         if nowait and not self._nowait_ok:
             return None
+        t0 = time.perf_counter_ns()
+        try:
+            return self._pread_blob(ref, offset, length, nowait=nowait)
+        finally:
+            self._spent("pread", t0)
+
+    def _pread_blob(self, ref: ChunkRef, offset: int, length: int, *, nowait: bool
+                    ) -> bytes | None:
         try:
             fd = self.blobs.open_blob(ref.digest)  # a regular file in the store, or an error
         except FileNotFoundError:
