@@ -30,7 +30,8 @@ from . import options
 COMMANDS = {"store": "jbl.cli.store_cmd", "pack": "jbl.cli.pack_cmd",
             "registry": "jbl.cli.pack_cmd", "mount": "jbl.cli.mount_cmd",
             "umount": "jbl.cli.mount_cmd", "run": "jbl.cli.run_cmd", "setup": "jbl.cli.setup_cmd",
-            "volume": "jbl.cli.volume_cmd", "gpu": "jbl.cli.gpu_cmd"}
+            "volume": "jbl.cli.volume_cmd", "gpu": "jbl.cli.gpu_cmd",
+            "launcher": "jbl.cli.launcher_cmd"}
 COMMAND_MODULES = [
     "jbl.cli.store_cmd",     # jbl store install/import/available/list/info/rm/df/gc/verify/pin
     "jbl.cli.pack_cmd",      # jbl pack, jbl registry add
@@ -38,6 +39,7 @@ COMMAND_MODULES = [
     "jbl.cli.run_cmd",       # jbl run
     "jbl.cli.volume_cmd",    # jbl volume create/list/remove
     "jbl.cli.gpu_cmd",       # jbl gpu list
+    "jbl.cli.launcher_cmd",  # jbl launcher status/stop
     "jbl.cli.setup_cmd",     # jbl setup --system
 ]
 

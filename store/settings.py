@@ -107,6 +107,9 @@ SETTINGS: tuple[Setting, ...] = (
        "`raw` or `pyfuse3` (after `--engine`)"),
     _e("JBL_VIEW_LINGER", "`60`", "seconds (or a duration) a private view outlives its last "
        "job; 0 = a view per job"),
+    _e("JBL_LAUNCHER", "unset", "`0`: `jbl run` never uses or starts the resident "
+       "launcher (runner/launcher.py; read by runner/launchproto.switches, before any "
+       "import); it outlives its last job by `JBL_VIEW_LINGER`"),
     _e("JBL_VOLUMES", "`/var/lib/jbl-volumes` for root, `$XDG_DATA_HOME/jbl-volumes` "
        "otherwise", "where `jbl volume` keeps volumes"),
     _e("JBL_REQUIRE_LIMITS", "unset", "`1`: refuse a job whose limits cannot be enforced "

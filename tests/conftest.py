@@ -30,6 +30,12 @@ if os.geteuid() == 0 and "JBL_JOBS_DIR" not in os.environ:
     os.environ["JBL_JOBS_DIR"] = tempfile.mkdtemp(prefix="jbl-test-jobs-", dir="/run")
 
 
+# Jobs run in-process unless a test asks for the resident launcher (tests/test_launcher.py
+# does, per call): no launcher of a test outlives it in a cgroup or cwd another test removes.
+# `JBL_LAUNCHER=1 pytest tests/test_run_*.py` runs those through launchers instead.
+os.environ.setdefault("JBL_LAUNCHER", "0")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     jobs = os.environ.get("JBL_JOBS_DIR", "")
     if os.geteuid() == 0 and Path(jobs).name.startswith("jbl-test-jobs-"):
