@@ -120,19 +120,20 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     specs = _specs(args.specs)
     sources = _sources(args)
+    if getattr(args, "dry_run", False):  # Joblet's `runtime install` has no --dry-run
+        return _dry_run(args, specs, sources)
     store = _open(args, create=True)
     assert store is not None
     results: list[dict[str, Any]] = []
     with _sigterm_interrupts(), store, _client(args, store.dir) as client:
         entries = [client.find(s, sources) for s in specs]  # resolve all before any download
         for entry in entries:
-            # one bar (rich allows one live display): the tarball is read twice, once to
-            # download and verify it, once by ingest
-            total = None if entry.size is None else 2 * entry.size
-            with progress(args, total, f"{entry.spec}") as bar:
+            # one bar (rich allows one live display); install_entry sets its total: the
+            # bytes to fetch, or twice a tarball's size (downloaded, then read by ingest)
+            with progress(args, None, f"{entry.spec}") as bar:
                 out = install_entry(store, client, entry, force=args.force,
                                     download_progress=bar.advance,
-                                    ingest_progress=bar.advance)
+                                    ingest_progress=bar.advance, total=bar.total)
             results.append(out)
             if not args.json:
                 print(_install_line(out))
@@ -142,9 +143,57 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(args: argparse.Namespace, specs: list[Spec],
+             sources: list[RegistrySource]) -> int:
+    """``install --dry-run``: what each install would fetch (as ``desync info`` says it);
+    the store is only read, and only if it exists."""
+    from jbl.store.casinstall import dry_run
+
+    store = _open(args)
+    out: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        if store is not None:
+            stack.enter_context(store)
+        client = stack.enter_context(_client(args, Path(args.store) if store else None))
+        for entry in [client.find(s, sources) for s in specs]:
+            have = store.get_version(entry.name, entry.version) if store else None
+            r: dict[str, Any] = {"name": entry.name, "version": entry.version}
+            if have is not None and not args.force:
+                r["status"] = "already installed"
+            elif entry.tree is not None:
+                r.update(status="would fetch", form="tree",
+                         **dry_run(store, client, entry, entry.tree))
+            else:
+                r.update(status="would download", form="tarball", fetch_bytes=entry.size)
+            out.append(r)
+    if args.json:
+        print_json(out)
+        return 0
+    for r in out:
+        spec = f"{r['name']}@{r['version']}"
+        if r["status"] == "already installed":
+            print(f"{spec} is already installed")
+        elif r["form"] == "tarball":
+            size = "?" if r["fetch_bytes"] is None else format_size(r["fetch_bytes"])
+            print(f"{spec}: would download its tarball ({size}; the registry offers no "
+                  "content-addressed form)")
+        else:
+            print(f"{spec}: would fetch {r['lacking']} of {r['objects']} objects in "
+                  f"{r['packs']} packs and {r['single_objects']} single objects, "
+                  f"{format_size(r['fetch_bytes'])} in {r['requests'] + 1} requests "
+                  f"(tree included); {format_size(r['present_bytes'])} already here")
+    return 0
+
+
 def _install_line(r: dict[str, Any]) -> str:
     if r["status"] == "already installed":
         return f"{r['name']}@{r['version']} is already installed"
+    if r.get("form") == "tree":
+        return (f"{r['status']} {r['name']}@{r['version']}: {r['files']} files, "
+                f"{format_size(r['logical_bytes'])} logical, "
+                f"{format_size(r['fetched_bytes'])} fetched, "
+                f"{format_size(r['present_bytes'])} already here ({r['requests']} requests) "
+                f"in {r['seconds']:.1f}s")
     return (f"{r['status']} {r['name']}@{r['version']}: {r['files']} files, "
             f"{format_size(r['logical_bytes'])} logical, {format_size(r['new_stored_bytes'])} "
             f"new on disk ({format_size(r['dedup_bytes'])} deduplicated) in {r['seconds']:.1f}s")
@@ -373,6 +422,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--force", action="store_true",
                    help="reinstall even if installed, replacing the installed copy (a job "
                         "using it keeps its files)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be fetched (objects, packs, bytes); change nothing")
     registry_opts(p)
     p.set_defaults(func=cmd_install)
 

@@ -522,12 +522,15 @@ def _rest_checksum(raw: HashingReader) -> str:
 def ingest(store: Store, src: Path | BinaryIO, *, source: str,
            expected_checksum: str | None = None, name: str | None = None,
            version: str | None = None, limits: Limits = _DEFAULT_LIMITS,
-           progress: Callable[[int], None] | None = None, force: bool = False) -> IngestResult:
+           progress: Callable[[int], None] | None = None, force: bool = False,
+           check_arch: bool = True) -> IngestResult:
     """Install the runtime tarball ``src`` into ``store`` (see the module docstring).
 
     An installed name@version is a no-op only for the same tarball (``check_same_tarball``);
     ``force`` replaces it instead, in the commit's transaction (a job using the old copy
-    keeps it: the old row becomes 'removed', as ``jbl store rm`` leaves it)."""
+    keeps it: the old row becomes 'removed', as ``jbl store rm`` leaves it).
+    ``check_arch=False`` is for a publisher's scratch store (store/caspublish.py), which
+    holds runtimes of any architecture and runs none."""
     if name is not None:
         check_name(name)
     if version is not None:
@@ -547,17 +550,17 @@ def ingest(store: Store, src: Path | BinaryIO, *, source: str,
     try:
         with store.install_lock():
             return _ingest_locked(store, f, source, expected_checksum, name, version, limits,
-                                  progress, written, force)
+                                  progress, written, force, check_arch)
     except BaseException:
         if written:
-            _discard_uncommitted(store, list(written[0]))
+            discard_uncommitted(store, list(written[0]))
         raise
     finally:
         if owned:
             f.close()
 
 
-def _discard_uncommitted(store: Store, digests: list[bytes]) -> None:
+def discard_uncommitted(store: Store, digests: list[bytes]) -> None:
     """A failed install removes the blob files it wrote, so a disk that filled up gets its
     space back at once and the store is exactly as before.
 
@@ -579,7 +582,8 @@ def _discard_uncommitted(store: Store, digests: list[bytes]) -> None:
 def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
                    name: str | None, version: str | None, limits: Limits,
                    progress: Callable[[int], None] | None,
-                   written: list[dict[bytes, Any]], force: bool = False) -> IngestResult:
+                   written: list[dict[bytes, Any]], force: bool = False,
+                   check_arch: bool = True) -> IngestResult:
     reader = ts.TarReader(f, limits, progress)
     tree = _Tree()
     installed: list[VersionInfo] = []
@@ -615,7 +619,8 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
         root, text, manifest = _runtime_manifest(tree, manifests)
         name = name or manifest.name
         version = version or manifest.version
-        _check_architecture(manifest)
+        if check_arch:
+            check_architecture(manifest)
         ok = True
     finally:
         reader.close()
@@ -637,7 +642,7 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
     return result
 
 
-def _check_architecture(manifest: Manifest) -> None:
+def check_architecture(manifest: Manifest) -> None:
     """runtime.yml's ``requirements.architectures`` is checked like a registry entry's
     platforms, at install (exit 3, nothing stored) rather than at every run: a store serves
     one host. ``inspect`` (publishing with ``jbl registry add``) does not check it."""
@@ -730,7 +735,7 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
         if have is not None and not force:  # a concurrent install won
             return IngestResult(have, False, have.file_count, have.logical_size, 0, 0, 0, 0,
                                 tree.warnings)
-        _retire(store, name, version, have, now)
+        retire(store, name, version, have, now)
         blob_ids, blob_rows = _plan_blobs(store, pipe, now)
         rows.insert_blobs(db, blob_rows)
         plan = _plan_contents(store, pipe, order, blob_ids)
@@ -761,7 +766,7 @@ def _preorder(root: _Node) -> list[_Placed]:
     return order
 
 
-def _retire(store: Store, name: str, version: str, have: VersionInfo | None,
+def retire(store: Store, name: str, version: str, have: VersionInfo | None,
             now: float) -> None:
     """Make room for name@version: ``--force`` retires the installed copy exactly as `rm`
     would, and older removed copies are dropped or renamed out of the way."""

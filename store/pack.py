@@ -12,9 +12,11 @@ warning (ingest would drop them anyway); non-UTF-8 names are refused (ingest wou
 ``registry_add(DIR, TARBALLS)`` writes or updates ``DIR/registry.json`` in Joblet's format,
 checking each tarball exactly as ingest would (``ingest.inspect``) so nothing unusable is
 ever published; tarballs outside DIR are copied in, ``download_url`` is relative to the
-registry (or under ``base_url``). The document is built and checked by store/regformat.py,
-the model the installer reads it with. Every file is written to a temp name, fsync'd and
-renamed.
+registry (or under ``base_url``). Each version is also published in content-addressed form
+(store/caspublish.py: objects, packs, its tree; registry.json's ``tree`` key names it),
+written before registry.json, which is written last. The document is built and checked by
+store/regformat.py, the model the installer reads it with. Every file is written to a temp
+name and renamed; registry.json is fsync'd after one syncfs of everything before it.
 
 Pure apart from the files it reads and writes; not meant for concurrent use on one DIR.
 """
@@ -39,6 +41,7 @@ from urllib.parse import quote
 
 import zstandard
 
+from .caspublish import DirTarget, Publisher
 from .digest import file_checksum
 from .errors import UnsafeArchive, UsageError
 from .ingest import inspect
@@ -195,19 +198,10 @@ def _url_in(doc: dict[str, Any], url: str, but: tuple[str, str]) -> str | None:
     return None
 
 
-def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | None = None,
-                 base_url: str | None = None) -> list[dict[str, Any]]:
-    """Add (or replace) each tarball's entry in ``reg_dir/registry.json``; return the entries."""
-    reg_dir = Path(reg_dir)
-    plats = platforms or host_platforms()
-    for p in plats:
-        if not _PLATFORM_RE.fullmatch(p):
-            raise UsageError(f"invalid platform {p!r}: expected DISTRO-ARCH, e.g. ubuntu-amd64")
-    if reg_dir.exists() and not reg_dir.is_dir():
-        raise UsageError(f"--registry {reg_dir} must be a directory")
-    reg_dir.mkdir(parents=True, exist_ok=True)
-    reg_path = reg_dir / REGISTRY_FILE
-    doc = _load_registry(reg_path)
+def _add_tarballs(pub: Publisher, doc: dict[str, Any], reg_dir: Path, tarballs: list[Path],
+                  plats: list[str], base_url: str | None) -> list[dict[str, Any]]:
+    """Copy each tarball into the registry, publish its content-addressed form and set its
+    entry in ``doc``; return the entries."""
     added: list[dict[str, Any]] = []
     for tb in tarballs:
         tb = Path(tb)
@@ -226,9 +220,29 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
             with open(tb, "rb") as fin, atomic_write(dest) as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
         entry = entry_doc(ver, info.manifest.description, url, info.checksum, info.size,
-                          plats)
+                          plats, pub.publish(dest))
         doc["runtimes"].setdefault(name, {})[ver] = entry
         added.append({"name": name, **entry})
+    return added
+
+
+def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | None = None,
+                 base_url: str | None = None) -> list[dict[str, Any]]:
+    """Add (or replace) each tarball's entry in ``reg_dir/registry.json``; return the entries."""
+    reg_dir = Path(reg_dir)
+    plats = platforms or host_platforms()
+    for p in plats:
+        if not _PLATFORM_RE.fullmatch(p):
+            raise UsageError(f"invalid platform {p!r}: expected DISTRO-ARCH, e.g. ubuntu-amd64")
+    if reg_dir.exists() and not reg_dir.is_dir():
+        raise UsageError(f"--registry {reg_dir} must be a directory")
+    reg_dir.mkdir(parents=True, exist_ok=True)
+    reg_path = reg_dir / REGISTRY_FILE
+    doc = _load_registry(reg_path)
+    with Publisher(DirTarget(reg_dir)) as pub:
+        pub.learn(doc)
+        added = _add_tarballs(pub, doc, reg_dir, tarballs, plats, base_url)
+        pub.target.sync()  # objects, packs and trees are durable before registry.json names them
     doc["version"] = "1"
     doc["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") \
         .replace("+00:00", "Z")

@@ -29,6 +29,8 @@ MAX_JSON_DEPTH = 32  # registry.json needs 5 levels; more is an attack or a mist
 MAX_URL_LEN = 8192
 MAX_DESCRIPTION_LEN = 64 << 10
 _CHECKSUM_RE = re.compile(r"sha256:([0-9a-fA-F]{64})")  # always fullmatch
+_TREE_URL_RE = re.compile(r"trees/([0-9a-f]{64})")  # always fullmatch: beside registry.json
+MAX_TREE_SIZE = 256 << 20  # a tree's compressed bytes (store/casformat.py MAX_TREE_STORED)
 INDEX_NAME = "registry.json"
 
 # CPU architecture names as they appear in platform strings ("ubuntu-amd64", "linux/arm64",
@@ -59,6 +61,16 @@ def host_arch() -> str:
 
 # --- the model -----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TreeRef:
+    """A version's content-addressed form (store/casformat.py): its tree, and the base URL
+    under which its objects and packs lie (the registry's directory)."""
+    url: str      # absolute
+    sha256: bytes
+    size: int
+    base: str     # absolute, ends with '/'
+
+
+@dataclass(frozen=True)
 class RegistryEntry:
     name: str
     version: str
@@ -68,6 +80,7 @@ class RegistryEntry:
     size: int | None
     platforms: tuple[str, ...]
     registry: str  # the registry.json URL it came from
+    tree: TreeRef | None = None  # jbl's extra key; Joblet's readers ignore it
 
     @property
     def spec(self) -> str:
@@ -151,7 +164,24 @@ def _entry(url: str, name: str, ver: str, doc: Any, allow_file: bool) -> Registr
         raise _fail(url, where, "platforms must be a list of at most 64 strings of at most "
                                 "128 characters")
     return RegistryEntry(name, ver, str(doc.get("description") or ""), dl_url,
-                         "sha256:" + m.group(1).lower(), size, tuple(plats), url)
+                         "sha256:" + m.group(1).lower(), size, tuple(plats), url,
+                         _tree(url, where, doc.get("tree")))
+
+
+def _tree(url: str, where: str, ref: Any) -> TreeRef | None:
+    """The optional ``tree`` key: ``{"url": "trees/<hex>", "sha256": "<hex>", "size": N}``,
+    the tree beside registry.json and named by its digest."""
+    if ref is None:
+        return None
+    m = _TREE_URL_RE.fullmatch(ref.get("url", "")) if isinstance(ref, dict) and \
+        isinstance(ref.get("url"), str) else None
+    size = ref.get("size") if isinstance(ref, dict) else None
+    if m is None or ref.get("sha256") != m.group(1) or isinstance(size, bool) or \
+            not isinstance(size, int) or not 0 < size <= MAX_TREE_SIZE:
+        raise _fail(url, where, "tree must be {\"url\": \"trees/<64 hex>\", \"sha256\": "
+                                f"the same hex, \"size\": 1..{MAX_TREE_SIZE}}}")
+    return TreeRef(urljoin(url, m.group(0)), bytes.fromhex(m.group(1)), size,
+                   urljoin(url, "."))
 
 
 def parse_registry(data: bytes, url: str, label: str = "") -> Registry:
@@ -228,10 +258,14 @@ def host_platforms() -> list[str]:
 
 
 def entry_doc(version: str, description: str, download_url: str, checksum: str, size: int,
-              platforms: list[str]) -> dict[str, Any]:
-    """One version's object under ``runtimes.NAME``, with the fields ``_entry`` reads."""
-    return {"version": version, "description": description, "download_url": download_url,
-            "checksum": checksum, "size": size, "platforms": list(platforms)}
+              platforms: list[str], tree: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One version's object under ``runtimes.NAME``, with the fields ``_entry`` reads
+    (``tree``: the content-addressed form's key, from store/caspublish.py)."""
+    doc = {"version": version, "description": description, "download_url": download_url,
+           "checksum": checksum, "size": size, "platforms": list(platforms)}
+    if tree is not None:
+        doc["tree"] = tree
+    return doc
 
 
 def dump_registry(doc: dict[str, Any], url: str) -> bytes:

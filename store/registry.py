@@ -648,8 +648,13 @@ def _http_reason(e: httpx.HTTPError) -> str:
 # --- installing ----------------------------------------------------------------------------
 def install_entry(store: Store, client: RegistryClient, entry: RegistryEntry, *,
                   force: bool = False, download_progress: Progress | None = None,
-                  ingest_progress: Progress | None = None) -> dict[str, Any]:
+                  ingest_progress: Progress | None = None,
+                  total: Callable[[int | None], None] | None = None) -> dict[str, Any]:
     """Install one registry entry.
+
+    From its content-addressed form when the registry offers it (store/casinstall.py: only
+    the objects the store lacks are fetched; ``total`` learns how many bytes that is), else
+    from its tarball.
 
     Already installed from the same tarball (the registry's checksum is the one recorded at
     install): a no-op that says so. From a different one: AlreadyExists naming both digests,
@@ -668,6 +673,26 @@ def install_entry(store: Store, client: RegistryClient, entry: RegistryEntry, *,
     if have is not None and not force:
         check_same_tarball(have, entry.checksum, entry.download_url)
         return {**out, **_existing(have)}
+    if entry.tree is not None:
+        from .casinstall import install_tree
+
+        cas = install_tree(store, client, entry, entry.tree, force=force,
+                           progress=download_progress, total=total)
+        if cas is not None:
+            for w in cas.warnings:
+                client.warn(f"{entry.spec}: {w}")
+            assert cas.version is not None
+            if not cas.created:
+                return {**out, **_existing(cas.version)}
+            return {**out, "status": "replaced" if have is not None else "installed",
+                    "form": "tree", "tree": entry.tree.url, "files": cas.files,
+                    "logical_bytes": cas.logical_bytes, "new_blobs": cas.new_blobs,
+                    "new_stored_bytes": cas.new_stored_bytes, "dedup_files": cas.dedup_files,
+                    "dedup_bytes": cas.dedup_bytes, "fetched_bytes": cas.fetched_bytes,
+                    "present_bytes": cas.present_bytes, "requests": cas.requests,
+                    "seconds": round(time.monotonic() - t0, 3), "warnings": cas.warnings}
+    if total is not None and entry.size is not None:
+        total(2 * entry.size)  # read twice: downloaded and verified, then ingested
     with client.fetch_tarball(entry, store.blobs.tmp, download_progress) as f:
         res = ingest(store, f, source=entry.download_url, expected_checksum=entry.checksum,
                      name=entry.name, version=entry.version, progress=ingest_progress,

@@ -85,7 +85,7 @@ def test_registry_add_publishes_and_install_reads_it_over_http(
     assert doc["version"] == "1" and doc["updated_at"].endswith("Z")
     e1, e2 = doc["runtimes"]["regrt"]["1.0.0"], doc["runtimes"]["regrt"]["1.1.0"]
     assert set(e1) == {"version", "description", "download_url", "checksum", "size",
-                       "platforms"}
+                       "platforms", "tree"}  # tree: the content-addressed form (casformat)
     assert e1["download_url"] == "regrt-1.0.0.tar.gz"  # relative, and copied in
     copied = (reg / "regrt-1.0.0.tar.gz").read_bytes()
     assert copied == t1.read_bytes()

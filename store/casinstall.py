@@ -1,0 +1,404 @@
+"""Installing a version from its content-addressed form (store/casformat.py).
+
+``install_tree`` fetches the version's tree (checked against the digest in registry.json),
+works out which of its objects the store lacks (by digest, among committed blob rows),
+fetches only those — whole packs or single objects by ``casformat.plan_fetch``, never a
+range — checks each against its digest before writing it, writes blobs exactly as ingest
+does (``BlobStore.write``: O_TMPFILE + linkat; one ``syncfs``), checks runtime.yml as ingest
+does, and commits blobs, contents, chunks, entries and the version row in ONE transaction
+through store/rows.py, with the very values a tarball install of the same version records
+(``source`` and ``checksum`` are the entry's tarball's).
+
+Durability and resumption: the install lock is held from the first look at the index to the
+commit (gc cannot sweep what was found). Objects written but not committed are blob files
+without rows: the next try re-uses each that still decodes to its digest instead of fetching
+it again, and gc's orphan rule sweeps them after its grace if no try comes. A failure that
+the next try can get past (the network, an interruption) keeps them; any other (a hostile or
+broken tree) removes them as ingest does (``discard_uncommitted``).
+
+Untrusted input: the tree is bounded and checked by ``casformat.parse_tree``; every object is
+decoded and hashed before it is written; a multi-chunk body's digest (file-level dedup's key)
+is recomputed from its chunks before a row names it, so a tree cannot poison later dedup.
+Thread-safety: one Store, from the calling thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from . import casformat as cf
+from . import rows
+from .blobs import is_enospc
+from .crashpoints import crashpoint
+from .db import DB
+from .errors import IntegrityError, RegistryError, StoreError, UnsafeArchive
+from .ingest import check_architecture, discard_uncommitted, retire
+from .limits import Limits
+from .manifest import MANIFEST_NAME, parse_manifest, source_present
+from .regformat import RegistryEntry, TreeRef
+from .registry import RegistryClient
+from .store import Store, VersionInfo
+
+Check = Callable[[bytes], bool]
+Progress = Callable[[int], None]
+_BATCH = 500  # digests per IN (...) query
+
+
+# ------------------------------------------------------------------------------ fetching
+class Fetcher:
+    """Reads a registry's files under its base URL (``file://`` confined to the registry's
+    directory, or http(s) through the client's bounded downloads); counts requests and
+    bytes. Bytes that fail ``check`` are an IntegrityError naming the file."""
+
+    def __init__(self, client: RegistryClient, base: str) -> None:
+        self.client = client
+        self.base = base
+        self.requests = 0
+        self.bytes_fetched = 0
+
+    def get(self, relpath: str, *, check: Check | None = None, max_size: int) -> bytes:
+        url = self.base + relpath
+        self.requests += 1
+        if url.startswith("file:"):
+            data = _read_confined(unquote(urlsplit(self.base).path), relpath, max_size)
+        else:
+            buf = bytearray()
+            self.client._get(url, buf.extend, max_size,  # noqa: SLF001 - the bounded GET
+                             lambda: IntegrityError(f"{url}: larger than {max_size} bytes"),
+                             f"cannot fetch {url}")
+            data = bytes(buf)
+        self.bytes_fetched += len(data)
+        if check is not None and not check(data):
+            raise IntegrityError(f"{relpath} from {url}: its bytes do not match its digest",
+                                 hint="the registry or a cache in front of it serves a broken "
+                                      "copy; tell its publisher")
+        return data
+
+    def get_many(self, items: Iterable[tuple[str, Check | None, int]], *,
+                 concurrency: int = 8) -> Iterator[tuple[str, bytes]]:
+        del concurrency  # one at a time here
+        for relpath, check, size in items:
+            yield relpath, self.get(relpath, check=check, max_size=size)
+
+
+def _read_confined(base: str, relpath: str, max_size: int) -> bytes:
+    """A file under a local registry's directory: no link leading out, a regular file (a
+    FIFO must not hang us), at most ``max_size`` bytes."""
+    real_base = os.path.realpath(base)
+    path = os.path.join(base, relpath)
+    if not os.path.realpath(path).startswith(real_base.rstrip("/") + "/"):
+        raise RegistryError(f"{path} leads outside the registry's directory {real_base}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RegistryError(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RegistryError(f"{path} is not a regular file")
+        data = f.read(max_size + 1)
+    if len(data) > max_size:
+        raise IntegrityError(f"{path}: larger than {max_size} bytes")
+    return data
+
+
+def fetch_tree(fetcher: Fetcher, entry: RegistryEntry, ref: TreeRef) -> cf.Tree:
+    """The entry's tree, checked against registry.json's digest and against the entry."""
+    data = fetcher.get(cf.tree_path(ref.sha256), check=cf.named_by(ref.sha256),
+                       max_size=ref.size)
+    tree = cf.parse_tree(data, Limits())
+    if (tree.name, tree.version, tree.checksum) != (entry.name, entry.version, entry.checksum):
+        raise IntegrityError(f"{entry.spec}: its tree names {tree.name}@{tree.version} "
+                             f"({tree.checksum}), not the registry's entry")
+    return tree
+
+
+# ------------------------------------------------------------------------------ planning
+@dataclass
+class Survey:
+    """What the store holds of a tree: object index -> codec of the blob file on disk."""
+    committed: dict[int, int] = field(default_factory=dict)
+    reusable: dict[int, int] = field(default_factory=dict)  # verified orphans of a past try
+
+    def present_bytes(self, tree: cf.Tree) -> int:
+        return sum(tree.objects[i].size for i in (*self.committed, *self.reusable))
+
+
+def _by_digest(db: DB, table: str, cols: str, digests: list[bytes]) -> dict[bytes, tuple[int, ...]]:
+    out: dict[bytes, tuple[int, ...]] = {}
+    for at in range(0, len(digests), _BATCH):
+        part = digests[at:at + _BATCH]
+        for row in db.query(f"SELECT digest, {cols} FROM {table} WHERE digest IN "
+                            f"({','.join('?' * len(part))})", tuple(part)):
+            out[bytes(row[0])] = tuple(row[1:])
+    return out
+
+
+def survey(store: Store | None, tree: cf.Tree) -> Survey:
+    s = Survey()
+    if store is None:
+        return s
+    have = _by_digest(store.db, "blobs", "codec", [o.digest for o in tree.objects])
+    for i, o in enumerate(tree.objects):
+        if o.digest in have:
+            s.committed[i] = have[o.digest][0]
+        elif store.blobs.exists(o.digest):
+            try:
+                if cf.check_object(o, store.blobs.read_stored(o.digest, o.stored_size)):
+                    s.reusable[i] = o.codec
+            except (OSError, IntegrityError):
+                continue  # not usable: fetched again and written over
+    return s
+
+
+def dry_run(store: Store | None, client: RegistryClient, entry: RegistryEntry,
+            ref: TreeRef) -> dict[str, object]:
+    """What installing ``entry`` would fetch; changes nothing."""
+    fetcher = Fetcher(client, ref.base)
+    tree = fetch_tree(fetcher, entry, ref)
+    s = survey(store, tree)
+    plan = cf.plan_fetch(tree, set(range(len(tree.objects))) - set(s.committed) -
+                         set(s.reusable))
+    return {"objects": len(tree.objects), "lacking": len(plan.singles) + sum(
+                len({i for i, _ in p.members} - set(s.committed) - set(s.reusable))
+                for p in plan.packs),
+            "packs": len(plan.packs), "single_objects": len(plan.singles),
+            "requests": plan.requests, "fetch_bytes": plan.fetch_bytes,
+            "present_bytes": s.present_bytes(tree), "tree_bytes": ref.size}
+
+
+# ------------------------------------------------------------------------------ installing
+@dataclass
+class CasResult:
+    created: bool
+    version: VersionInfo | None = None  # set once committed (or the one found installed)
+    files: int = 0
+    logical_bytes: int = 0
+    new_blobs: int = 0
+    new_stored_bytes: int = 0
+    dedup_files: int = 0
+    dedup_bytes: int = 0
+    fetched_bytes: int = 0
+    present_bytes: int = 0
+    requests: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def install_tree(store: Store, client: RegistryClient, entry: RegistryEntry, ref: TreeRef, *,
+                 force: bool = False, progress: Progress | None = None,
+                 total: Callable[[int | None], None] | None = None) -> CasResult | None:
+    """Install ``entry`` from its tree; None when the tree's chunk size is not the store's
+    (its objects would not be this store's blobs: the caller installs the tarball)."""
+    fetcher = Fetcher(client, ref.base)
+    tree = fetch_tree(fetcher, entry, ref)
+    if tree.chunk_size != store.chunk_size:
+        return None
+    written: list[bytes] = []
+    try:
+        with store.install_lock():
+            s = survey(store, tree)
+            codecs = {**s.committed, **s.reusable}
+            plan = cf.plan_fetch(tree, set(range(len(tree.objects))) - set(codecs))
+            if total is not None:
+                total(plan.fetch_bytes)
+            _fetch(store, tree, fetcher, plan, codecs, written, progress or (lambda _n: None))
+            crashpoint("ingest.blobs-written")
+            text, warnings = _check_manifest(store, tree, codecs)
+            _check_bodies(store, tree, codecs)
+            store.blobs.sync()
+            crashpoint("ingest.before-commit")
+            res = _commit(store, tree, entry, codecs, text, force)
+            crashpoint("ingest.after-commit")
+    except (RegistryError, KeyboardInterrupt):
+        raise  # the verified objects stay for the next try (module docstring)
+    except BaseException:
+        discard_uncommitted(store, written)
+        raise
+    res.fetched_bytes, res.requests = fetcher.bytes_fetched, fetcher.requests
+    res.present_bytes = s.present_bytes(tree)
+    res.warnings = warnings
+    if res.created and res.version is not None:
+        from .report import record_stored_size
+
+        record_stored_size(store, res.version.id)
+    return res
+
+
+def _fetch(store: Store, tree: cf.Tree, fetcher: Fetcher, plan: cf.Plan,
+           codecs: dict[int, int], written: list[bytes], progress: Progress) -> None:
+    """Fetch the plan's packs and objects; write each lacking object once checked."""
+    units: dict[str, list[tuple[int, int]]] = {}  # relpath -> (object index, offset)
+    items: list[tuple[str, Check | None, int]] = []
+    for p in plan.packs:
+        units[cf.pack_path(p.digest)] = list(p.members)
+        items.append((cf.pack_path(p.digest), cf.named_by(p.digest), p.size))
+    for i in plan.singles:
+        o = tree.objects[i]
+        units[cf.object_path(o.digest)] = [(i, 0)]
+        items.append((cf.object_path(o.digest), None, o.stored_size))
+    half = len(items) // 2
+    for n, (relpath, data) in enumerate(fetcher.get_many(items), 1):
+        for i, off in units[relpath]:
+            if i in codecs:
+                continue
+            o = tree.objects[i]
+            stored = data[off:off + o.stored_size]
+            if not cf.check_object(o, stored):
+                raise IntegrityError(f"object {o.digest.hex()} from {fetcher.base}{relpath}: "
+                                     "its bytes do not match its digest",
+                                     hint="the registry or a cache in front of it serves a "
+                                          "broken copy; tell its publisher")
+            try:
+                store.blobs.write(o.digest, stored)
+            except OSError as e:
+                if is_enospc(e):
+                    raise StoreError(f"no space left writing blobs under "
+                                     f"{store.blobs.root}") from None
+                raise StoreError(f"cannot write blob under {store.blobs.root}: {e}") from None
+            written.append(o.digest)
+            codecs[i] = o.codec
+        progress(len(data))
+        if n == half:
+            crashpoint("casinstall.half-fetched")
+    missing = set(range(len(tree.objects))) - set(codecs)
+    if missing:  # a pack the plan chose lists objects the tree does not: never a hole
+        raise IntegrityError(f"{len(missing)} objects of the tree were in none of its packs")
+
+
+def _read_body(store: Store, tree: cf.Tree, body: cf.Body,
+               codecs: dict[int, int]) -> Iterator[bytes]:
+    for i in body.chunks:
+        o = tree.objects[i]
+        yield store.blobs.read(o.digest, codecs[i], o.size)
+
+
+def _check_manifest(store: Store, tree: cf.Tree,
+                    codecs: dict[int, int]) -> tuple[str, list[str]]:
+    """runtime.yml's text, after ingest's checks (parse, architecture); the warning ingest
+    gives for mount sources the runtime lacks."""
+    m = tree.entries[tree.manifest_entry()]
+    raw = b"".join(_read_body(store, tree, tree.bodies[m.body], codecs))
+    manifest = parse_manifest(raw, source=MANIFEST_NAME)
+    if (manifest.name, manifest.version) != (tree.name, tree.version):
+        raise UnsafeArchive(f"{MANIFEST_NAME} names {manifest.name}@{manifest.version}, "
+                            f"the tree {tree.name}@{tree.version}")
+    check_architecture(manifest)
+    children: dict[int, dict[str, int]] = {}
+    for i, e in enumerate(tree.entries):
+        if e.parent >= 0:
+            children.setdefault(e.parent, {})[e.name.decode("utf-8", "replace")] = i
+
+    def lookup(node: int, name: str) -> tuple[int, str, str] | None:
+        i = children.get(node, {}).get(name)
+        if i is None:
+            return None
+        e = tree.entries[i]
+        kind = {stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}.get(e.kind, "file")
+        return i, kind, (e.target or b"").decode("utf-8", "replace")
+
+    missing = [x.source for x in manifest.mounts if not source_present(lookup, 0, x.source)]
+    warnings = [f"{MANIFEST_NAME} mounts sources the runtime lacks: {', '.join(missing)} "
+                "(jobs skip them, as Joblet does; `jbl store info` lists them)"] if missing \
+        else []
+    return raw.decode("utf-8", "replace"), warnings
+
+
+def _check_bodies(store: Store, tree: cf.Tree, codecs: dict[int, int]) -> None:
+    """A multi-chunk body's digest is the dedup key of a whole file: recompute it from its
+    chunks before a contents row names it (unless a committed row already has it)."""
+    multi = [b for b in tree.bodies if len(b.chunks) > 1]
+    have = _by_digest(store.db, "contents", "size", [b.digest for b in multi])
+    for b in multi:
+        if b.digest in have:
+            continue
+        h = hashlib.sha256()
+        for data in _read_body(store, tree, b, codecs):
+            h.update(data)
+        if h.digest() != b.digest:
+            raise IntegrityError(f"body {b.digest.hex()}: its chunks hash to "
+                                 f"{h.hexdigest()}")
+
+
+def _commit(store: Store, tree: cf.Tree, entry: RegistryEntry, codecs: dict[int, int],
+            manifest_text: str, force: bool) -> CasResult:
+    """Every row of the install in ONE transaction (the blobs are already synced)."""
+    db = store.db
+    now = time.time()
+    with db.write():
+        have = store.get_version(entry.name, entry.version)
+        if have is not None and not force:  # a concurrent install won
+            return CasResult(False, have, have.file_count, have.logical_size)
+        retire(store, entry.name, entry.version, have, now)
+        blob_ids = {d: int(v[0]) for d, v in _by_digest(
+            db, "blobs", "id", [o.digest for o in tree.objects]).items()}
+        new_blobs: list[rows.BlobRow] = []
+        nxt = rows.next_id(db, "blobs")
+        for o in sorted(tree.objects, key=lambda o: o.digest):
+            if o.digest not in blob_ids:
+                blob_ids[o.digest] = nxt
+                new_blobs.append(rows.BlobRow(nxt, o.digest, o.size, o.stored_size, o.codec,
+                                              now))
+                nxt += 1
+        rows.insert_blobs(db, new_blobs)
+        content_ids, res = _insert_contents(db, tree, blob_ids)
+        nlinks = tree.nlinks()
+        first = rows.next_id(db, "entries")
+        entries = []
+        for i, e in enumerate(tree.entries):
+            reg = e.kind == stat.S_IFREG
+            entries.append(rows.EntryRow(
+                first + i, None if e.parent < 0 else first + e.parent, e.name, e.kind, e.mode,
+                e.uid, e.gid, e.mtime_ns, e.size,
+                content_ids[tree.bodies[e.body].digest] if reg else None, e.target,
+                first + (e.link if e.link >= 0 else i) if reg and nlinks[i] > 1 else None,
+                nlinks[i]))
+            if reg:
+                res.files += 1
+                res.logical_bytes += e.size if e.link < 0 else 0
+        manifest = parse_manifest(manifest_text.encode(), source=MANIFEST_NAME)
+        version_id = rows.insert_version_tree(
+            db, rows.VersionRow(entry.name, entry.version, manifest_text, now,
+                                manifest.description, entry.download_url, entry.checksum,
+                                res.files, res.logical_bytes), entries)
+    info = store.version_by_id(version_id)
+    assert info is not None
+    res.version = info
+    res.new_blobs = len(new_blobs)
+    res.new_stored_bytes = sum(r.stored_size for r in new_blobs)
+    return res
+
+
+def _insert_contents(db: DB, tree: cf.Tree,
+                     blob_ids: dict[bytes, int]) -> tuple[dict[bytes, int], CasResult]:
+    """Content rows for the bodies the store lacks (committed ones are shared, after a size
+    check); returns body digest -> content id, and a result counting what was shared."""
+    have = _by_digest(db, "contents", "id, size", [b.digest for b in tree.bodies])
+    res = CasResult(True)
+    ids: dict[bytes, int] = {}
+    new_contents: list[rows.ContentRow] = []
+    chunks: list[rows.ChunkRow] = []
+    nxt = rows.next_id(db, "contents")
+    for b in sorted(tree.bodies, key=lambda b: b.digest):
+        if b.digest in have:
+            cid, size = have[b.digest]
+            if size != b.size:
+                raise IntegrityError(f"body {b.digest.hex()}: {b.size} bytes in the tree, "
+                                     f"{size} in the store")
+            ids[b.digest] = cid
+            continue
+        ids[b.digest] = nxt
+        new_contents.append(rows.ContentRow(nxt, b.digest, b.size, len(b.chunks)))
+        chunks.extend(rows.ChunkRow(nxt, seq, blob_ids[tree.objects[i].digest])
+                      for seq, i in enumerate(b.chunks))
+        nxt += 1
+    rows.insert_contents(db, new_contents, chunks)
+    for e in tree.entries:
+        if e.kind == stat.S_IFREG and e.link < 0 and tree.bodies[e.body].digest in have:
+            res.dedup_files += 1
+            res.dedup_bytes += e.size
+    return ids, res

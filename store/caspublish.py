@@ -1,0 +1,219 @@
+"""Publishing a version's content-addressed form (store/casformat.py) beside its tarball.
+
+``Publisher`` ingests each tarball into a scratch store with the store's own chunker and
+codec rules (store/ingest.py: the very checks an install makes, so nothing a node would
+refuse is published), exports the version from the scratch index, and writes through a
+``Target``: objects first, then packs, then the tree; ``jbl registry add`` writes
+``registry.json`` last, after ``Target.sync``, so no cache ever stores a "not found" for
+something about to exist. An object, pack or tree already published is not written again
+(a later version uploads only what is new), and small objects already in a published pack
+are listed in that pack rather than packed again: only the objects new since the versions
+published before go into new packs (OSTree's static deltas).
+
+``DirTarget`` is a registry directory; an object store plugs in as another ``Target``.
+Not for concurrent use on one registry (as ``registry_add``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from . import casformat as cf
+from .blobs import _syncfs
+from .errors import UsageError
+from .ingest import ingest
+from .limits import Limits
+from .store import Store
+
+
+class Target(Protocol):
+    """Where a registry's files go: relative paths under the registry's root."""
+
+    def put(self, relpath: str, data: bytes, *, immutable: bool) -> None: ...
+
+    def exists(self, relpath: str) -> bool: ...
+
+    def get(self, relpath: str, max_size: int) -> bytes | None: ...
+
+    def sync(self) -> None: ...
+
+
+class DirTarget:
+    """A registry directory. Files are written to a temp name and renamed (a reader never
+    sees half a file); one ``syncfs`` in ``sync`` makes them all durable before the caller
+    writes ``registry.json`` (no fsync per object: thousands of flushes)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, relpath: str) -> Path:
+        if relpath.startswith("/") or ".." in relpath.split("/"):
+            raise ValueError(f"not a registry path: {relpath!r}")
+        return self.root / relpath
+
+    def put(self, relpath: str, data: bytes, *, immutable: bool) -> None:
+        dest = self._path(relpath)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o444 if immutable else 0o644)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def exists(self, relpath: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(self._path(relpath)).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def get(self, relpath: str, max_size: int) -> bytes | None:
+        try:
+            fd = os.open(self._path(relpath), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                         os.O_CLOEXEC)
+        except (FileNotFoundError, ValueError):
+            return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = f.read(max_size + 1)
+        return data if len(data) <= max_size else None
+
+    def sync(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
+
+
+class Publisher:
+    """Publishes versions through ``target``; a context manager owning the scratch store."""
+
+    def __init__(self, target: Target, scratch_parent: Path | None = None) -> None:
+        self.target = target
+        self._tmp = Path(tempfile.mkdtemp(prefix="jbl-publish-", dir=scratch_parent))
+        self.scratch = Store.open(self._tmp / "store", create=True)
+        self.known: cf.Known = {}
+        self.written = {"objects": 0, "packs": 0, "trees": 0, "bytes": 0}
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.scratch.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def learn(self, doc: dict[str, Any]) -> None:
+        """Remember which packs the registry's published trees list (``doc`` is its
+        registry.json), so that objects already packed are not packed again. A tree that
+        is missing or unreadable is only not reused."""
+        for vers in doc.get("runtimes", {}).values():
+            for e in vers.values():
+                ref = e.get("tree") if isinstance(e, dict) else None
+                if not isinstance(ref, dict) or not isinstance(ref.get("url"), str):
+                    continue
+                data = self.target.get(ref["url"], cf.MAX_TREE_STORED)
+                if data is None:
+                    continue
+                try:
+                    self.known.update(cf.known_packs(cf.parse_tree(data, Limits())))
+                except Exception:  # noqa: BLE001 - an unreadable old tree is only not reused
+                    continue
+
+    def _put(self, relpath: str, data: bytes, kind: str) -> None:
+        if not self.target.exists(relpath):
+            self.target.put(relpath, data, immutable=True)
+            self.written[kind] += 1
+            self.written["bytes"] += len(data)
+
+    def publish(self, tarball: Path) -> dict[str, Any]:
+        """Publish one tarball's version; return registry.json's ``tree`` value for it."""
+        res = ingest(self.scratch, tarball, source=str(tarball), force=True, check_arch=False)
+        tree = export(self.scratch, res.version.id, res.version.checksum)
+        read = self._reader(tree)
+        for o in tree.objects:
+            self._put(cf.object_path(o.digest), read(o.digest), "objects")
+        small = [i for i in _first_use(tree) if tree.objects[i].size < tree.chunk_size]
+        tree.packs, new = cf.build_packs(tree.objects, read, self.known, small)
+        for digest, data in new.items():
+            self._put(cf.pack_path(digest), data, "packs")
+        data = cf.dump_tree(tree)
+        digest = cf.sha256(data)
+        self._put(cf.tree_path(digest), data, "trees")
+        self.known.update(cf.known_packs(tree))
+        return {"url": cf.tree_path(digest), "sha256": digest.hex(), "size": len(data)}
+
+    def _reader(self, tree: cf.Tree) -> cf.Reader:
+        blobs = self.scratch.blobs
+
+        def read(digest: bytes) -> bytes:
+            return blobs.read_stored(digest)
+        return read
+
+
+def _first_use(tree: cf.Tree) -> list[int]:
+    """Object indexes in the order the entries use them (one directory's files together)."""
+    seen: dict[int, None] = {}
+    for e in tree.entries:
+        if e.body >= 0 and e.link < 0:
+            for i in tree.bodies[e.body].chunks:
+                seen.setdefault(i, None)
+    return list(seen)
+
+
+def export(store: Store, version_id: int, checksum: str) -> cf.Tree:
+    """A version of ``store`` as a tree: its entries in id order (the readdir order an
+    install recreates), its bodies and their chunk objects, each in first-use order."""
+    db = store.db
+    v = db.one("SELECT name, version FROM versions WHERE id=?", (version_id,))
+    if v is None:
+        raise UsageError(f"internal: version {version_id} vanished from the scratch store")
+    tree = cf.Tree(str(v[0]), str(v[1]), checksum, store.chunk_size)
+    index: dict[int, int] = {}
+    bodies: dict[int, int] = {}
+    objects: dict[bytes, int] = {}
+    for (eid, parent, name, kind, mode, uid, gid, mtime, size, cid, target,
+         link) in db.query("SELECT id, parent_id, name, kind, mode, uid, gid, mtime_ns, size, "
+                           "content_id, target, link_id FROM entries WHERE version_id=? "
+                           "ORDER BY id", (version_id,)):
+        index[eid] = len(tree.entries)
+        body = -1
+        if cid is not None and cid not in bodies:
+            bodies[cid] = len(tree.bodies)
+            tree.bodies.append(_export_body(store, cid, tree, objects))
+        if cid is not None:
+            body = bodies[cid]
+        tree.entries.append(cf.Entry(
+            -1 if parent is None else index[parent], bytes(name), kind, mode, uid, gid, mtime,
+            size, body, -1 if link is None or link == eid else index[link],
+            None if target is None else bytes(target)))
+    return tree
+
+
+def _export_body(store: Store, content_id: int, tree: cf.Tree,
+                 objects: dict[bytes, int]) -> cf.Body:
+    row = store.db.one("SELECT digest, size FROM contents WHERE id=?", (content_id,))
+    assert row is not None  # the entry's content row, in the same database
+    digest, size = row
+    chunks = []
+    for d, bsize, stored, codec in store.db.query(
+            "SELECT b.digest, b.size, b.stored_size, b.codec FROM chunks c JOIN blobs b "
+            "ON b.id = c.blob_id WHERE c.content_id=? ORDER BY c.seq", (content_id,)):
+        d = bytes(d)
+        if d not in objects:
+            objects[d] = len(tree.objects)
+            tree.objects.append(cf.Obj(d, bsize, stored, codec))
+        chunks.append(objects[d])
+    return cf.Body(bytes(digest), size, tuple(chunks))

@@ -1,0 +1,325 @@
+"""The content-addressed form end to end: ``jbl registry add`` publishes it, ``jbl store
+install`` fetches only what the store lacks (from a directory and over a real local HTTP
+server on 127.0.0.1), commits exactly what a tarball install commits, refuses hostile trees
+and bad objects leaving the store as it was, and resumes a killed install without fetching
+again what it verified. Real CLI, real stores, real files; nothing mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from cas_fixtures import (
+    NAME,
+    MiB,
+    blob_files,
+    entry,
+    files,
+    index_rows,
+    publish,
+    rewrite_tree,
+    tree_doc,
+)
+from conftest import JBL, assert_one_line_error, assert_store_ok, run_jbl
+from fixtures_registry import RegistryServer
+from jbl.store import casformat as cf
+from jbl.store.store import Store
+from jbl.store.view import View
+from pausepoints import Pauses
+
+V1, V2 = "1.0.0", "1.1.0"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with both versions, published one after the other (as a lab would)."""
+    base = tmp_path_factory.mktemp("casreg")
+    reg = base / "reg"
+    publish(reg, [V1], base / "built")
+    publish(reg, [V2], base / "built")
+    return reg
+
+
+def _files_under(reg: Path) -> dict[str, int]:
+    return {str(p.relative_to(reg)): p.stat().st_ino
+            for sub in ("objects", "packs", "trees") for p in (reg / sub).rglob("*")
+            if p.is_file()}
+
+
+def _copy(reg: Path, to: Path, link: bool = True) -> Path:
+    """A registry of one's own (hard links to the published files, which tests replace
+    rather than change, unless ``link`` is False)."""
+    shutil.copytree(reg, to, copy_function=os.link if link else shutil.copy2)
+    index = to / "registry.json"  # the one file the tests change in place: a copy of its own
+    data = index.read_bytes()
+    index.unlink()
+    index.write_bytes(data)
+    return to
+
+
+def _fetched(server: RegistryServer, reg: Path) -> tuple[set[str], int]:
+    paths = {p.lstrip("/") for p in server.requests if p != "/registry.json"}
+    return paths, sum((reg / p).stat().st_size for p in paths)
+
+
+# ------------------------------------------------------------------------------ publishing
+def test_publish_writes_the_form_and_a_later_version_only_what_is_new(tmp_path: Path) -> None:
+    reg = tmp_path / "reg"
+    publish(reg, [V1], tmp_path / "built")
+    first = _files_under(reg)
+    publish(reg, [V2], tmp_path / "built")
+    second = _files_under(reg)
+    # Nothing published before was written again (same inodes), and only 1.1's new
+    # objects, its delta pack(s) and its tree are new.
+    assert {p: second[p] for p in first} == first
+    d1, d2 = tree_doc(reg, V1), tree_doc(reg, V2)
+    old = {o[0] for o in d1["objects"]}
+    new_objects = {p.rsplit("/", 1)[1] for p in set(second) - set(first)
+                   if p.startswith("objects/")}
+    assert new_objects == {o[0] for o in d2["objects"]} - old and new_objects
+    new_packs = {p for p in set(second) - set(first) if p.startswith("packs/")}
+    assert len(new_packs) == 1  # 1.1's objects new since 1.0, in one delta pack
+    for pack in new_packs:  # ...holding only objects 1.0 did not have
+        members = next(p[2] for p in d2["packs"] if f"packs/{p[0]}.pack" == pack)
+        assert {d2["objects"][i][0] for i, _ in members} <= {o[0] for o in d2["objects"]} - old
+    # Every object is named by its decoded bytes' digest and ready to be a blob as it is.
+    for o in d2["objects"]:
+        stored = (reg / cf.object_path(bytes.fromhex(o[0]))).read_bytes()
+        assert cf.check_object(cf.Obj(bytes.fromhex(o[0]), o[1], o[2], o[3]), stored)
+    assert any(o[3] == 1 for o in d2["objects"]) and any(o[3] == 0 for o in d2["objects"])
+    for p in (reg / "packs").iterdir():  # named by their bytes, within squid's 4 MB
+        assert cf.sha256(p.read_bytes()).hex() + ".pack" == p.name
+        assert p.stat().st_size <= cf.PACK_MAX
+    # registry.json is written last: nothing it names is newer than it.
+    newest = max((reg / p).stat().st_mtime_ns for p in second)
+    assert (reg / "registry.json").stat().st_mtime_ns >= newest
+    # The key is jbl's extra: the Joblet fields are all still there.
+    assert {"download_url", "checksum", "size", "tree"} <= set(entry(reg, V2))
+
+
+# ------------------------------------------------------------------------------ installing
+def test_update_fetches_only_new_objects_and_a_cold_install_few_requests(
+        published: Path, store_dir: Path) -> None:
+    server = RegistryServer(published)
+    try:
+        r = run_jbl("store", "install", f"{NAME}@{V1}", "--registry", server.url, "--json",
+                    store=store_dir).ok()
+        cold, cold_bytes = _fetched(server, published)
+        out = json.loads(r.out)[0]
+        assert out["form"] == "tree" and out["fetched_bytes"] == cold_bytes
+        nfiles = len(files(V1)) + 2
+        assert len(cold) <= 8 and len(cold) * 4 < nfiles, cold  # packs, not one per file
+        assert any(p.startswith("packs/") for p in cold)
+        server.requests.clear()
+        r = run_jbl("store", "install", f"{NAME}@{V2}", "--registry", server.url,
+                    store=store_dir).ok()
+        update, update_bytes = _fetched(server, published)
+    finally:
+        server.stop()
+    assert not update & cold  # nothing 1.0 brought is fetched again
+    assert update_bytes < 0.5 * entry(published, V2)["size"], (update, update_bytes)
+    assert " fetched, " in r.out and "already here" in r.out
+    listed = json.loads(run_jbl("store", "list", "--json", store=store_dir).ok().out)
+    assert [v["version"] for v in listed] == [V1, V2]
+
+
+def test_tree_install_equals_the_tarball_install(published: Path, tmp_path: Path) -> None:
+    reg = _copy(published, tmp_path / "reg")  # its own: its registry.json changes below
+    by_tree, by_tarball = tmp_path / "a", tmp_path / "b"
+    r = run_jbl("store", "install", f"{NAME}@{V1}", "--registry", reg, "--json", store=by_tree)
+    assert json.loads(r.ok().out)[0]["form"] == "tree"
+    index = json.loads((reg / "registry.json").read_text())
+    for e in index["runtimes"][NAME].values():
+        del e["tree"]  # the same entries without the form: a tarball install
+    (reg / "registry.json").write_text(json.dumps(index))
+    r = run_jbl("store", "install", f"{NAME}@{V1}", "--registry", reg, "--json",
+                store=by_tarball)
+    assert "form" not in json.loads(r.ok().out)[0]
+    a, b = index_rows(by_tree), index_rows(by_tarball)
+    assert a["entries"] == b["entries"] and len(a["entries"]) > 40
+    assert a == b
+    infos = [json.loads(run_jbl("store", "info", f"{NAME}@{V1}", "--json", store=s).ok().out)
+             for s in (by_tree, by_tarball)]
+    for i in infos:
+        i.pop("installed_at")
+    assert infos[0] == infos[1]
+    for s in (by_tree, by_tarball):
+        assert_store_ok(s)
+    # The bytes, through the store's own view, are the tarball's.
+    want = files(V1)
+    with Store.open(by_tree, readonly=True) as store:
+        view = View(store)
+        root = view.installed()[NAME][V1].root_id
+        for path, data in want.items():
+            e = view.resolve(root, path)
+            assert e is not None and e.content_id is not None
+            assert view.read(view.chunks(e.content_id), e.size, 0, e.size + 1) == data, path
+        link = view.resolve(root, "isolated/bin/hello2")
+        assert link is not None and link.nlink == 2
+
+
+def test_dry_run_says_what_would_be_fetched_and_changes_nothing(
+        published: Path, store_dir: Path) -> None:
+    r = run_jbl("store", "install", "--dry-run", f"{NAME}@{V1}", "--registry", published,
+                store=store_dir).ok()
+    assert "would fetch" in r.out and "packs" in r.out and not store_dir.exists()
+    run_jbl("store", "install", f"{NAME}@{V1}", "--registry", published, store=store_dir).ok()
+    before = (index_rows(store_dir), blob_files(store_dir))
+    r = run_jbl("store", "install", "--dry-run", f"{NAME}@{V2}", "--registry", published,
+                "--json", store=store_dir).ok()
+    plan = json.loads(r.out)[0]
+    assert plan["status"] == "would fetch" and 0 < plan["fetch_bytes"] < entry(published,
+                                                                              V2)["size"]
+    assert plan["present_bytes"] >= len(files(V1)["isolated/lib/big.bin"])
+    assert (index_rows(store_dir), blob_files(store_dir)) == before
+
+
+# ------------------------------------------------------------------------------ hostile trees
+def _entry_index(doc: dict, name: str) -> int:  # type: ignore[type-arg]
+    return next(i for i, e in enumerate(doc["entries"]) if e[1] == name)
+
+
+def _set(field: int, value: object, name: str = "hello") -> object:
+    def change(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["entries"][_entry_index(doc, name)][field] = value
+    return change
+
+
+def _setuid(doc: dict) -> None:  # type: ignore[type-arg]
+    doc["entries"][_entry_index(doc, "hello")][3] |= 0o4000
+
+
+def _deep(doc: dict) -> None:  # type: ignore[type-arg]
+    parent = 0
+    for _ in range(130):
+        doc["entries"].append([parent, "d", "d", 0o755, 0, 0, 0, 0, None])
+        parent = len(doc["entries"]) - 1
+
+
+def _hardlink_to_dir(doc: dict) -> None:  # type: ignore[type-arg]
+    e = doc["entries"][_entry_index(doc, "version")]
+    e[8][1] = _entry_index(doc, "etc")
+
+
+def _lying_body(doc: dict) -> None:  # type: ignore[type-arg]
+    # big-1.1.0.bin (new to the store) claims big.bin's first chunk: sizes add up, the
+    # body's digest does not (a tree must not poison file-level dedup).
+    new = next(b for b in doc["bodies"] if len(b[2]) == 2)
+    shared = next(b for b in doc["bodies"] if len(b[2]) == 3)
+    new[2][0] = shared[2][0]
+
+
+HOSTILE = [
+    ("dotdot", _set(1, ".."), 6, "one path component"),
+    ("slash", _set(1, "a/b"), 6, "one path component"),
+    ("device", _set(2, "c"), 6, "no devices"),
+    ("setuid", _setuid, 6, "setuid"),
+    ("deep", _deep, 6, "deeper than 128"),
+    ("hardlink-to-dir", _hardlink_to_dir, 6, "hardlink"),
+    ("whiteout", _set(1, ".wh.hello"), 6, "whiteout"),
+    ("body-digest", _lying_body, 5, "chunks hash to"),
+]
+
+
+def test_hostile_trees_are_refused_and_the_store_is_unchanged(
+        published: Path, tmp_path: Path, store_dir: Path) -> None:
+    run_jbl("store", "install", f"{NAME}@{V1}", "--registry", published, store=store_dir).ok()
+    before = (index_rows(store_dir), blob_files(store_dir))
+    for label, change, rc, why in HOSTILE:
+        reg = _copy(published, tmp_path / label)
+        rewrite_tree(reg, V2, change)  # type: ignore[arg-type]
+        r = run_jbl("store", "install", f"{NAME}@{V2}", "--registry", reg, store=store_dir)
+        assert_one_line_error(r, rc, why)
+        assert (index_rows(store_dir), blob_files(store_dir)) == before, label
+    # The legitimate tree next to them still installs.
+    run_jbl("store", "install", f"{NAME}@{V2}", "--registry", published, store=store_dir).ok()
+
+
+def test_a_tree_or_object_whose_bytes_do_not_match_is_exit_5(
+        published: Path, tmp_path: Path, store_dir: Path) -> None:
+    reg = _copy(published, tmp_path / "reg", link=False)  # its files are changed in place
+    tree = reg / entry(reg, V1)["tree"]["url"]
+    good_tree = tree.read_bytes()
+    tree.write_bytes(good_tree[:-1] + bytes([good_tree[-1] ^ 1]))
+    assert_one_line_error(run_jbl("store", "install", f"{NAME}@{V1}", "--registry", reg,
+                                  store=store_dir), 5, tree.name)
+    tree.write_bytes(good_tree)
+    doc = tree_doc(reg, V1)
+    big = next(o for o in doc["objects"] if o[1] == MiB)  # a full chunk: fetched alone
+    obj = reg / cf.object_path(bytes.fromhex(big[0]))
+    good = obj.read_bytes()
+    obj.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    assert_one_line_error(run_jbl("store", "install", f"{NAME}@{V1}", "--registry", reg,
+                                  store=store_dir), 5, f"object {big[0]}")
+    assert run_jbl("store", "list", "--json", store=store_dir).ok().out.strip() == "[]"
+    assert not blob_files(store_dir)  # what it wrote before it met the bad object: removed
+    obj.write_bytes(good)
+    run_jbl("store", "install", f"{NAME}@{V1}", "--registry", reg, store=store_dir).ok()
+
+
+# ------------------------------------------------------------------------------ interrupted
+def test_a_killed_install_leaves_the_store_and_the_retry_fetches_only_the_rest(
+        published: Path, tmp_path: Path, store_dir: Path) -> None:
+    pauses = Pauses(tmp_path / "pauses")
+    server = RegistryServer(published)
+    try:
+        env = {**os.environ, **pauses.env("casinstall.half-fetched")}
+        env.pop("JBL_STORE", None)
+        p = subprocess.Popen([JBL, "--store", str(store_dir), "store", "install",
+                              f"{NAME}@{V1}", "--registry", server.url], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            pauses.wait("casinstall.half-fetched", [p], timeout=60)
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.communicate(timeout=30)
+        first, _ = _fetched(server, published)
+        listed = run_jbl("store", "list", "--json", store=store_dir).ok().out
+        assert json.loads(listed) == []
+        assert_store_ok(store_dir)
+        orphans = blob_files(store_dir)
+        assert orphans  # verified objects of the killed try, without rows
+        server.requests.clear()
+        r = run_jbl("store", "install", f"{NAME}@{V1}", "--registry", server.url, "--json",
+                    store=store_dir).ok()
+        retry, _ = _fetched(server, published)
+    finally:
+        server.stop()
+    trees = {f"trees/{entry(published, V1)['tree']['sha256']}"}
+    assert first - trees and not (retry & first) - trees  # nothing verified is fetched again
+    assert json.loads(r.out)[0]["present_bytes"] > 0
+    assert orphans <= blob_files(store_dir)
+
+
+def test_a_registry_without_the_form_installs_the_tarball(tmp_path: Path,
+                                                          store_dir: Path) -> None:
+    from fixtures_registry import publish as publish_plain
+
+    publish_plain(tmp_path / "reg", "plain", "1.0.0")  # Joblet's entry: no tree key
+    r = run_jbl("store", "install", "plain", "--registry", tmp_path / "reg", "--json",
+                store=store_dir).ok()
+    assert json.loads(r.out)[0]["status"] == "installed" and "form" not in r.out
+
+
+# ------------------------------------------------------------------------------ units
+def test_parse_tree_bounds_counts_and_plan_prefers_packs_when_most_is_lacking(
+        published: Path) -> None:
+    from jbl.store.errors import LimitExceeded
+    from jbl.store.limits import Limits
+
+    data = (published / entry(published, V1)["tree"]["url"]).read_bytes()
+    tree = cf.parse_tree(data, Limits())
+    with pytest.raises(LimitExceeded):
+        cf.parse_tree(data, Limits(max_entries=len(tree.entries) - 1))
+    everything = cf.plan_fetch(tree, set(range(len(tree.objects))))
+    assert everything.packs and everything.requests < len(tree.objects)
+    packed = {i for p in tree.packs for i, _ in p.members}
+    one = {min(packed)}
+    single = cf.plan_fetch(tree, one)  # one small object lacking: not its whole pack
+    assert single.singles == [min(packed)] and not single.packs
