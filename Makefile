@@ -5,7 +5,7 @@
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 JBL      := $(VENV)/bin/jbl
-APT_PKGS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libarchive-tools mtree-netbsd bubblewrap util-linux iproute2 psmisc slirp4netns
+APT_PKGS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libarchive-tools mtree-netbsd bubblewrap util-linux iproute2 psmisc slirp4netns nginx-light squid
 STAMP    := $(VENV)/.jbl-installed
 PREFIX   ?= /opt/jbl
 BINDIR   ?= /usr/local/bin

@@ -552,8 +552,9 @@ def _reason(e: httpx.HTTPError) -> str:
 
 # --- publishing targets ----------------------------------------------------------------------
 class Target(Protocol):
-    """Where ``jbl registry add`` publishes: write objects, packs, trees, then registry.json
-    last, so no cache ever stores a "not found" for something about to exist."""
+    """Where ``jbl registry add`` publishes: write objects, packs, trees, then ``sync``, then
+    registry.json last, so no cache ever stores a "not found" for something about to exist.
+    ``get`` reads back a file the target holds (None: absent or over ``max_size``)."""
 
     label: str
 
@@ -561,16 +562,23 @@ class Target(Protocol):
 
     def exists(self, relpath: str) -> bool: ...
 
+    def get(self, relpath: str, max_size: int) -> bytes | None: ...
+
+    def sync(self) -> None: ...
+
 
 class DirTarget:
     """A registry directory: each file written as a new temporary file in its directory and
-    renamed into place (mode 0644, directories 0755)."""
+    renamed into place (mode 0644, directories 0755); ``sync`` is one ``syncfs`` for all of
+    them (not an fsync per object), before registry.json is written."""
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.label = self.path
 
     def _dir_fd(self, parts: Sequence[str], create: bool) -> int:
+        if create:
+            os.makedirs(self.path, 0o755, exist_ok=True)
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for d in parts:
@@ -601,7 +609,6 @@ class DirTarget:
                 while view:
                     view = view[os.write(fd, view):]
                 os.fchmod(fd, 0o644)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -625,6 +632,24 @@ class DirTarget:
             return False
         finally:
             os.close(dfd)
+
+
+    def get(self, relpath: str, max_size: int) -> bytes | None:
+        try:
+            return read_dir_file(self.path, check_relpath(relpath), max_size)
+        except (_Missing, _Down, _TooBig):
+            return None
+
+    def sync(self) -> None:
+        from .blobs import _syncfs
+
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        except OSError as e:
+            raise RegistryError(f"cannot flush {self.path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
 
 class S3Target:
@@ -667,11 +692,35 @@ class S3Target:
             self._client.head_object(Bucket=self.bucket, Key=self._key(relpath))
             return True
         except Exception as e:
-            code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if _s3_code(e) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise RegistryError(f"cannot check {self.label}/{relpath}: {_s3_reason(e)}") \
                 from None
+
+
+    def get(self, relpath: str, max_size: int) -> bytes | None:
+        try:
+            r = self._client.get_object(Bucket=self.bucket, Key=self._key(relpath))
+        except Exception as e:
+            if _s3_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise RegistryError(f"cannot read {self.label}/{relpath}: {_s3_reason(e)}") \
+                from None
+        body = r["Body"]
+        try:
+            if int(r.get("ContentLength") or 0) > max_size:
+                return None
+            data: bytes = body.read(max_size + 1)
+        finally:
+            body.close()
+        return data if len(data) <= max_size else None
+
+    def sync(self) -> None:
+        """Nothing to do: an upload is durable when put_object returns."""
+
+
+def _s3_code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
 
 
 def _s3_reason(e: Exception) -> str:

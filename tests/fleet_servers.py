@@ -17,15 +17,21 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEET_DOCS = ROOT / "docs" / "fleet"
@@ -230,5 +236,158 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def python_exe() -> str:
-    return sys.executable
+# --- the real servers of docs/fleet.md ---------------------------------------------------------
+def program(name: str, package: str) -> str:
+    """The path of ``name``, or a skip saying it is not installed (``make test`` installs
+    ``package``)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        pytest.skip(f"{name} is not installed (make test installs the {package} package)")
+    return path
+
+
+def render(template: Path, dest: Path, **values: str) -> Path:
+    """``template`` with each ``@KEY@`` replaced; every placeholder must be filled."""
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    assert "@" not in "".join(line.split("#", 1)[0] for line in text.splitlines()), \
+        f"{template} has a placeholder the test did not fill"
+    dest.write_text(text)
+    return dest
+
+
+def world_dir(prefix: str, *, memory: bool = False) -> Path:
+    """A new directory every user can reach (nginx's and squid's workers are not root);
+    ``memory``: on /dev/shm when there is one (squid's 4096 cache directories are made and
+    removed in a blink there, seconds on a busy disk)."""
+    shm = "/dev/shm" if memory and os.path.isdir("/dev/shm") else None
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    d.chmod(0o755)
+    return d
+
+
+@dataclass
+class Origin:
+    url: str
+    root: Path
+    access_log: Path
+
+    def requests(self) -> list[tuple[str, int]]:
+        """(path, status) of each request nginx logged, in order."""
+        out = []
+        if self.access_log.exists():
+            for line in self.access_log.read_text().splitlines():
+                request = line.split('"')[1]
+                status = int(line.split('"')[2].split()[0])
+                out.append((request.split()[1], status))
+        return out
+
+
+@contextlib.contextmanager
+def nginx_origin(root: Path) -> Iterator[Origin]:
+    """nginx serving ``root`` with docs/fleet/nginx.conf on a free 127.0.0.1 port."""
+    exe = program("nginx", "nginx-light")
+    prefix = world_dir("jbl-nginx-")
+    port = free_port()
+    try:
+        conf = render(FLEET_DOCS / "nginx.conf", prefix / "nginx.conf",
+                      LISTEN=f"{HOST}:{port}", ROOT=str(root), PREFIX=str(prefix))
+        proc = subprocess.Popen([exe, "-p", str(prefix), "-c", str(conf), "-e",
+                                 str(prefix / "error.log"), "-g", "daemon off;"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_port(port, proc, "nginx", prefix / "error.log")
+            yield Origin(f"http://{HOST}:{port}", root, prefix / "access.log")
+        finally:
+            stop(proc)
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@dataclass
+class Cache:
+    url: str
+    prefix: Path
+    port: int
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_port(self.port, self.proc, "squid", self.prefix / "cache.log", timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def restart(self, meanwhile: Callable[[], None]) -> None:
+        """Stop squid (it writes its index), run ``meanwhile``, start it on the same cache."""
+        self.stop()
+        meanwhile()
+        self.start()
+
+
+@contextlib.contextmanager
+def squid_cache() -> Iterator[Cache]:
+    """squid with docs/fleet/squid.conf on a free 127.0.0.1 port (a fresh, empty cache)."""
+    exe = program("squid", "squid")
+    prefix = world_dir("jbl-squid-", memory=True)
+    port = free_port()
+    try:
+        conf = render(FLEET_DOCS / "squid.conf", prefix / "squid.conf",
+                      LISTEN=f"{HOST}:{port}", PREFIX=str(prefix))
+        (prefix / "cache").mkdir()
+        shutil.chown(prefix, "proxy", "proxy")
+        shutil.chown(prefix / "cache", "proxy", "proxy")
+        subprocess.run([exe, "-z", "-N", "-f", str(conf)], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cache = Cache(f"http://{HOST}:{port}", prefix, port, [exe, "-N", "-f", str(conf)])
+        try:
+            cache.start()
+            yield cache
+        finally:
+            cache.stop()
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict[str, str]  # credentials for boto3 (moto accepts any)
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[S3Server]:
+    """moto's S3 API in server mode (``moto_server``, from the ``test`` extra) on a free
+    127.0.0.1 port; a fresh, empty server."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]': the test extra)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", HOST, "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(port, proc, "moto_server", timeout=60)
+        yield S3Server(f"http://{HOST}:{port}",
+                       {"AWS_ACCESS_KEY_ID": "fleet-test", "AWS_SECRET_ACCESS_KEY": "fleet-test",
+                        "AWS_DEFAULT_REGION": "us-east-1"})
+    finally:
+        stop(proc)
+
+
+def public_bucket(s3: S3Server, bucket: str) -> None:
+    """Create ``bucket`` with the read-only public policy docs/fleet.md gives."""
+    import boto3
+
+    c = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="fleet-test",
+                     aws_secret_access_key="fleet-test", region_name="us-east-1")
+    c.create_bucket(Bucket=bucket)
+    c.put_bucket_policy(Bucket=bucket, Policy=json.dumps(
+        {"Version": "2012-10-17", "Statement": [
+            {"Sid": "FleetRead", "Effect": "Allow", "Principal": "*",
+             "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}))

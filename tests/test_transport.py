@@ -285,10 +285,11 @@ def test_for_registry_takes_the_registry_directory_as_origin(scripted: ScriptedS
 def test_a_dir_target_writes_whole_files_and_knows_what_exists(tmp_path: Path) -> None:
     t = target_for(str(tmp_path / "reg"))
     assert isinstance(t, DirTarget)
-    (tmp_path / "reg").mkdir()
-    assert not t.exists(NAME)
-    t.put(NAME, BODY, immutable=True)
+    assert not t.exists(NAME) and t.get(NAME, 1 << 20) is None
+    t.put(NAME, BODY, immutable=True)  # the registry directory is made on the first put
+    t.sync()
     t.put("registry.json", b"{}", immutable=False)
+    assert t.get(NAME, 1 << 20) == BODY and t.get(NAME, 10) is None
     assert t.exists(NAME) and (tmp_path / "reg" / NAME).read_bytes() == BODY
     assert oct((tmp_path / "reg" / NAME).stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in (tmp_path / "reg" / "objects" / "ab").iterdir()) == \
