@@ -117,21 +117,47 @@ def _children_cpu() -> float:
     return float(ru.ru_utime + ru.ru_stime)
 
 
+def log_limit(args: argparse.Namespace) -> int:
+    """``--log-limit`` in bytes (default ``jobstore.LOG_LIMIT``)."""
+    from jbl.runner.jobstore import LOG_LIMIT
+    from jbl.store.units import parse_size
+
+    if args.log_limit is None:
+        return LOG_LIMIT
+    limit = parse_size(args.log_limit, what="--log-limit")
+    if limit <= 0:
+        raise UsageError(f"invalid --log-limit {args.log_limit!r}: must be more than 0")
+    return limit
+
+
+def split_foreground(args: argparse.Namespace) -> int | None:
+    """A foreground ``jbl run`` with a terminal: fork its supervisor behind a front process
+    (``runner/foreground.py``) so that the caller can leave the job. None in the supervisor
+    (and when there is no terminal: nothing to leave); the exit status in the front."""
+    from jbl.runner import foreground
+    from jbl.runner.plan import new_job_id
+
+    if not foreground.can_leave():
+        return None
+    limit = log_limit(args)  # a bad --log-limit: one line, before anything runs
+    try:
+        directory = jobs_dir(args)
+    except JblError:
+        return None  # no records: nothing to leave to (the job runs, with a note)
+    args.job_id = getattr(args, "job_id", None) or new_job_id()
+    return foreground.split(args.job_id, directory, limit, as_json=bool(args.json))
+
+
 def launch_detached(args: argparse.Namespace) -> int:
     """``jbl run --detach``: check the options and resolve the runtime here (a mistake is one
     line and its exit code, as in the foreground), record the job, fork its supervisor into a
     session of its own, print the id and return."""
     from jbl.cli import run_cmd
     from jbl.runner import detach
-    from jbl.runner.jobstore import LOG_LIMIT, JobStore, process_start
+    from jbl.runner.jobstore import JobStore, process_start
     from jbl.runner.plan import new_job_id
-    from jbl.store.units import parse_size
 
-    limit = LOG_LIMIT
-    if args.log_limit is not None:
-        limit = parse_size(args.log_limit, what="--log-limit")
-        if limit <= 0:
-            raise UsageError(f"invalid --log-limit {args.log_limit!r}: must be more than 0")
+    limit = log_limit(args)
     if args.terminal == "tty":
         raise UsageError("--detach and --tty exclude each other: a detached job has no "
                          "terminal (its output goes to its log)")

@@ -240,7 +240,11 @@ def run(args: argparse.Namespace) -> int:
         from jbl.cli.job_cmd import launch_detached
 
         return launch_detached(args)
-    from jbl.cli.job_cmd import JobRecord
+    from jbl.cli.job_cmd import JobRecord, split_foreground
+
+    front = split_foreground(args)  # with a terminal: the caller may leave the job
+    if front is not None:
+        return front
 
     # Block job-control signals before any helper thread (a private FUSE mount) starts, so
     # only the supervisor's sigtimedwait takes them; run_job forwards them to the job.

@@ -1,26 +1,31 @@
 """Detached jobs: the fork that leaves the caller, the job's own session, and its logger.
 
-``spawn(supervise)`` forks the supervisor and returns its pid at once; the child waits until
-the caller has written the job's record (``release``), then:
+``spawn(supervise)`` forks the supervisor and returns its pid at once; the child, first of
+all, calls ``setsid()``: a session of its own with no controlling terminal, so closing the
+terminal that started it (SIGHUP to that session) never reaches it or the job (the terminal's
+signals are blocked across the fork, and one that came before ``setsid`` is dropped: it was
+the caller's). It then waits until the caller has written the job's record (``release``),
+and:
 
-1. ``setsid()``: a session of its own with no controlling terminal, so closing the terminal
-   that started it (SIGHUP to that session) never reaches it or the job;
-2. forks the **logger**: it reads the two pipes that are the supervisor's (and so the job's)
+1. forks the **logger**: it reads the two pipes that are the supervisor's (and so the job's)
    stdout and stderr and appends what it reads to the job's log (``JobStore.append_log``: a
    sequence number and a timestamp per chunk, streams apart, bounded); it ends at EOF on
    both, which comes when the supervisor and every job process are gone (SIGKILL included);
-3. makes ``/dev/null`` its stdin and the pipes its stdout/stderr, records the logger's pid
+2. makes ``/dev/null`` its stdin and the pipes its stdout/stderr, records the logger's pid
    (so ``jbl job log --follow`` knows when the log is complete), runs ``supervise()`` and
    ends with its status (``os._exit``: nothing of the caller's runs twice).
 
 Not thread-safe: call ``spawn`` before any thread exists (a forked child gets only the
-calling thread).
+calling thread). A process that may have threads runs the logger as a program instead:
+``python -m jbl.runner.detach JOB_ID DIRECTORY LIMIT OUT_FD ERR_FD`` (``foreground.py``, when
+a foreground job is detached).
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +34,7 @@ from pathlib import Path
 from .jobstore import JobStore, process_start
 
 READ_MAX = 64 << 10  # bytes per read: one chunk at most this big
+TERMINAL_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP}
 
 
 def spawn(job_id: str, directory: Path, log_limit: int,
@@ -37,17 +43,22 @@ def spawn(job_id: str, directory: Path, log_limit: int,
     sys.stdout.flush()
     sys.stderr.flush()
     go_r, go_w = os.pipe()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(go_r)
         return pid, go_w
     code = 1
     try:
+        os.setsid()
+        while signal.sigtimedwait(TERMINAL_SIGNALS, 0) is not None:
+            pass  # sent to the caller's session before it was ours alone
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(go_w)
         if os.read(go_r, 1) != b"1":  # the caller died before the record existed
             os._exit(1)
         os.close(go_r)
-        os.setsid()
         code = _supervisor(job_id, directory, log_limit, supervise)
     except BaseException as e:  # never return into the caller's code in the child
         try:
@@ -126,3 +137,14 @@ def _log_loop(job_id: str, directory: Path, limit: int, out_r: int, err_r: int) 
             store.append_log(job_id, batch, limit)
     finally:
         store.close()
+
+
+def main(argv: list[str]) -> int:
+    """The logger as a program (see the module docstring); its fds 0-2 are /dev/null."""
+    job_id, directory, limit, out_r, err_r = argv
+    _log_loop(job_id, Path(directory), int(limit), int(out_r), int(err_r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

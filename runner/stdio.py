@@ -15,6 +15,13 @@ supervisor (the plan needs it too: the job takes the pty as its controlling term
 
 Not a terminal and not relayed: the job's fd is the caller's own (no copying, no cost).
 
+Leaving (``runner/foreground.py``): when ``jbl run``'s supervisor runs behind a front process
+(``LEAVE`` is set), the detach keys typed on a pty (``DETACH_KEYS``: Ctrl-P Ctrl-Q, as
+docker's; a lone Ctrl-P is held until the next key says whether it was one) or a SIGHUP
+(``supervise.py``) call ``detach()``: the caller's terminal gets its modes back, its input is
+no longer read (a job's stdin pipe ends; a pty just gets no more keys), and ``LEAVE`` makes
+fds 1 and 2 the log's pipes, where the output pumps go on writing.
+
 The relay runs in the supervisor's only thread: ``wait(timeout)`` polls the relayed fds and
 a signalfd for the supervisor's blocked signals, so it returns as soon as a signal is
 pending, and ``drain()`` copies what is left once the job is gone. The caller's descriptors
@@ -49,6 +56,11 @@ RECHECK = 0.5  # s: how often a background jbl looks whether it is in the foregr
 DRAIN_IDLE = 2.0  # s: drain() gives up after this long without progress
 SIGSET_WORDS = 16  # glibc's sigset_t: 1024 bits
 EOT = b"\x04"  # a pty's VEOF: "end of input" to a reader in canonical mode
+DETACH_KEYS = b"\x10\x11"  # Ctrl-P Ctrl-Q
+
+# Set in a supervisor behind a front process (foreground.split): leaves the caller, True once
+# left. None: this jbl run cannot be left (no terminal, or jbl run --detach already).
+LEAVE: Callable[[], bool] | None = None
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -71,7 +83,7 @@ class Pump:
 
     def __init__(self, src: int, dst: int, *, job_input: bool = False,
                  gate: Callable[[], bool] | None = None,
-                 at_eof: Literal["close", "eot"] | None = None) -> None:
+                 at_eof: Literal["close", "eot"] | None = None, keys: bytes = b"") -> None:
         self.src, self.dst = src, dst
         self.job_input = job_input  # caller -> job: stops (reads no more) at the job's end
         self.gate = gate  # may src be read now? (the caller's terminal: only in foreground)
@@ -81,6 +93,9 @@ class Pump:
         self.buf = bytearray()
         self.reading = True
         self.dst_ok = True
+        self.keys = keys  # the detach keys, taken out of the caller's input
+        self.held = 0  # how many of them were typed last
+        self.detach_seen = False
 
     def wants_read(self) -> bool:
         return (self.reading and len(self.buf) < BUFFER_MAX
@@ -103,9 +118,34 @@ class Pump:
             if self.at_eof == "eot" and self.dst_ok:
                 self.buf += EOT
             return False
+        if self.keys:
+            data = self._take_keys(data)
         if self.dst_ok:
             self.buf += data
         return True
+
+    def _take_keys(self, data: bytes) -> bytes:
+        """``data`` without the detach keys; what follows them is dropped (typed to jbl,
+        not to the job). A partial sequence is held until the next key decides."""
+        keys = self.keys
+        if not self.held and keys[0] not in data:
+            return data
+        out = bytearray()
+        for b in data:
+            if b == keys[self.held]:
+                self.held += 1
+                if self.held == len(keys):
+                    self.held = 0
+                    self.detach_seen = True
+                    return bytes(out)
+                continue
+            out += keys[:self.held]
+            self.held = 0
+            if b == keys[0]:
+                self.held = 1
+            else:
+                out.append(b)
+        return bytes(out)
 
     def write(self) -> None:
         try:
@@ -134,6 +174,7 @@ class JobStdio:
         self.master: int | None = None
         self.raw: RawMode | None = None
         self.sigfd = -1
+        self.left = False  # detach() happened: output goes to the job's log
 
     @property
     def pty(self) -> bool:
@@ -164,7 +205,9 @@ class JobStdio:
             self.raw = RawMode(0)
             gate = self._foreground_gate(0)
         if _is_open(0):
-            self.pumps.append(Pump(0, master, job_input=True, gate=gate, at_eof="eot"))
+            keys = DETACH_KEYS if LEAVE is not None and self.raw is not None else b""
+            self.pumps.append(Pump(0, master, job_input=True, gate=gate, at_eof="eot",
+                                   keys=keys))
         self.pumps.append(Pump(master, 1))
 
     def _open_pipes(self) -> None:
@@ -213,6 +256,10 @@ class JobStdio:
                     p.gate and p.reading and not p.gate() for p in self.pumps):
                 left = RECHECK if left is None else min(left, RECHECK)  # back to foreground?
             ready = self._poll([self.sigfd], left)
+            if any(p.detach_seen for p in self.pumps):
+                for p in self.pumps:
+                    p.detach_seen = False
+                self.detach()
             if self.sigfd in ready or (end is not None and time.monotonic() >= end):
                 return
 
@@ -231,6 +278,31 @@ class JobStdio:
                 break  # something outside the job still holds a write end
         if self.raw:
             self.raw.restore()
+
+    def detach(self) -> bool:
+        """Leave the caller (see the module docstring): False when this job cannot be
+        left, True when it was left (now or before)."""
+        if self.left:
+            return True
+        if LEAVE is None:
+            return False
+        if self.raw:
+            self.raw.restore()  # before fd 0 is the caller's terminal no more
+        if not LEAVE():
+            return False  # still attached: raw again at the next wake-up
+        self.raw = None
+        for p in self.pumps:
+            p.keys, p.held = b"", 0
+            if p.job_input:
+                p.reading = False
+                p.buf.clear()
+                if p.at_eof == "close":
+                    self._close(p.dst)
+                    p.dst_ok = False
+            else:
+                p.dst_ok = True  # a closed terminal made it drop output; the log takes it
+        self.left = True
+        return True
 
     def window_changed(self) -> None:
         if self.master is not None:

@@ -5,8 +5,9 @@ calling thread for the job's lifetime and takes them with ``sigtimedwait`` (so c
 the main thread, before starting other threads, which inherit the mask): they are all
 forwarded to the job, which is in a session of its own (a terminal's Ctrl-C reaches jbl only;
 with a pty it reaches the job as a byte through its pty). The first SIGINT, SIGTERM, SIGHUP
-or SIGQUIT starts the grace period (``req.kill_after``); when it runs out, or at a second
-signal, the whole cgroup is killed. A timeout sends SIGTERM, then the same grace and kill.
+(unless the job can be left instead: ``stdio.JobStdio.detach``) or SIGQUIT starts the grace
+period (``req.kill_after``); when it runs out, or at a second signal, the whole cgroup is
+killed. A timeout sends SIGTERM, then the same grace and kill.
 While waiting it relays the job's stdio (``stdio.py``) when a terminal is involved.
 
 Teardown (cgroup killed and removed, pipes closed) is in ``finally``, so it also runs when
@@ -43,6 +44,7 @@ from .errors import (
     LimitsNotEnforced,
     SandboxSetupError,
 )
+from .foreground import echo
 from .identity import JobUser, host_getgrgid, host_getpwuid, passwd_group, read_runtime_etc
 from .manifests import load_manifest as load_manifest
 from .network import Slirp, check_isolated, resolver_files
@@ -371,12 +373,14 @@ def _wait(pid: int, req: JobRequest, cg: JobCgroup, start: float,
         else:
             info = (signal.sigtimedwait(WAITED, timeout) if timeout is not None
                     else signal.sigwaitinfo(WAITED))
-        if info is None or info.si_signo == signal.SIGCHLD:
-            continue
+        if info is None or info.si_signo == signal.SIGCHLD or echo(info):
+            continue  # (echo: one signal to jbl run's whole group, twice: foreground.py)
         sig = signal.Signals(info.si_signo)
         if sig == signal.SIGWINCH and stdio.pty:
             stdio.window_changed()  # the kernel signals the job's foreground group itself
             continue
+        if sig == signal.SIGHUP and stdio.detach():
+            continue  # the caller left (its terminal closed): the job runs on, detached
         if sig in TERMINATE:
             reason = reason or "interrupted"
             now = time.monotonic()
