@@ -38,17 +38,19 @@ Thread-safety: see above; ``View.read_piece`` is the only thing the read pool ru
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import queue
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from jbl.store.view import Piece, View
+from jbl.store.view import ChunkRef, Piece, View
 
 from . import kernel as K
 from .core import Core, Negative
@@ -60,6 +62,8 @@ from .tree import WATCH_PERIOD, TopChange
 log = logging.getLogger("jbl.fusefs")
 
 READ_THREADS = 4
+PREFETCH_THREADS = 2  # read-ahead at LOOKUP, beside the read pool (which serves real READs)
+PREFETCH_SLOTS = 8    # read-aheads in flight at most: beyond, a lookup is not read ahead
 BUFSIZE = (K.MAX_PAGES_WANTED << 12) + 65536  # the largest request (a WRITE) + headers
 DEFERRED = None     # a handler's "the reply is on its way from another thread"
 _HDR = K.IN_HEADER.size
@@ -133,6 +137,9 @@ class RawFS:
         # turns it into ENOTTY per call), so it gets the cheapest path there is.
         self._quick = {K.IOCTL: errno.ENOTTY, K.OPEN: errno.ENOSYS, K.OPENDIR: errno.ENOSYS}
         self._names = K.OPCODE_NAMES
+        self.prefetch_pool = ThreadPoolExecutor(PREFETCH_THREADS,
+                                                thread_name_prefix="jbl-prefetch")
+        self._prefetch_slots = threading.BoundedSemaphore(PREFETCH_SLOTS)
 
     # --- the request loop ---------------------------------------------------------------
     def serve_forever(self, wakeup_fd: int | None = None) -> None:
@@ -174,6 +181,7 @@ class RawFS:
                     self._tick()
         finally:
             self._notes.put(None)
+            self.prefetch_pool.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=False)
 
     def dispatch(self, req: memoryview) -> None:
@@ -318,7 +326,35 @@ class RawFS:
         if vid is not None:
             self._after_leases(unique, [vid], _entry_out(node))
             return DEFERRED
+        if node.kind == stat.S_IFREG:
+            self._read_ahead(node)
         return _entry_out(node)
+
+    # --- read-ahead at LOOKUP (docs/mount.md, "Read-ahead") -----------------------------
+    def _read_ahead(self, node: Node) -> None:
+        """A regular file was looked up: most are opened and read next (Python stats, then
+        opens), so ready its first chunk in the background while the kernel answers the
+        round trips in between (open, ioctl). Skipped when ``PREFETCH_SLOTS`` are in flight
+        or the chunk is cached already."""
+        try:
+            refs = self.tree.refs(node)  # the READ needs them too; loaded once per node
+        except Exception:
+            return  # rows that do not add up: the READ reports it (EIO/ENOENT, logged)
+        if not refs or self.view.cache.peek(refs[0].digest):
+            return
+        if not self._prefetch_slots.acquire(blocking=False):
+            return
+        self.stats["prefetch"] = self.stats.get("prefetch", 0) + 1
+        self.prefetch_pool.submit(self._prefetch, refs[0])
+
+    def _prefetch(self, ref: ChunkRef) -> None:
+        """Prefetch pool. A missing or corrupt blob is not cached and not logged here: the
+        READ that follows meets it again and answers EIO with the log line."""
+        try:
+            with contextlib.suppress(Exception):
+                self.view.warm(ref)
+        finally:
+            self._prefetch_slots.release()
 
     def op_forget(self, unique: int, nodeid: int, body: memoryview) -> None:
         (n,) = K.FORGET_IN.unpack_from(body)

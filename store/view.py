@@ -16,7 +16,8 @@ browse a store (tests, ``jbl store info``) can use it directly.
   chunks by ``pread`` of just the range, zstd chunks decompressed once into an LRU cache.
   For an event loop: ``plan_read`` + ``read_piece_nowait`` (never blocks on the disk: page
   cache only, via ``preadv(RWF_NOWAIT)``, and decompresses inline only small chunks) and
-  ``read_piece`` (may block; run it in a worker thread).
+  ``read_piece`` (may block; run it in a worker thread); ``warm(ref)`` (blocking) readies a
+  chunk ahead of its read (the raw engine's read-ahead at LOOKUP).
 
 ``spent_ns`` adds up the nanoseconds spent reading blob files, decompressing and hashing
 (from every thread; the mount logs it on ``kill -USR1``), so a slow read can be attributed.
@@ -49,7 +50,11 @@ from .blobs import CODEC_RAW, BlobStore
 from .errors import IntegrityError
 from .store import Store
 
-CACHE_BYTES = 64 << 20  # decompressed chunks kept (a few dozen full 1 MiB chunks)
+# Decompressed chunks kept. `import numpy, pandas` decodes ~75 MB: with 64 MiB every chunk was
+# evicted before its next use (LRU under a scan bigger than itself), so an import after memory
+# pressure decoded everything again; 256 MiB holds a few such working sets. The daemon's
+# memory grows to this only as chunks are read (docs/benchmarks.md, "View speed").
+CACHE_BYTES = 256 << 20
 # Decompressing up to this many decoded bytes inline costs tens of microseconds: cheaper
 # than a hop to a worker thread. Bigger chunks go to a thread so the loop keeps serving.
 INLINE_DECODE_MAX = 256 << 10
@@ -136,6 +141,11 @@ class ChunkCache:
             self._d.move_to_end(digest)
             self.hits += 1
             return data
+
+    def peek(self, digest: bytes) -> bool:
+        """Is ``digest`` cached? (no hit or miss counted, no reordering)"""
+        with self._lock:
+            return digest in self._d
 
     def put(self, digest: bytes, data: bytes) -> None:
         if len(data) > self.max_bytes:
@@ -257,6 +267,15 @@ class View:
             stored = self._pread(p.ref, 0, p.ref.stored_size, nowait=False) or b""
             data = self._decode(p.ref, stored)
         return data[p.start:p.end]
+
+    def warm(self, ref: ChunkRef) -> None:
+        """Blocking, any thread: have chunk ``ref`` ready for a read to come: a zstd chunk
+        decoded and checked into the cache, a raw one read (and checked) into the kernel's
+        page cache, so the read is answered without waiting. Raises what that read would."""
+        if ref.codec == CODEC_RAW:
+            self.read_piece(Piece(ref, 0, ref.size))
+        elif self.cache.get(ref.digest) is None:
+            self.read_piece(Piece(ref, 0, 0))
 
     def read_piece_nowait(self, p: Piece) -> bytes | None:
         """The piece if it can be had without waiting for the disk or a big decompression,

@@ -4,8 +4,12 @@
   opcode on the request thread and in the read pool (``busy_ns``), and the view's split of a
   read into blob reading, decompression and hashing (``View.spent_ns``); the chunk cache's
   hits show a second read of the same bytes did no work.
+* Read-ahead at LOOKUP: a looked-up regular file's first chunk is decoded (and checked) in
+  the background, so its READ is a cache hit on the request thread; directories and negative
+  lookups are not read ahead, nor a chunk already cached.
 * The bytes served are the stored bytes, and a corrupt blob is still EIO (with the file next
-  to it still readable).
+  to it still readable); a read-ahead that meets it keeps nothing and logs nothing (the READ
+  logs it, naming the blob).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import random
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hostile
@@ -24,7 +29,7 @@ from conftest import run_jbl
 from jbl.fusefs import kernel as K
 from jbl.fusefs.rawfs import RawFS
 from jbl.store.store import Store
-from jbl.store.view import INLINE_DECODE_MAX, View
+from jbl.store.view import INLINE_DECODE_MAX, ChunkCache, View
 
 # Compressible (zstd) and bigger than what the request thread decodes inline: the read pool's.
 _rng = random.Random(12)
@@ -56,6 +61,7 @@ def wire(tmp_path: Path) -> Iterator[rd.Wire]:
             yield rd.Wire(fs, peer)
         finally:
             fs.pool.shutdown(wait=True)
+            fs.prefetch_pool.shutdown(wait=True)
             ours.close()
             peer.close()
 
@@ -69,27 +75,35 @@ def _read(wire: rd.Wire, ino: int, size: int) -> tuple[int, bytes]:
     return wire.call(K.READ, ino, K.READ_IN.pack(0, 0, size, 0, 0, 0, 0))
 
 
+def _settle(fs: RawFS) -> None:
+    """Wait for every read-ahead in flight (a fresh pool serves the ones to come)."""
+    fs.prefetch_pool.shutdown(wait=True)
+    fs.prefetch_pool = ThreadPoolExecutor(1)
+
+
 def test_the_counters_say_what_each_request_did(wire: rd.Wire) -> None:
     fs, view = wire.fs, wire.fs.view
     lib = _lib(wire)
+    assert fs.stats["lookup"] == 4 and fs.busy_ns["lookup"] > 0
+    assert view.spent_ns == {"pread": 0, "decode": 0, "hash": 0}  # no blob read for dirs
     big = wire.lookup(lib, "big.txt")
-    assert fs.stats["lookup"] == 5 and fs.busy_ns["lookup"] > 0
-    assert view.spent_ns == {"pread": 0, "decode": 0, "hash": 0}  # lookups read no blob
-    code, data = _read(wire, big, len(BIG) + 4096)
-    assert (code, data) == (0, BIG)
-    # too big to decode inline: the read pool did it, and the view says where its time went
-    assert fs.stats["read"] == 1 and fs.stats["read_thread"] == 1
-    assert fs.busy_ns["read"] > 0 and fs.busy_ns["read_thread"] > 0
-    spent = dict(view.spent_ns)
+    _settle(fs)
+    spent = dict(view.spent_ns)  # the read-ahead's work, split
     assert spent["pread"] > 0 and spent["decode"] > 0 and spent["hash"] > 0
-    # the same bytes again: a chunk-cache hit on the request thread, no blob read, no decode
+    # a cache hit: answered on the request thread, no blob read, no decode
     hits = view.cache.hits
     assert _read(wire, big, len(BIG) + 4096) == (0, BIG)
-    assert view.cache.hits == hits + 1 and fs.stats["read_thread"] == 1
-    assert view.spent_ns["decode"] == spent["decode"]
-    assert view.spent_ns["pread"] == spent["pread"]
+    assert view.cache.hits == hits + 1 and view.spent_ns == spent
+    assert fs.stats["read"] == 1 and "read_thread" not in fs.stats
+    # the chunk forgotten: too big to decode inline, so the read pool does it, and says so
+    view.cache = ChunkCache(view.cache.max_bytes)
+    assert _read(wire, big, len(BIG) + 4096) == (0, BIG)
+    assert fs.stats["read"] == 2 and fs.stats["read_thread"] == 1
+    assert fs.busy_ns["read"] > 0 and fs.busy_ns["read_thread"] > 0
+    assert view.spent_ns["decode"] > spent["decode"]
     # a small file is read and decoded inline (never the pool)
     small = wire.lookup(lib, "small.py")
+    _settle(fs)
     assert _read(wire, small, 65536) == (0, SMALL)
     assert fs.stats["read"] == 3 and fs.stats["read_thread"] == 1
     # a missing name is a negative entry (nodeid 0), counted like any lookup
@@ -98,15 +112,62 @@ def test_the_counters_say_what_each_request_did(wire: rd.Wire) -> None:
     assert fs.stats["lookup"] == 7
 
 
+def _damage(view: View, path: str) -> bytes:
+    """Overwrite the blob behind ``path`` (one chunk) with same-size garbage; its digest."""
+    root = view.installed()["hostile"]["1.0.0"].root_id
+    e = view.resolve(root, path)
+    assert e is not None and e.content_id is not None
+    (ref,) = view.chunks(e.content_id)
+    blob = view.blobs.path(ref.digest)
+    good = blob.read_bytes()
+    os.chmod(blob, 0o644)
+    blob.write_bytes(good[:-64] + bytes(64))  # same size, a damaged tail
+    return ref.digest
+
+
 def test_a_corrupt_blob_is_eio_and_the_file_next_to_it_still_reads(wire: rd.Wire) -> None:
-    fs, view = wire.fs, wire.fs.view
+    fs = wire.fs
+    _damage(fs.view, "isolated/lib/small.py")
     lib = _lib(wire)
     small = wire.lookup(lib, "small.py")
-    (ref,) = fs.tree.refs(fs.core.node(small))
-    path = view.blobs.path(ref.digest)
-    os.chmod(path, 0o644)
-    path.write_bytes(b"\0" * ref.stored_size)  # same size, garbage
-    assert _read(wire, small, 65536) == (errno.EIO, b"")
+    _settle(fs)
+    assert _read(wire, small, 65536) == (errno.EIO, b"")  # decoded inline: still checked
     assert fs.stats["read"] == 1
     big = wire.lookup(lib, "big.txt")
     assert _read(wire, big, len(BIG) + 4096) == (0, BIG)
+
+
+def test_a_looked_up_file_is_read_ahead_so_its_read_waits_for_nothing(wire: rd.Wire) -> None:
+    fs, view = wire.fs, wire.fs.view
+    lib = _lib(wire)  # directories: never read ahead
+    code, _ = wire.call(K.LOOKUP, lib, b"missing.py\0")  # nor a negative entry
+    assert code == 0 and "prefetch" not in fs.stats
+    big = wire.lookup(lib, "big.txt")
+    assert fs.stats["prefetch"] == 1
+    _settle(fs)  # the read-ahead has run
+    spent = dict(view.spent_ns)
+    assert spent["decode"] > 0 and spent["hash"] > 0  # ... and decoded and checked the chunk
+    # the READ (too big to decode inline without it) is answered on the request thread from
+    # the cache: no read-pool hop, no second decode
+    assert _read(wire, big, len(BIG) + 4096) == (0, BIG)
+    assert fs.stats.get("read_thread", 0) == 0 and view.spent_ns["decode"] == spent["decode"]
+    # a cached chunk is not read ahead again
+    wire.lookup(lib, "big.txt")
+    assert fs.stats["prefetch"] == 1
+
+
+def test_read_ahead_of_a_corrupt_blob_caches_nothing_and_the_read_is_eio(
+        wire: rd.Wire, caplog: pytest.LogCaptureFixture) -> None:
+    fs, view = wire.fs, wire.fs.view
+    digest = _damage(view, "isolated/lib/big.txt")
+    lib = _lib(wire)
+    big = wire.lookup(lib, "big.txt")
+    assert fs.stats["prefetch"] == 1
+    _settle(fs)
+    assert view.spent_ns["pread"] > 0  # the read-ahead read the damaged blob ...
+    assert not view.cache.peek(digest)  # ... kept nothing
+    assert not caplog.records  # ... and logged nothing: the READ says it
+    assert _read(wire, big, len(BIG) + 4096) == (errno.EIO, b"")
+    assert digest.hex() in caplog.text
+    small = wire.lookup(lib, "small.py")  # the file next to it still reads
+    assert _read(wire, small, 65536) == (0, SMALL)
