@@ -55,6 +55,7 @@ def _sources(args: argparse.Namespace) -> list[RegistrySource]:
 
 def _client(args: argparse.Namespace, store_dir: Path | None) -> RegistryClient:
     from jbl.store.registry import RegistryClient, download_settings
+    from jbl.store.transport import mirrors_for, transport_settings
 
     # The one place the download bounds are resolved: config `download:` + JBL_HTTP_TIMEOUT
     # (and where OWNER/REPO registries live: config github_raw_base, JBL_GITHUB_RAW_BASE).
@@ -63,7 +64,9 @@ def _client(args: argparse.Namespace, store_dir: Path | None) -> RegistryClient:
     return RegistryClient(store_dir, refresh=getattr(args, "refresh", False),
                           warn=lambda msg: log.warning(msg), settings=settings,
                           github_raw_base=cfg.github_raw_base,
-                          user_cache=args.settings.registry_cache)
+                          user_cache=args.settings.registry_cache,
+                          transport=transport_settings(cfg, args.settings.env, settings),
+                          mirrors=lambda url: mirrors_for(cfg, url))
 
 
 @contextlib.contextmanager

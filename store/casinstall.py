@@ -3,7 +3,9 @@
 ``install_tree`` fetches the version's tree (checked against the digest in registry.json),
 works out which of its objects the store lacks (by digest, among committed blob rows),
 fetches only those — whole packs or single objects by ``casformat.plan_fetch``, never a
-range — checks each against its digest before writing it, writes blobs exactly as ingest
+range, through the registry client's Fetcher (store/transport.py: mirrors, then the origin,
+concurrently, with its failure sequence for bad copies) — checks each against its digest
+before writing it, writes blobs exactly as ingest
 does (``BlobStore.write``: O_TMPFILE + linkat; one ``syncfs``), checks runtime.yml as ingest
 does, and commits blobs, contents, chunks, entries and the version row in ONE transaction
 through store/rows.py, with the very values a tarball install of the same version records
@@ -25,12 +27,10 @@ Thread-safety: one Store, from the calling thread.
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
 
 from . import casformat as cf
 from . import rows
@@ -44,69 +44,13 @@ from .manifest import MANIFEST_NAME, parse_manifest, source_present
 from .regformat import RegistryEntry, TreeRef
 from .registry import RegistryClient
 from .store import Store, VersionInfo
+from .transport import Check, Fetcher
 
-Check = Callable[[bytes], bool]
 Progress = Callable[[int], None]
 _BATCH = 500  # digests per IN (...) query
 
 
 # ------------------------------------------------------------------------------ fetching
-class Fetcher:
-    """Reads a registry's files under its base URL (``file://`` confined to the registry's
-    directory, or http(s) through the client's bounded downloads); counts requests and
-    bytes. Bytes that fail ``check`` are an IntegrityError naming the file."""
-
-    def __init__(self, client: RegistryClient, base: str) -> None:
-        self.client = client
-        self.base = base
-        self.requests = 0
-        self.bytes_fetched = 0
-
-    def get(self, relpath: str, *, check: Check | None = None, max_size: int) -> bytes:
-        url = self.base + relpath
-        self.requests += 1
-        if url.startswith("file:"):
-            data = _read_confined(unquote(urlsplit(self.base).path), relpath, max_size)
-        else:
-            buf = bytearray()
-            self.client._get(url, buf.extend, max_size,  # noqa: SLF001 - the bounded GET
-                             lambda: IntegrityError(f"{url}: larger than {max_size} bytes"),
-                             f"cannot fetch {url}")
-            data = bytes(buf)
-        self.bytes_fetched += len(data)
-        if check is not None and not check(data):
-            raise IntegrityError(f"{relpath} from {url}: its bytes do not match its digest",
-                                 hint="the registry or a cache in front of it serves a broken "
-                                      "copy; tell its publisher")
-        return data
-
-    def get_many(self, items: Iterable[tuple[str, Check | None, int]], *,
-                 concurrency: int = 8) -> Iterator[tuple[str, bytes]]:
-        del concurrency  # one at a time here
-        for relpath, check, size in items:
-            yield relpath, self.get(relpath, check=check, max_size=size)
-
-
-def _read_confined(base: str, relpath: str, max_size: int) -> bytes:
-    """A file under a local registry's directory: no link leading out, a regular file (a
-    FIFO must not hang us), at most ``max_size`` bytes."""
-    real_base = os.path.realpath(base)
-    path = os.path.join(base, relpath)
-    if not os.path.realpath(path).startswith(real_base.rstrip("/") + "/"):
-        raise RegistryError(f"{path} leads outside the registry's directory {real_base}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise RegistryError(f"cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RegistryError(f"{path} is not a regular file")
-        data = f.read(max_size + 1)
-    if len(data) > max_size:
-        raise IntegrityError(f"{path}: larger than {max_size} bytes")
-    return data
-
-
 def fetch_tree(fetcher: Fetcher, entry: RegistryEntry, ref: TreeRef) -> cf.Tree:
     """The entry's tree, checked against registry.json's digest and against the entry."""
     data = fetcher.get(cf.tree_path(ref.sha256), check=cf.named_by(ref.sha256),
@@ -159,8 +103,8 @@ def survey(store: Store | None, tree: cf.Tree) -> Survey:
 def dry_run(store: Store | None, client: RegistryClient, entry: RegistryEntry,
             ref: TreeRef) -> dict[str, object]:
     """What installing ``entry`` would fetch; changes nothing."""
-    fetcher = Fetcher(client, ref.base)
-    tree = fetch_tree(fetcher, entry, ref)
+    with client.fetcher(entry.registry) as fetcher:
+        tree = fetch_tree(fetcher, entry, ref)
     s = survey(store, tree)
     plan = cf.plan_fetch(tree, set(range(len(tree.objects))) - set(s.committed) -
                          set(s.reusable))
@@ -194,7 +138,13 @@ def install_tree(store: Store, client: RegistryClient, entry: RegistryEntry, ref
                  total: Callable[[int | None], None] | None = None) -> CasResult | None:
     """Install ``entry`` from its tree; None when the tree's chunk size is not the store's
     (its objects would not be this store's blobs: the caller installs the tarball)."""
-    fetcher = Fetcher(client, ref.base)
+    with client.fetcher(entry.registry) as fetcher:
+        return _install(store, fetcher, entry, ref, force, progress, total)
+
+
+def _install(store: Store, fetcher: Fetcher, entry: RegistryEntry, ref: TreeRef, force: bool,
+             progress: Progress | None,
+             total: Callable[[int | None], None] | None) -> CasResult | None:
     tree = fetch_tree(fetcher, entry, ref)
     if tree.chunk_size != store.chunk_size:
         return None
@@ -240,7 +190,7 @@ def _fetch(store: Store, tree: cf.Tree, fetcher: Fetcher, plan: cf.Plan,
     for i in plan.singles:
         o = tree.objects[i]
         units[cf.object_path(o.digest)] = [(i, 0)]
-        items.append((cf.object_path(o.digest), None, o.stored_size))
+        items.append((cf.object_path(o.digest), _checker(o), o.stored_size))
     half = len(items) // 2
     for n, (relpath, data) in enumerate(fetcher.get_many(items), 1):
         for i, off in units[relpath]:
@@ -248,11 +198,10 @@ def _fetch(store: Store, tree: cf.Tree, fetcher: Fetcher, plan: cf.Plan,
                 continue
             o = tree.objects[i]
             stored = data[off:off + o.stored_size]
-            if not cf.check_object(o, stored):
-                raise IntegrityError(f"object {o.digest.hex()} from {fetcher.base}{relpath}: "
-                                     "its bytes do not match its digest",
-                                     hint="the registry or a cache in front of it serves a "
-                                          "broken copy; tell its publisher")
+            if not cf.check_object(o, stored):  # a pack that matches its name, a tree that lies
+                raise IntegrityError(f"object {o.digest.hex()} in {relpath}: its bytes do not "
+                                     "match its digest", hint="the registry's tree and pack "
+                                     "disagree; tell its publisher")
             try:
                 store.blobs.write(o.digest, stored)
             except OSError as e:
@@ -268,6 +217,10 @@ def _fetch(store: Store, tree: cf.Tree, fetcher: Fetcher, plan: cf.Plan,
     missing = set(range(len(tree.objects))) - set(codecs)
     if missing:  # a pack the plan chose lists objects the tree does not: never a hole
         raise IntegrityError(f"{len(missing)} objects of the tree were in none of its packs")
+
+
+def _checker(o: cf.Obj) -> Check:
+    return lambda data: cf.check_object(o, data)
 
 
 def _read_body(store: Store, tree: cf.Tree, body: cf.Body,

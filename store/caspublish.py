@@ -4,104 +4,40 @@
 codec rules (store/ingest.py: the very checks an install makes, so nothing a node would
 refuse is published), exports the version from the scratch index, and writes through a
 ``Target``: objects first, then packs, then the tree; ``jbl registry add`` writes
-``registry.json`` last, after ``Target.sync``, so no cache ever stores a "not found" for
+``registry.json`` last, so no cache ever stores a "not found" for
 something about to exist. An object, pack or tree already published is not written again
 (a later version uploads only what is new), and small objects already in a published pack
 are listed in that pack rather than packed again: only the objects new since the versions
 published before go into new packs (OSTree's static deltas).
 
-``DirTarget`` is a registry directory; an object store plugs in as another ``Target``.
-Not for concurrent use on one registry (as ``registry_add``).
+Targets (a directory, an S3 bucket) and the Fetcher that reads back the trees already
+published are store/transport.py's. Not for concurrent use on one registry (as
+``registry_add``).
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 from . import casformat as cf
-from .blobs import _syncfs
-from .errors import UsageError
+from .errors import JblError, UsageError
 from .ingest import ingest
 from .limits import Limits
 from .store import Store
-
-
-class Target(Protocol):
-    """Where a registry's files go: relative paths under the registry's root."""
-
-    def put(self, relpath: str, data: bytes, *, immutable: bool) -> None: ...
-
-    def exists(self, relpath: str) -> bool: ...
-
-    def get(self, relpath: str, max_size: int) -> bytes | None: ...
-
-    def sync(self) -> None: ...
-
-
-class DirTarget:
-    """A registry directory. Files are written to a temp name and renamed (a reader never
-    sees half a file); one ``syncfs`` in ``sync`` makes them all durable before the caller
-    writes ``registry.json`` (no fsync per object: thousands of flushes)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    def _path(self, relpath: str) -> Path:
-        if relpath.startswith("/") or ".." in relpath.split("/"):
-            raise ValueError(f"not a registry path: {relpath!r}")
-        return self.root / relpath
-
-    def put(self, relpath: str, data: bytes, *, immutable: bool) -> None:
-        dest = self._path(relpath)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o444 if immutable else 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def exists(self, relpath: str) -> bool:
-        try:
-            return stat.S_ISREG(os.lstat(self._path(relpath)).st_mode)
-        except FileNotFoundError:
-            return False
-
-    def get(self, relpath: str, max_size: int) -> bytes | None:
-        try:
-            fd = os.open(self._path(relpath), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
-                         os.O_CLOEXEC)
-        except (FileNotFoundError, ValueError):
-            return None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            data = f.read(max_size + 1)
-        return data if len(data) <= max_size else None
-
-    def sync(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
+from .transport import Fetcher, Target
 
 
 class Publisher:
     """Publishes versions through ``target``; a context manager owning the scratch store."""
 
-    def __init__(self, target: Target, scratch_parent: Path | None = None) -> None:
+    def __init__(self, target: Target, published: Fetcher,
+                 scratch_parent: Path | None = None) -> None:
         self.target = target
+        self.published = published  # reads what the target holds (old trees)
         self._tmp = Path(tempfile.mkdtemp(prefix="jbl-publish-", dir=scratch_parent))
         self.scratch = Store.open(self._tmp / "store", create=True)
         self.known: cf.Known = {}
@@ -124,13 +60,11 @@ class Publisher:
                 ref = e.get("tree") if isinstance(e, dict) else None
                 if not isinstance(ref, dict) or not isinstance(ref.get("url"), str):
                     continue
-                data = self.target.get(ref["url"], cf.MAX_TREE_STORED)
-                if data is None:
-                    continue
                 try:
+                    data = self.published.get(ref["url"], max_size=cf.MAX_TREE_STORED)
                     self.known.update(cf.known_packs(cf.parse_tree(data, Limits())))
-                except Exception:  # noqa: BLE001 - an unreadable old tree is only not reused
-                    continue
+                except JblError:
+                    continue  # missing or unreadable: its packs are only not reused
 
     def _put(self, relpath: str, data: bytes, kind: str) -> None:
         if not self.target.exists(relpath):

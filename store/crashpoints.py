@@ -6,6 +6,8 @@ Tests use them to prove that a kill at every step of install and gc leaves a sto
     ingest.blobs-written      all blobs of the version written, before syncfs
     ingest.before-commit      blobs synced, rows not yet committed
     ingest.after-commit       rows committed, before temp files/leases are cleaned
+                              (the three ingest.* points also mark a tree install's steps)
+    casinstall.half-fetched   a tree install has written half of its packs/objects
     gc.after-mark             reachable set computed, nothing deleted yet
     gc.rows-deleted           unreferenced blob rows deleted (committed), files not unlinked
     gc.mid-unlink             half of the unreferenced files unlinked

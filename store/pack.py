@@ -16,7 +16,7 @@ registry (or under ``base_url``). Each version is also published in content-addr
 (store/caspublish.py: objects, packs, its tree; registry.json's ``tree`` key names it),
 written before registry.json, which is written last. The document is built and checked by
 store/regformat.py, the model the installer reads it with. Every file is written to a temp
-name and renamed; registry.json is fsync'd after one syncfs of everything before it.
+name, fsync'd and renamed.
 
 Pure apart from the files it reads and writes; not meant for concurrent use on one DIR.
 """
@@ -41,12 +41,13 @@ from urllib.parse import quote
 
 import zstandard
 
-from .caspublish import DirTarget, Publisher
+from .caspublish import Publisher
 from .digest import file_checksum
 from .errors import UnsafeArchive, UsageError
 from .ingest import inspect
 from .manifest import MANIFEST_NAME, ROOTFS_DIR, Manifest, parse_manifest
 from .regformat import INDEX_NAME, dump_registry, entry_doc, host_platforms, parse_registry
+from .transport import DirTarget, Fetcher
 from .versions import sort_versions
 
 COMPRESSIONS = {"gz": ".tar.gz", "zst": ".tar.zst", "none": ".tar"}
@@ -239,10 +240,10 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
     reg_dir.mkdir(parents=True, exist_ok=True)
     reg_path = reg_dir / REGISTRY_FILE
     doc = _load_registry(reg_path)
-    with Publisher(DirTarget(reg_dir)) as pub:
+    with Fetcher([str(reg_dir.resolve())]) as published, \
+            Publisher(DirTarget(str(reg_dir)), published) as pub:
         pub.learn(doc)
         added = _add_tarballs(pub, doc, reg_dir, tarballs, plats, base_url)
-        pub.target.sync()  # objects, packs and trees are durable before registry.json names them
     doc["version"] = "1"
     doc["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") \
         .replace("+00:00", "Z")

@@ -62,12 +62,11 @@ def host_arch() -> str:
 # --- the model -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TreeRef:
-    """A version's content-addressed form (store/casformat.py): its tree, and the base URL
-    under which its objects and packs lie (the registry's directory)."""
+    """A version's content-addressed form (store/casformat.py): its tree, beside
+    registry.json like the objects and packs it names."""
     url: str      # absolute
     sha256: bytes
     size: int
-    base: str     # absolute, ends with '/'
 
 
 @dataclass(frozen=True)
@@ -180,8 +179,7 @@ def _tree(url: str, where: str, ref: Any) -> TreeRef | None:
             not isinstance(size, int) or not 0 < size <= MAX_TREE_SIZE:
         raise _fail(url, where, "tree must be {\"url\": \"trees/<64 hex>\", \"sha256\": "
                                 f"the same hex, \"size\": 1..{MAX_TREE_SIZE}}}")
-    return TreeRef(urljoin(url, m.group(0)), bytes.fromhex(m.group(1)), size,
-                   urljoin(url, "."))
+    return TreeRef(urljoin(url, m.group(0)), bytes.fromhex(m.group(1)), size)
 
 
 def parse_registry(data: bytes, url: str, label: str = "") -> Registry:

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -84,6 +84,9 @@ from .store import Store, VersionInfo
 from .units import format_duration, format_size, parse_duration, parse_size
 from .versions import Spec, select, sort_versions
 from .versions import latest as latest_version
+
+if TYPE_CHECKING:
+    from .transport import Fetcher, TransportSettings
 
 TTL = 3600.0  # seconds a fetched index is trusted without asking the server (as Joblet)
 TIMEOUT_ENV = "JBL_HTTP_TIMEOUT"  # seconds/duration without data before giving up (default 30s)
@@ -283,8 +286,13 @@ class RegistryClient:
     def __init__(self, store_dir: Path | None, *, refresh: bool = False, ttl: float = TTL,
                  warn: Warn | None = None, settings: DownloadSettings | None = None,
                  github_raw_base: str = GITHUB_RAW_BASE,
-                 user_cache: Path | None = None) -> None:
+                 user_cache: Path | None = None, transport: TransportSettings | None = None,
+                 mirrors: Callable[[str], list[str]] | None = None) -> None:
         self.refresh = refresh
+        # How content-addressed files are fetched (store/transport.py): proxies, s3_endpoint,
+        # and each registry's configured mirrors (config ``mirrors:``), resolved by the CLI.
+        self.transport = transport
+        self.mirrors = mirrors or (lambda _url: [])
         self.github_raw_base = github_raw_base  # config github_raw_base / JBL_GITHUB_RAW_BASE
         self.ttl = ttl
         self.warn: Warn = warn or (lambda _msg: None)
@@ -496,6 +504,14 @@ class RegistryClient:
                        hint="see what is offered: jbl store available")
 
     # downloading -----------------------------------------------------------------------
+    def fetcher(self, registry_url: str) -> Fetcher:
+        """A Fetcher of the registry's content-addressed files: its mirrors, then its own
+        directory (the caller closes it)."""
+        from .transport import Fetcher, TransportSettings
+
+        return Fetcher.for_registry(registry_url, self.mirrors(registry_url),
+                                    self.transport or TransportSettings(download=self.settings))
+
     def limit(self, entry: RegistryEntry) -> int:
         """The most bytes ``entry``'s tarball may have: its ``size``, else ``max_size``."""
         return entry.size if entry.size is not None else self.settings.max_size
