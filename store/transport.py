@@ -319,6 +319,17 @@ def proxy_map(env: Mapping[str, str], proxy: str | None) -> dict[str, str | None
     return out
 
 
+def proxy_mounts(settings: TransportSettings,
+                 limits: httpx.Limits) -> dict[str, httpx.BaseTransport | None] | None:
+    """httpx ``mounts`` for the proxies ``settings`` name (None: none); use with
+    ``trust_env=False`` so that httpx does not read ``os.environ`` itself."""
+    mounts: dict[str, httpx.BaseTransport | None] = {}
+    for pattern, proxy in proxy_map(settings.env, settings.proxy).items():
+        mounts[pattern] = None if proxy is None else \
+            httpx.HTTPTransport(proxy=proxy, limits=limits, trust_env=False)
+    return mounts or None
+
+
 # --- the fetcher ---------------------------------------------------------------------------
 @dataclass
 class SourceStats:
@@ -386,13 +397,10 @@ class Fetcher:
     def _client(self) -> httpx.Client:
         d = self.download
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        mounts: dict[str, httpx.BaseTransport | None] = {}
-        for pattern, proxy in proxy_map(self.settings.env, self.settings.proxy).items():
-            mounts[pattern] = None if proxy is None else \
-                httpx.HTTPTransport(proxy=proxy, limits=limits, trust_env=False)
         return httpx.Client(
             timeout=httpx.Timeout(d.timeout, connect=min(d.timeout, d.connect_timeout)),
-            limits=limits, follow_redirects=True, trust_env=False, mounts=mounts or None,
+            limits=limits, follow_redirects=True, trust_env=False,
+            mounts=proxy_mounts(self.settings, limits),
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
 
     # counting --------------------------------------------------------------------------

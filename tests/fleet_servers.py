@@ -66,6 +66,9 @@ class ScriptedServer:
         self.files: dict[str, bytes] = dict(files or {})
         self.scripts: dict[str, list[str]] = {}
         self.always: dict[str, str] = {}  # path -> an action for every request
+        # after this many requests for objects/ and packs/, the server goes away mid-request
+        self.vanish_after: int | None = None
+        self._served = 0
         self.log: list[Logged] = []
         self.trickle_gap = trickle_gap
         self.chunk_gap = chunk_gap  # seconds between 256-byte chunks (0: one write)
@@ -105,6 +108,12 @@ class ScriptedServer:
         with self.lock:
             self.scripts.setdefault(path.lstrip("/"), []).extend(actions)
 
+    def serve_dir(self, root: Path) -> None:
+        """Serve every regular file under ``root`` (a published registry) as it is now."""
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                self.files[str(p.relative_to(root))] = p.read_bytes()
+
     def requests_for(self, path: str) -> list[Logged]:
         return [r for r in self.log if r.path == path.lstrip("/")]
 
@@ -118,6 +127,16 @@ class ScriptedServer:
                                    getattr(h, "conn_no", 0)))
             queue = self.scripts.get(path, [])
             action = queue.pop(0) if queue else self.always.get(path, "")
+            if path.startswith(("objects/", "packs/")):
+                self._served += 1
+                if self.vanish_after is not None and self._served > self.vanish_after:
+                    action = "vanish"
+        if action == "vanish":  # no answer; every connection closed, the port refused
+            threading.Thread(target=self.disappear, daemon=True).start()
+            h.close_connection = True
+            with contextlib.suppress(OSError):
+                h.connection.shutdown(socket.SHUT_RDWR)
+            return
         body = self.files.get(path)
         if action in ("503", "429", "404") or body is None:
             code = int(action) if action else 404
@@ -275,12 +294,16 @@ class Origin:
 
     def requests(self) -> list[tuple[str, int]]:
         """(path, status) of each request nginx logged, in order."""
+        return [(path, status) for path, status, _ in self.served()]
+
+    def served(self) -> list[tuple[str, int, int]]:
+        """(path, status, body bytes sent) of each request nginx logged, in order."""
         out = []
         if self.access_log.exists():
             for line in self.access_log.read_text().splitlines():
                 request = line.split('"')[1]
-                status = int(line.split('"')[2].split()[0])
-                out.append((request.split()[1], status))
+                status, sent = line.split('"')[2].split()[:2]
+                out.append((request.split()[1], int(status), int(sent)))
         return out
 
 
