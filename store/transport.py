@@ -13,10 +13,10 @@ The failure sequence, per file (CernVM-FS's): bytes that fail the caller's ``che
 exceed ``max_size``) are fetched once more from the same source with ``Cache-Control:
 no-cache``, so an HTTP cache in between replaces its copy; still bad, the next source is
 asked, down to the origin; when no source served good bytes and at least one served bad
-ones, IntegrityError (exit 5) names the file and every source that served it bad. A 404 or a
-source that cannot be reached moves on to the next source; a source that cannot be reached
-at all (connection refused, DNS, a timeout, 5xx after its retries) is not asked again by
-this Fetcher. When every source failed without serving bad bytes: RegistryError (exit 7),
+ones, IntegrityError (exit 5) names the file and every source that served it bad. A 4xx (a
+bucket answers 403 for a missing key) moves on to the next source; a source that cannot be
+reached (connection refused, DNS, a timeout, 5xx after its retries) too, and it is not asked
+again by this Fetcher. When every source failed without serving bad bytes: RegistryError (exit 7),
 one line naming each source and why. 503, 429 and other 5xx answers are retried on the same
 source after a wait doubling from ``backoff`` with jitter (``Retry-After`` honoured), at
 most ``tries`` requests and ``backoff_total`` seconds of waiting per file and source.
@@ -124,7 +124,7 @@ def check_relpath(relpath: str) -> str:
 
 # --- sources ---------------------------------------------------------------------------------
 class _Missing(Exception):
-    """The source does not have the file (HTTP 404/410, no such file): try the next one."""
+    """The source does not have the file (HTTP 4xx, no such file): try the next one."""
 
 
 class _Down(Exception):
@@ -426,10 +426,11 @@ class Fetcher:
                 with self.http.stream("GET", src.url(relpath), headers=headers,
                                       extensions={"trace": t.trace}) as r:
                     t.take(r.extensions.get("network_stream"))  # a kept-alive connection
-                    if r.status_code in (404, 410):
-                        raise _Missing(f"HTTP {r.status_code}")
                     if r.status_code in _RETRY_STATUS:
                         raise _Retry(r.status_code, r.headers.get("retry-after", ""))
+                    if 400 <= r.status_code < 500:  # this file (a bucket says 403 for a
+                        # missing key without ListBucket): the next source, this one stays
+                        raise _Missing(f"HTTP {r.status_code} {r.reason_phrase}".rstrip())
                     if r.status_code != 200:
                         raise _Down(f"HTTP {r.status_code} {r.reason_phrase}")
                     announced = r.headers.get("content-length", "")

@@ -54,7 +54,7 @@ class Logged:
 @dataclass
 class Script:
     """What the server does for requests of a path, one action per request, then serves the
-    file: ``"bad"`` (flipped bytes), ``"503"``, ``"429"``, ``"404"``, ``"trickle"`` (one
+    file: ``"bad"`` (flipped bytes), ``"503"``, ``"429"``, ``"404"``, ``"403"``, ``"trickle"`` (one
     byte every ``trickle_gap`` s), ``"big"`` (the file plus extra bytes)."""
 
     actions: list[str] = field(default_factory=list)
@@ -138,7 +138,7 @@ class ScriptedServer:
                 h.connection.shutdown(socket.SHUT_RDWR)
             return
         body = self.files.get(path)
-        if action in ("503", "429", "404") or body is None:
+        if action in ("503", "429", "404", "403") or body is None:
             code = int(action) if action else 404
             h.send_response(code)
             if code == 429:

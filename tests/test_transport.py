@@ -337,3 +337,16 @@ def test_config_mirrors_proxy_and_s3_endpoint(tmp_path: Path) -> None:
         with pytest.raises(UsageError, match=what) as ei:
             load_config({"JBL_CONFIG": str(user)})
         assert "\n" not in str(ei.value)
+
+
+def test_a_4xx_moves_on_without_giving_the_source_up(scripted: ScriptedServer,
+                                                     mirror: ScriptedServer) -> None:
+    """A public bucket answers 403 for a key it lacks: the next source serves that file,
+    and the mirror is still asked for the next one."""
+    scripted.files["objects/cd/other"] = b"other"
+    mirror.files["objects/cd/other"] = b"other"
+    mirror.script("objects/cd/other", "403")
+    with Fetcher([mirror.url, scripted.url], quick()) as f:
+        assert f.get("objects/cd/other", max_size=100) == b"other"
+        assert f.get(NAME, check=digest_check, max_size=1 << 20) == BODY
+    assert [r.path for r in mirror.log] == ["objects/cd/other", NAME]
