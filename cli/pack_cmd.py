@@ -117,7 +117,9 @@ def run_registry_add(args: argparse.Namespace) -> int:
         output.print_json(added)
     else:
         for e in added:
+            new = e["published"]
             print(f"added {e['name']}@{e['version']} to {args.registry / packmod.REGISTRY_FILE}"
                   f" ({e['download_url']}, {format_size(e['size'])}, "
-                  f"{', '.join(e['platforms'])})")
+                  f"{', '.join(e['platforms'])}); content-addressed: {new['objects']} new "
+                  f"objects, {new['packs']} new packs, {format_size(new['bytes'])}")
     return 0

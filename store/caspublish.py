@@ -41,7 +41,7 @@ class Publisher:
         self._tmp = Path(tempfile.mkdtemp(prefix="jbl-publish-", dir=scratch_parent))
         self.scratch = Store.open(self._tmp / "store", create=True)
         self.known: cf.Known = {}
-        self.written = {"objects": 0, "packs": 0, "trees": 0, "bytes": 0}
+        self.written = {"objects": 0, "packs": 0, "trees": 0, "bytes": 0}  # by this publisher
 
     def __enter__(self) -> Publisher:
         return self
@@ -73,7 +73,8 @@ class Publisher:
             self.written["bytes"] += len(data)
 
     def publish(self, tarball: Path) -> dict[str, Any]:
-        """Publish one tarball's version; return registry.json's ``tree`` value for it."""
+        """Publish one tarball's version; return registry.json's ``tree`` value for it
+        (``written`` counts what was new)."""
         res = ingest(self.scratch, tarball, source=str(tarball), force=True, check_arch=False)
         tree = export(self.scratch, res.version.id, res.version.checksum)
         read = self._reader(tree)

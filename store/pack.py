@@ -220,10 +220,12 @@ def _add_tarballs(pub: Publisher, doc: dict[str, Any], reg_dir: Path, tarballs: 
                                  f"{tb.name} before adding it")
             with open(tb, "rb") as fin, atomic_write(dest) as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
+        before = dict(pub.written)
         entry = entry_doc(ver, info.manifest.description, url, info.checksum, info.size,
                           plats, pub.publish(dest))
         doc["runtimes"].setdefault(name, {})[ver] = entry
-        added.append({"name": name, **entry})
+        added.append({"name": name, **entry,
+                      "published": {k: v - before[k] for k, v in pub.written.items()}})
     return added
 
 

@@ -24,6 +24,7 @@ from cas_fixtures import (
     index_rows,
     publish,
     rewrite_tree,
+    tarball,
     tree_doc,
 )
 from conftest import JBL, assert_one_line_error, assert_store_ok, run_jbl
@@ -73,7 +74,9 @@ def test_publish_writes_the_form_and_a_later_version_only_what_is_new(tmp_path: 
     reg = tmp_path / "reg"
     publish(reg, [V1], tmp_path / "built")
     first = _files_under(reg)
-    publish(reg, [V2], tmp_path / "built")
+    r = run_jbl("registry", "add", tarball(tmp_path / "built" / "v2.tar.gz", V2),
+                "--registry", reg, "--json").ok()
+    said = json.loads(r.out)[0]["published"]
     second = _files_under(reg)
     # Nothing published before was written again (same inodes), and only 1.1's new
     # objects, its delta pack(s) and its tree are new.
@@ -85,6 +88,7 @@ def test_publish_writes_the_form_and_a_later_version_only_what_is_new(tmp_path: 
     assert new_objects == {o[0] for o in d2["objects"]} - old and new_objects
     new_packs = {p for p in set(second) - set(first) if p.startswith("packs/")}
     assert len(new_packs) == 1  # 1.1's objects new since 1.0, in one delta pack
+    assert (said["objects"], said["packs"], said["trees"]) == (len(new_objects), 1, 1)
     for pack in new_packs:  # ...holding only objects 1.0 did not have
         members = next(p[2] for p in d2["packs"] if f"packs/{p[0]}.pack" == pack)
         assert {d2["objects"][i][0] for i, _ in members} <= {o[0] for o in d2["objects"]} - old
