@@ -10,17 +10,23 @@ real runtimes with the jbl CLI."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import cas_fixtures as cx
 import httpx
 import pytest
+from conftest import Result, assert_one_line_error, assert_store_ok, run_jbl
 from fleet_servers import (
     Cache,
     Origin,
+    ScriptedServer,
     moto_s3,
     nginx_origin,
     public_bucket,
@@ -220,3 +226,115 @@ def test_publish_to_s3_with_boto3_and_read_it_back_as_plain_http(
         t = target_for("s3://jbl-fleet/runtimes", s3_endpoint=s3.endpoint)
         assert t.get(args[0], 1 << 20) == OBJECTS[args[0]]
         assert t.get("objects/00/00", 10) is None
+
+
+# --- end to end: `jbl registry add` publishes, nodes `jbl store install` -----------------------
+def _content(path: str) -> bool:
+    return path.startswith(("/objects/", "/packs/", "/trees/"))
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Two versions of a runtime (tests/cas_fixtures.py: shared 1 MiB chunks, one new large
+    file per version, packed small files) published with the real `jbl registry add` into a
+    directory nginx's workers can read."""
+    reg = world_dir("jbl-fleet-published-")
+    cx.publish(reg, ["1.0.0", "1.1.0"], tmp_path_factory.mktemp("built"))
+    subprocess.run(["chmod", "-R", "a+rX", str(reg)], check=True)
+    yield reg
+    subprocess.run(["rm", "-rf", str(reg)], check=True)
+
+
+def install(node: Path, spec: str, registry: str, config: Path, *more: str) -> Result:
+    env = {"JBL_CONFIG": str(config)}
+    for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+              "https_proxy", "all_proxy", "no_proxy"):
+        env[k] = ""  # only what the test's config says
+    return run_jbl("store", "install", spec, "--registry", registry, *more, store=node, env=env,
+                   timeout=120)
+
+
+def listed(node: Path) -> list[tuple[str, str]]:
+    r = run_jbl("store", "list", "--json", store=node).ok()
+    return sorted((v["name"], v["version"]) for v in json.loads(r.out))
+
+
+def test_nodes_install_through_squid_and_the_origin_serves_no_file_twice(
+        published: Path, tmp_path: Path) -> None:
+    with nginx_origin(published) as origin, squid_cache() as cache:
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(f"proxy: {cache.url}\n")
+        node_a, node_b = tmp_path / "a", tmp_path / "b"
+        install(node_a, f"{cx.NAME}@1.0.0", origin.url, cfg).ok()
+        cold = [x for x in origin.served() if _content(x[0])]
+        install(node_a, f"{cx.NAME}@1.1.0", origin.url, cfg).ok()  # an update: 1.0.0 is here
+        update = [x for x in origin.served() if _content(x[0])][len(cold):]
+        for node in (node_b,):  # a second node, cold, then updated
+            install(node, f"{cx.NAME}@1.0.0", origin.url, cfg).ok()
+            install(node, f"{cx.NAME}@1.1.0", origin.url, cfg).ok()
+        served = Counter(p for p, _, _ in origin.served() if _content(p))
+        assert served and max(served.values()) == 1, served  # squid served node b entirely
+        assert all(status == 200 for _, status, _ in origin.served())
+        # the update fetched only what is new in 1.1.0: no file the cold install fetched,
+        # and less than half its bytes
+        assert {p for p, _, _ in update}.isdisjoint({p for p, _, _ in cold})
+        assert sum(n for *_, n in update) < sum(n for *_, n in cold) / 2
+        for node in (node_a, node_b):
+            assert listed(node) == [(cx.NAME, "1.0.0"), (cx.NAME, "1.1.0")]
+            assert_store_ok(node)
+
+
+def test_a_corrupt_copy_on_a_mirror_is_fetched_again_from_the_origin(
+        published: Path, tmp_path: Path) -> None:
+    mirror = tmp_path / "mirror"
+    shutil.copytree(published, mirror)
+    big = max((p for p in (mirror / "objects").rglob("*") if p.is_file()),
+              key=lambda p: p.stat().st_size)
+    rel = str(big.relative_to(mirror))
+    big.chmod(0o644)
+    raw = bytearray(big.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    big.write_bytes(bytes(raw))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"mirrors: [{mirror}]\n")
+    with nginx_origin(published) as origin:
+        install(tmp_path / "node", f"{cx.NAME}@1.0.0", origin.url, cfg).ok()
+        asked = [p for p, _ in origin.requests() if _content(p)]
+    assert asked == [f"/{rel}"]  # everything else came from the mirror
+    assert_store_ok(tmp_path / "node")
+    # bad at the origin too: exit 5 naming the object and both sources; nothing installed
+    bad_origin = world_dir("jbl-fleet-bad-")
+    try:
+        shutil.copytree(mirror, bad_origin, dirs_exist_ok=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(bad_origin)], check=True)
+        with nginx_origin(bad_origin) as origin:
+            r = install(tmp_path / "node2", f"{cx.NAME}@1.0.0", origin.url, cfg)
+        assert_one_line_error(r, rc=5, contains=rel)
+        assert f"{mirror}/{rel}" in r.err and f"{origin.url}/{rel}" in r.err
+        assert not (tmp_path / "node2" / "index.db").exists() or listed(tmp_path / "node2") == []
+    finally:
+        shutil.rmtree(bad_origin)
+
+
+def test_the_origin_going_away_mid_install_leaves_the_store_as_before(
+        published: Path, tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("download: {timeout: 10s}\n")
+    install(node, f"{cx.NAME}@1.0.0", str(published), cfg).ok()
+    before = listed(node)
+    origin = ScriptedServer()
+    try:
+        origin.serve_dir(published)
+        origin.vanish_after = 1  # the second object or pack request finds no server
+        r = install(node, f"{cx.NAME}@1.1.0", origin.url, cfg, "--refresh")
+    finally:
+        origin.close()
+    assert_one_line_error(r, rc=7)
+    assert sum(1 for x in origin.log if x.path.startswith(("objects/", "packs/"))) >= 2
+    assert listed(node) == before
+    assert_store_ok(node)
+    # and the next try, with the origin back, completes
+    with nginx_origin(published) as back:
+        install(node, f"{cx.NAME}@1.1.0", back.url, cfg).ok()
+    assert listed(node) == [(cx.NAME, "1.0.0"), (cx.NAME, "1.1.0")]
