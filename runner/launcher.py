@@ -234,7 +234,9 @@ def _directory(path: str) -> int | None:
 
     d = Path(path)
     try:
-        make_dirs(d.parent)
+        # root's /run/jbl is read by everyone (the shared mount's records); a user's state
+        # directory is theirs alone (the job records expect 0700 if we are first to make it)
+        make_dirs(d.parent, 0o755 if os.geteuid() == 0 else 0o700)
         d.mkdir(exist_ok=True, mode=0o700)
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():

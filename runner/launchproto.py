@@ -272,24 +272,40 @@ def _fds() -> list[int]:
 
 def run_via_launcher(argv: list[str]) -> int:
     """``jbl ARGV`` (a ``run``) through this scope's launcher: forward our signals while the
-    job runs and return its exit status; NoLauncher when none took it."""
-    s, lines, _ok = request("run", argv)
-    old = {}
+    job runs and return its exit status; NoLauncher when none took it. The handlers are in
+    place before the request goes out (a signal that comes first is sent after ``ok``; with
+    no launcher it is raised again once they are gone, as if they never were)."""
+    conn: list[_socket.socket] = []
+    pending: list[int] = []
 
     def forward(sig: int, _frame: object) -> None:
+        if not conn:
+            pending.append(sig)
+            return
         try:  # noqa: SIM105 (contextlib is an import this path does without)
-            s.send(bytes([sig]))
+            conn[0].send(bytes([sig]))
         except OSError:
             pass  # the job process is gone; its status follows
 
+    old = {sig: signal.signal(sig, forward) for sig in FORWARD}
     try:
-        for sig in FORWARD:
-            old[sig] = signal.signal(sig, forward)
+        try:
+            s, lines, _ok = request("run", argv)
+        except NoLauncher:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            old.clear()
+            for num in pending:
+                os.kill(os.getpid(), num)
+            raise
+        conn.append(s)
+        for num in pending:
+            forward(num, None)
         line = lines.next()
+        s.close()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        s.close()
     if line is None or not line.startswith("exit "):
         print("jbl: error: the launcher's job process ended without a status (see "
               "'jbl launcher status'; JBL_LAUNCHER=0 runs jobs without it)", file=sys.stderr)

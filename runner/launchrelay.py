@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from . import launchproto as proto
 
@@ -60,9 +61,11 @@ class Relay:
             self._say(f"ok 0 {self.launcher_pid} {self.served}")
             return 0
         me = os.getpid()
+        caller = int.from_bytes(self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     12)[:4], sys.byteorder)
         pid = os.fork()
         if pid == 0:
-            _job_process(self.conn, self.fds, me, argv, env, umask)  # never returns
+            _job_process(self.conn, self.fds, me, caller, argv, env, umask)  # never returns
         for fd in self.fds:  # only the job process holds the caller's files now
             os.close(fd)
         self._say(f"ok {pid} {self.launcher_pid} {self.served}")
@@ -178,8 +181,8 @@ class Relay:
             os.close(pidfd)
 
 
-def _job_process(conn: socket.socket, fds: list[int], relay: int, argv: list[str],
-                 env: dict[bytes, bytes], umask: int) -> None:
+def _job_process(conn: socket.socket, fds: list[int], relay: int, caller: int,
+                 argv: list[str], env: dict[bytes, bytes], umask: int) -> None:
     code = 1
     try:
         from .sandbox import PR_SET_PDEATHSIG, libc
@@ -189,6 +192,12 @@ def _job_process(conn: socket.socket, fds: list[int], relay: int, argv: list[str
         if os.getppid() != relay:  # the relay died before the parent-death signal was set
             os._exit(128 + signal.SIGHUP)
         _adopt(fds, env, umask)
+        from . import terminal
+
+        # Not in the caller's session, our tcgetpgrp() of its terminal fails: whether the
+        # caller is in its terminal's foreground (raw mode, runner/terminal.py) is the
+        # caller's own fact, read from its /proc entry on every ask.
+        terminal.is_foreground = _foreground_of(caller)  # type: ignore[assignment]
         sys.argv = ["jbl", *argv]
         from jbl.cli.main import main
 
@@ -203,6 +212,24 @@ def _job_process(conn: socket.socket, fds: list[int], relay: int, argv: list[str
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _foreground_of(pid: int) -> Callable[[int], bool]:
+    """``terminal.is_foreground`` for the job process: is process ``pid`` (the client) in
+    the foreground process group of the terminal ``fd``, its controlling terminal?"""
+
+    def is_foreground(fd: int) -> bool:
+        try:
+            rdev = os.fstat(fd).st_rdev
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read(4096)
+            # after "(comm)": state ppid pgrp session tty_nr tpgid
+            fields = data[data.rindex(b")") + 2:].split()
+            return int(fields[4]) == rdev and int(fields[5]) == int(fields[2])
+        except (OSError, ValueError, IndexError):
+            return False
+
+    return is_foreground
 
 
 def _adopt(fds: list[int], env: dict[bytes, bytes], umask: int) -> None:

@@ -163,6 +163,40 @@ def test_launcher_sigkilled_mid_job(env: dict[str, str], rt: str, tmp_path: Path
     assert again["pid"] != before["pid"]
 
 
+def test_sigkilled_client_takes_its_job_with_it(env: dict[str, str], rt: str,
+                                                tmp_path: Path) -> None:
+    """As an in-process ``jbl run`` SIGKILLed (test_run_jobs): the relay sees the client's
+    connection close and hangs the job up; nothing of it stays, its record ends."""
+    from cgroup_probe import pids_running
+
+    wait_launcher(env, rt)
+    marker = "913.625"
+    script = f"sleep {marker} & echo up > /out/started; wait"
+    proc = subprocess.Popen([JBL, "run", "--runtime-dir", rt, "--volume", f"{tmp_path}:/out",
+                             "--", "sh", "-c", script], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_file(tmp_path / "started", proc)  # type: ignore[arg-type]
+    assert not children(proc.pid) and len(pids_running("sleep", marker)) == 1
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + DEADLINE
+    while pids_running("sleep", marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = pids_running("sleep", marker)
+    for pid in left:  # a failing run must not leave the job behind
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+    import json
+
+    def running() -> list[object]:
+        r = jbl(env, "job", "list", "--json")
+        return [j for j in json.loads(r.stdout) if j["state"] == "running"]
+
+    while running() and time.monotonic() < deadline:  # the job process writes it at its end
+        time.sleep(0.05)
+    assert not running()
+
+
 def test_older_code_launcher_is_not_used(env: dict[str, str], rt: str, tmp_path: Path) -> None:
     jbl(env, "launcher", "stop")
     fake = subprocess.Popen([sys.executable, "-m", "jbl.runner.launcher", "serve",
