@@ -206,8 +206,6 @@ def launch_detached(args: argparse.Namespace) -> int:
 
 # ---- the commands --------------------------------------------------------------------------
 
-LIST_COLUMNS = [("id", "ID"), ("state", "STATE"), ("runtime", "RUNTIME"),
-                ("started", "STARTED"), ("exit_status", "EXIT"), ("cmd", "COMMAND")]
 
 
 def _stores(args: argparse.Namespace) -> list[Any]:
@@ -259,27 +257,39 @@ def _when(t: float | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from jbl.cli.output import emit
+    stores = _stores(args)
+    try:
+        if args.json:
+            from jbl.cli.output import emit
 
-    rows: list[dict[str, Any]] = []
-    for store in _stores(args):
-        try:
-            rows += store.jobs(args.state)
-        finally:
+            rows = [r for store in stores for r in store.jobs(args.state)]
+            if len(stores) > 1:
+                rows.sort(key=lambda r: r["created"])
+            emit(args, rows, [], compact=True)
+            return 0
+        from jbl.runner.jobstore import TABLE_COLUMNS
+
+        if len(stores) == 1:
+            text = stores[0].table_text(args.state, user=bool(getattr(args, "all", False)))
+            sys.stdout.write(text or ("" if getattr(args, "quiet", False) else "no jobs\n"))
+            return 0
+        lines = [r for store in stores for r in store.table(args.state)]
+    finally:
+        for store in stores:
             store.close()
-    rows.sort(key=lambda r: r["created"])
-    if args.json:
-        for r in rows:
-            r.pop("supervisor_pid", None)
-            r.pop("supervisor_start", None)
-        emit(args, rows, [])
+    if not lines:
+        if not getattr(args, "quiet", False):
+            print("no jobs")
         return 0
-    for r in rows:
-        r["started"] = _when(r["created"])
-        r["cmd"] = " ".join(r["command"])[:60]
-    cols = LIST_COLUMNS if not getattr(args, "all", False) else [("user", "USER"),
-                                                                  *LIST_COLUMNS]
-    emit(args, rows, cols, empty="no jobs")
+    if len(stores) > 1:
+        lines.sort(key=lambda r: r[-1])
+    # the table written in one piece (10,000 rows: a print per row costs ~90 ms)
+    keep = [i for i in range(len(TABLE_COLUMNS))
+            if i != 1 or getattr(args, "all", False)]  # USER: with --all only
+    cells = [[TABLE_COLUMNS[i] for i in keep], *([str(r[i]) for i in keep] for r in lines)]
+    widths = [max(map(len, col)) for col in zip(*cells, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    sys.stdout.write("\n".join(fmt.format(*row) for row in cells) + "\n")
     return 0
 
 

@@ -14,7 +14,12 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def print_json(obj: Any) -> None:
+def print_json(obj: Any, *, compact: bool = False) -> None:
+    """``compact``: one line, through json's C encoder (an indented dump is pure Python:
+    ~0.5 s for 10,000 job records)."""
+    if compact:
+        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+        return
     json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
 
@@ -29,9 +34,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
 
 
 def emit(args: Any, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]],
-         *, empty: str = "") -> None:
+         *, empty: str = "", compact: bool = False) -> None:
     if getattr(args, "json", False):
-        print_json(list(rows))
+        print_json(list(rows), compact=compact)
     elif rows:
         table(rows, columns)
     elif empty and not getattr(args, "quiet", False):
