@@ -16,7 +16,7 @@ registry (or under ``base_url``). Each version is also published in content-addr
 (store/caspublish.py: objects, packs, its tree; registry.json's ``tree`` key names it),
 written before registry.json, which is written last. The document is built and checked by
 store/regformat.py, the model the installer reads it with. Every file is written to a temp
-name, fsync'd and renamed.
+name and renamed; registry.json is fsync'd after one syncfs of everything before it.
 
 Pure apart from the files it reads and writes; not meant for concurrent use on one DIR.
 """
@@ -246,6 +246,7 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
             Publisher(DirTarget(str(reg_dir)), published) as pub:
         pub.learn(doc)
         added = _add_tarballs(pub, doc, reg_dir, tarballs, plats, base_url)
+        pub.target.sync()  # objects, packs and trees are durable before registry.json names them
     doc["version"] = "1"
     doc["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") \
         .replace("+00:00", "Z")
