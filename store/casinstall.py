@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from . import casformat as cf
@@ -48,6 +50,8 @@ from .transport import Check, Fetcher
 
 Progress = Callable[[int], None]
 _BATCH = 500  # digests per IN (...) query
+_WORKERS = 2  # check + write threads (two cores; the fetcher has its own)
+_INFLIGHT = 8  # fetched files (packs <= 4 MiB, objects <= 1 MiB) held before writing
 
 
 # ------------------------------------------------------------------------------ fetching
@@ -179,41 +183,77 @@ def _install(store: Store, fetcher: Fetcher, entry: RegistryEntry, ref: TreeRef,
     return res
 
 
-def _fetch(store: Store, tree: cf.Tree, fetcher: Fetcher, plan: cf.Plan,
-           codecs: dict[int, int], written: list[bytes], progress: Progress) -> None:
-    """Fetch the plan's packs and objects; write each lacking object once checked."""
-    units: dict[str, list[tuple[int, int]]] = {}  # relpath -> (object index, offset)
-    items: list[tuple[str, Check | None, int]] = []
-    for p in plan.packs:
-        units[cf.pack_path(p.digest)] = list(p.members)
-        items.append((cf.pack_path(p.digest), cf.named_by(p.digest), p.size))
-    for i in plan.singles:
-        o = tree.objects[i]
-        units[cf.object_path(o.digest)] = [(i, 0)]
-        items.append((cf.object_path(o.digest), _checker(o), o.stored_size))
-    half = len(items) // 2
-    for n, (relpath, data) in enumerate(fetcher.get_many(items), 1):
-        for i, off in units[relpath]:
-            if i in codecs:
-                continue
-            o = tree.objects[i]
+class _Writer:
+    """Checks and writes the objects of fetched packs and single objects on a small pool
+    (decoding, hashing and writing release the GIL: two cores, as ingest's workers), each
+    object once; ``codecs`` and ``written`` are updated under the lock."""
+
+    def __init__(self, store: Store, tree: cf.Tree, codecs: dict[int, int],
+                 written: list[bytes]) -> None:
+        self.store, self.tree, self.codecs, self.written = store, tree, codecs, written
+        self.lock = threading.Lock()
+        self.claimed = set(codecs)
+
+    def run(self, relpath: str, data: bytes, members: list[tuple[int, int]],
+            checked: bool) -> None:
+        for i, off in members:
+            with self.lock:
+                if i in self.claimed:
+                    continue
+                self.claimed.add(i)
+            o = self.tree.objects[i]
             stored = data[off:off + o.stored_size]
-            if not cf.check_object(o, stored):  # a pack that matches its name, a tree that lies
+            # A single object was checked by the fetcher; a pack only as a whole (by its
+            # name): each of its objects here, or a tree that lies would slip through.
+            if not checked and not cf.check_object(o, stored):
                 raise IntegrityError(f"object {o.digest.hex()} in {relpath}: its bytes do not "
                                      "match its digest", hint="the registry's tree and pack "
                                      "disagree; tell its publisher")
             try:
-                store.blobs.write(o.digest, stored)
+                self.store.blobs.write(o.digest, stored)
             except OSError as e:
+                root = self.store.blobs.root
                 if is_enospc(e):
-                    raise StoreError(f"no space left writing blobs under "
-                                     f"{store.blobs.root}") from None
-                raise StoreError(f"cannot write blob under {store.blobs.root}: {e}") from None
-            written.append(o.digest)
-            codecs[i] = o.codec
-        progress(len(data))
-        if n == half:
-            crashpoint("casinstall.half-fetched")
+                    raise StoreError(f"no space left writing blobs under {root}") from None
+                raise StoreError(f"cannot write blob under {root}: {e}") from None
+            with self.lock:
+                self.written.append(o.digest)
+                self.codecs[i] = o.codec
+
+
+def _fetch(store: Store, tree: cf.Tree, fetcher: Fetcher, plan: cf.Plan,
+           codecs: dict[int, int], written: list[bytes], progress: Progress) -> None:
+    """Fetch the plan's packs and objects (concurrently: the fetcher's ``get_many``) and
+    write each lacking object once checked, at most ``_INFLIGHT`` fetched files in hand."""
+    units: dict[str, tuple[list[tuple[int, int]], bool]] = {}  # relpath -> members, checked
+    items: list[tuple[str, Check | None, int]] = []
+    for p in plan.packs:
+        units[cf.pack_path(p.digest)] = (list(p.members), False)
+        items.append((cf.pack_path(p.digest), cf.named_by(p.digest), p.size))
+    for i in plan.singles:
+        o = tree.objects[i]
+        units[cf.object_path(o.digest)] = ([(i, 0)], True)
+        items.append((cf.object_path(o.digest), _checker(o), o.stored_size))
+    writer = _Writer(store, tree, codecs, written)
+    half = len(items) // 2
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="jbl-casinstall") as pool:
+        pending: set[Future[None]] = set()
+        try:
+            for n, (relpath, data) in enumerate(fetcher.get_many(items), 1):
+                pending.add(pool.submit(writer.run, relpath, data, *units[relpath]))
+                progress(len(data))
+                if len(pending) >= _INFLIGHT or n == half:
+                    done, pending = wait(pending, return_when=ALL_COMPLETED if n == half
+                                         else FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                if n == half:  # every object of the first half written
+                    crashpoint("casinstall.half-fetched")
+            for f in pending:
+                f.result()
+        finally:
+            for f in pending:
+                f.cancel()
     missing = set(range(len(tree.objects))) - set(codecs)
     if missing:  # a pack the plan chose lists objects the tree does not: never a hole
         raise IntegrityError(f"{len(missing)} objects of the tree were in none of its packs")
