@@ -14,14 +14,18 @@ from typing import Any
 from jbl.store import access
 from jbl.store import gc as gc_mod
 from jbl.store import policy as policy_mod
+from jbl.store import recompress as recompress_mod
 from jbl.store import verify as verify_mod
-from jbl.store.errors import IntegrityError
+from jbl.store.blobs import COLD_LEVEL, ZSTD_LEVEL
+from jbl.store.errors import IntegrityError, UsageError
 from jbl.store.store import Store
-from jbl.store.units import format_size
+from jbl.store.units import format_size, parse_duration
 
 from . import output
 
 _POLICY_OPTS = ("keep_latest", "unused_for", "max_size", "grace")
+DEFAULT_MIN_AGE = "1d"  # installs of the day stay at the fast level: they may be replaced
+DEFAULT_MAX_TIME = "1h"  # a cron run's bound: ~10 GB decoded per core at level 19 (3 MB/s)
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -40,6 +44,18 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="remove least recently used versions until the store fits in SIZE")
     p.add_argument("--grace", metavar="DURATION",
                    help="leave orphan blob/temp files younger than this (default 1h)")
+    p.add_argument("--recompress", action="store_true",
+                   help="after the sweep, rewrite zstd blobs stored longer than --min-age at "
+                        "a higher zstd level (smaller; resumable; skips blobs in use)")
+    p.add_argument("--min-age", metavar="DURATION", default=DEFAULT_MIN_AGE,
+                   help=f"--recompress: only blobs stored at least this long "
+                        f"(default {DEFAULT_MIN_AGE})")
+    p.add_argument("--level", metavar="N", default=str(COLD_LEVEL),
+                   help=f"--recompress: the zstd level, 2-22 (default {COLD_LEVEL}; installs "
+                        f"write level {ZSTD_LEVEL})")
+    p.add_argument("--max-time", metavar="DURATION", default=DEFAULT_MAX_TIME,
+                   help="--recompress: stop after about this long; the next run resumes "
+                        f"(default {DEFAULT_MAX_TIME})")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("verify", parents=parents, help="check the index against the blob files",
@@ -80,6 +96,7 @@ def _when(ts: float | None) -> str:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     policy = _policy(args)
+    cold = _cold_args(args)
     if not args.dry_run:
         access.require_admin("gc", args.store)
     from jbl.store.report import held_line, removed_held
@@ -87,6 +104,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with Store.open(args.store) as store:
         res = gc_mod.collect(store, policy, dry_run=args.dry_run)
         held = removed_held(store)  # what gc could not free, and who keeps it
+        cold_out = _recompress(store, args.dry_run, *cold) if cold else None
     deferred = set(res.deferred)
     rows = [{"version": s.info.spec, "reason": s.reason,
              "last_used": _when(s.info.last_used_at), "installed": _when(s.info.installed_at),
@@ -100,7 +118,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
             "removed_held": held,
             "purged": sw.purged,
             "contents": sw.contents, "blobs": sw.blobs, "orphans": sw.orphans,
-            "temp_files": sw.temp_files, "freed_bytes": sw.freed_bytes})
+            "temp_files": sw.temp_files, "freed_bytes": sw.freed_bytes,
+            **({"recompress": cold_out[0]} if cold_out else {})})
         return 0
     output.emit(args, rows, [("version", "VERSION"), ("status", "STATUS"),
                              ("last_used", "LAST USED"), ("reason", "REASON")])
@@ -118,7 +137,40 @@ def cmd_gc(args: argparse.Namespace) -> int:
               "(a later gc takes them once released)")
     for h in held:
         print(f"removed but held: {held_line(h)}")
+    if cold_out:
+        print(cold_out[1])
     return 0
+
+
+def _cold_args(args: argparse.Namespace) -> tuple[float, float, int] | None:
+    """(min_age, max_time, level) of --recompress, parsed before anything is touched."""
+    if not args.recompress:
+        return None
+    level = int(args.level) if str(args.level).isdigit() else 0
+    if not ZSTD_LEVEL < level <= 22:
+        raise UsageError(f"invalid --level {args.level!r}: expected a zstd level from "
+                         f"{ZSTD_LEVEL + 1} to 22 (installs already write level {ZSTD_LEVEL})")
+    return (parse_duration(args.min_age, what="--min-age"),
+            parse_duration(args.max_time, what="--max-time"), level)
+
+
+def _recompress(store: Store, dry_run: bool, min_age: float, max_time: float,
+                level: int) -> tuple[dict[str, object], str]:
+    """The cold pass after the sweep (store/recompress.py): its JSON and its summary line."""
+    if dry_run:
+        n, stored = recompress_mod.pending(store, min_age)
+        return ({"dry_run": True, "candidates": n, "stored_bytes": stored},
+                f"recompress: {n} blobs ({format_size(stored)}) older than the minimum age "
+                f"would be rewritten at zstd level {level}")
+    r = recompress_mod.recompress(store, min_age=min_age, max_time=max_time, level=level)
+    left = (f"; {r.remaining} left for the next run" if r.remaining else "; all done") + (
+        " (the store stayed busy with installs)" if r.busy else "")
+    extra = "".join(f", {n} {what}" for n, what in (
+        (r.in_use, "in use (skipped)"), (r.damaged, "damaged (run `jbl store verify`)"),
+        (r.finished, "finished from an interrupted run")) if n)
+    return (dict(vars(r)),
+            f"recompress: {r.rewritten} blobs rewritten at zstd level {level}, "
+            f"{r.settled} kept (not smaller){extra}; saved {format_size(r.saved_bytes)}{left}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

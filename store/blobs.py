@@ -53,10 +53,20 @@ from .errors import IntegrityError, JblError, UnsafeStorePath
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+# A zstd frame the cold pass has settled (store/recompress.py: rewritten at COLD_LEVEL, or
+# found not worth rewriting). Decoded exactly like CODEC_ZSTD; the value only tells the next
+# pass to skip it, so an interrupted pass resumes where it stopped.
+CODEC_ZSTD_COLD = 2
+CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_COLD)
 # Level 1, not 3: on the realistic ML runtime (387 MB, 10k files) level 3 costs 1.54 s CPU
 # for 146 MB allocated, level 1 1.05 s for 155 MB (+6 %), level 2 1.26 s / 150 MB. Install
 # time is CPU-bound on two cores; three versions stay at ~0.18x of side-by-side (<= 0.25x).
 ZSTD_LEVEL = 1
+# The cold pass (`jbl store gc --recompress`): chunks are at most 1 MiB, so zstd's window is
+# the chunk and long-distance matching finds nothing more; 19 is the highest level that
+# needs no bigger window (20-22 "ultra" only raise the window, which a chunk never fills).
+# Measured on the realistic series: docs/gc.md, "Recompressing cold blobs".
+COLD_LEVEL = 19
 # Keep zstd only if it saves at least this fraction: a barely-compressible chunk (a .so of
 # machine code, a .whl inside a runtime) costs CPU on every cold read for no disk gain.
 MIN_SAVING = 0.05
@@ -212,7 +222,7 @@ class BlobStore:
     def decode(stored: bytes, codec: int, size: int, what: str = "blob") -> bytes:
         if codec == CODEC_RAW:
             data = stored
-        elif codec == CODEC_ZSTD:
+        elif codec in (CODEC_ZSTD, CODEC_ZSTD_COLD):
             try:
                 dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
                 data = dctx.decompress(stored, max_output_size=size)
@@ -260,18 +270,34 @@ class BlobStore:
     def _write_renamed(self, shard: int, h: str, stored: bytes | memoryview) -> int:
         """The fallback: a new file in ``blobs/tmp`` renamed over the final name (renameat
         replaces whatever has the name, a planted link included, without following it)."""
+        name = self.stage(bytes.fromhex(h), stored)
+        os.rename(name, h[2:], src_dir_fd=self._tmp_fd(), dst_dir_fd=shard)
+        return len(stored)
+
+    def stage(self, digest: bytes, stored: bytes | memoryview) -> str:
+        """Write ``stored`` to a new file in ``blobs/tmp`` (not synced) and return its name,
+        for ``replace``. A failed write leaves nothing (a full disk gets its space back)."""
         tmp = self._tmp_fd()
-        name = f"{h[:16]}.{secrets.token_hex(6)}"
+        name = f"{digest.hex()[:16]}.{secrets.token_hex(6)}"
         fd = os.open(name, _NEW_FILE_FLAGS, 0o444, dir_fd=tmp)
         try:
             _write_all(fd, stored)
         except BaseException:
-            os.unlink(name, dir_fd=tmp)  # a disk that filled up gets the partial file's space
+            os.unlink(name, dir_fd=tmp)
             raise
         finally:
             os.close(fd)
-        os.rename(name, h[2:], src_dir_fd=tmp, dst_dir_fd=shard)
-        return len(stored)
+        return name
+
+    def replace(self, name: str, digest: bytes) -> None:
+        """Rename ``blobs/tmp/NAME`` (from ``stage``) over blob ``digest``: atomic, so whoever
+        opens the blob's name gets the old file or the new one, each whole, and whoever has
+        it open keeps reading the old inode. FileNotFoundError if either is gone."""
+        h = digest.hex()
+        with safepath.opened(self._shard(h)) as shard:
+            if safepath.lstat(shard, h[2:]) is None:
+                raise FileNotFoundError(errno.ENOENT, "blob file gone", h)
+            os.rename(name, h[2:], src_dir_fd=self._tmp_fd(), dst_dir_fd=shard)
 
     def sync(self) -> None:
         """Flush every blob written so far (data + directory entries) to stable storage."""

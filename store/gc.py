@@ -51,6 +51,7 @@ from .blobs import BlobStore
 from .crashpoints import crashpoint
 from .errors import StoreBusy, UnsafeStorePath
 from .policy import DEFAULT_GRACE, Policy, Selected, select
+from .recompress import finish_pending
 from .rows import drop_version_rows, mark_removed
 from .store import Store, VersionInfo, pid_alive
 
@@ -267,6 +268,7 @@ def sweep(store: Store, *, grace: float = DEFAULT_GRACE, wait: bool = True,
     crashpoint("gc.after-mark")
     db = store.db
     with store.sweep_lock(blocking=wait):
+        finish_pending(store)  # an interrupted `gc --recompress` (its rows follow its files)
         pending = read_journal(store.dir)
         with db.write():
             # Re-check inside the transaction, under the lock: an install may have committed

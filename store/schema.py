@@ -36,7 +36,8 @@ CREATE TABLE blobs (                   -- one file on disk: a compressed or raw 
     digest      BLOB NOT NULL UNIQUE,  -- sha256 of the DECODED bytes (32 raw bytes)
     size        INTEGER NOT NULL,      -- decoded bytes
     stored_size INTEGER NOT NULL,      -- bytes of the file on disk
-    codec       INTEGER NOT NULL,      -- 0 = raw, 1 = zstd frame (see blobs.CODEC_*)
+    codec       INTEGER NOT NULL,      -- 0 = raw, 1 = zstd frame, 2 = zstd frame the cold
+                                       -- pass settled (store/recompress.py; see blobs.CODEC_*)
     created_at  REAL NOT NULL          -- unix time the row was committed
 );
 
@@ -73,8 +74,9 @@ CREATE TABLE versions (                -- one installed runtime version
     removed_at   REAL,
     pinned       INTEGER NOT NULL DEFAULT 0, -- 1 = never collected by gc policies
     stored_size  INTEGER,              -- cache: stored bytes of the distinct blobs it references;
-                                       -- NULL = not computed yet (report.py fills it). Never
-                                       -- stale: a version's entries and their blobs are immutable
+                                       -- NULL = not computed yet (report.py fills it). A
+                                       -- version's entries are immutable; blobs only shrink
+                                       -- (the cold pass), which resets it to NULL
     UNIQUE (name, version)
 );
 

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import safepath
-from .blobs import CODEC_RAW, CODEC_ZSTD, BlobStore
+from .blobs import CODECS, BlobStore
 from .errors import IntegrityError, JblError, UnsafeStorePath
 from .gc import read_journal
 from .policy import DEFAULT_GRACE
+from .recompress import pending_sizes
 from .store import Store
 from .units import format_duration
 
@@ -189,12 +190,13 @@ def _check_blob_files(store: Store, names: _Names,
     add = res.problems.append
     present: list[_Present] = []
     known: set[bytes] = set()
+    recompressing = pending_sizes(store.dir)
     for bid, digest, size, stored_size, codec in store.db.iter(
             "SELECT id, digest, size, stored_size, codec FROM blobs"):
         res.blobs += 1
         known.add(digest)
         subject = f"blob {digest.hex()}"
-        if codec not in (CODEC_RAW, CODEC_ZSTD):
+        if codec not in CODECS:
             add(Problem("corrupt", subject, f"unknown codec {codec}", names.of_blob(bid), bid))
             continue
         try:
@@ -210,8 +212,10 @@ def _check_blob_files(store: Store, names: _Names,
                         names.of_blob(bid), bid))
             continue
         if st.st_size != stored_size:
+            why = ("an interrupted `gc --recompress`: `jbl store gc` completes it"
+                   if recompressing.get(digest) == st.st_size else "truncated or overwritten")
             add(Problem("size", subject, f"file has {st.st_size} bytes, index says "
-                        f"{stored_size} (truncated or overwritten)", names.of_blob(bid), bid))
+                        f"{stored_size} ({why})", names.of_blob(bid), bid))
             continue
         present.append((bid, digest, codec, size))
     return present, known
