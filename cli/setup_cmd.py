@@ -333,11 +333,11 @@ RestartSec=2
 WantedBy=multi-user.target
 """,
         "jbl-gc.service": head + f"""[Unit]
-Description=jbl: collect runtimes and blobs nothing needs (policy: /etc/jbl/config.yaml)
+Description=jbl: collect unneeded runtimes and blobs, recompress cold ones (/etc/jbl/config.yaml)
 
 [Service]
 Type=oneshot
-ExecStart={jbl} --store {store} store gc --quiet
+ExecStart={jbl} --store {store} store gc --quiet --recompress --max-time 1h
 Nice=10
 IOSchedulingClass=idle
 """,

@@ -131,7 +131,7 @@ def test_setup_writes_units_fuse_conf_and_alias_and_says_how_to_start(server: Se
     mount_unit = (units / "jbl-mount.service").read_text()
     assert f"mount --foreground --allow-other {server.mnt}" in mount_unit
     assert f"--store {server.store}" in mount_unit
-    assert "store gc" in (units / "jbl-gc.service").read_text()
+    assert "store gc --quiet --recompress --max-time 1h" in (units / "jbl-gc.service").read_text()
     assert "OnCalendar=daily" in (units / "jbl-gc.timer").read_text()
     lines = [ln.strip() for ln in (server.sysroot / "etc/fuse.conf").read_text().splitlines()]
     assert lines.count("user_allow_other") == 1
