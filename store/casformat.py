@@ -269,6 +269,13 @@ def parse_tree(data: bytes, limits: Limits) -> Tree:
     most = limits.max_entries
     tree.objects = [_object(o, chunk) for o in _list(doc.get("objects"), 4 * most, "objects")]
     tree.bodies = [_body(b, tree) for b in _list(doc.get("bodies"), most, "bodies")]
+    # Ingest's bounds on what a runtime's bodies may add up to, before anything is fetched.
+    if any(b.size > limits.max_file_size for b in tree.bodies):
+        raise LimitExceeded(f"content-addressed tree: a file larger than "
+                            f"{limits.max_file_size} bytes")
+    if sum(b.size for b in tree.bodies) > limits.max_total_size:
+        raise LimitExceeded(f"content-addressed tree: files larger than "
+                            f"{limits.max_total_size} bytes in all")
     if len({o.digest for o in tree.objects}) != len(tree.objects) or \
             len({b.digest for b in tree.bodies}) != len(tree.bodies):
         raise _fail("an object or body digest is listed twice")
@@ -341,7 +348,7 @@ def _entries(tree: Tree, raw: list[Any], limits: Limits) -> None:
         if not isinstance(e[1], str) or not isinstance(e[2], str) or e[2] not in _KINDS:
             raise _fail(f"entry {i}: name must be a string and kind one of d, f, l "
                         "(no devices, FIFOs or sockets)")
-        name = e[1].encode("utf-8", "surrogateescape")
+        name = _bytes(e[1], i)
         kind = _KINDS[e[2]]
         shown = _shown(tree, parent, name)
         if i == 0:
@@ -356,6 +363,15 @@ def _entries(tree: Tree, raw: list[Any], limits: Limits) -> None:
                 raise _fail("duplicate path", shown)
             seen.add((parent, name))
         tree.entries.append(_entry(tree, parent, name, kind, e, shown))
+
+
+def _bytes(text: str, i: int) -> bytes:
+    """A name or target as dumped (``surrogateescape``); a lone surrogate of any other
+    kind is no byte at all."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise _fail(f"entry {i}: a name or target that encodes no bytes") from None
 
 
 def _shown(tree: Tree, parent: int, name: bytes) -> str:
@@ -391,7 +407,7 @@ def _entry(tree: Tree, parent: int, name: bytes, kind: int, e: list[Any], shown:
     if kind == stat.S_IFLNK:
         if not isinstance(e[8], str) or mode != 0o777:
             raise _fail("a symlink has mode 0777 and a target string", shown)
-        target = e[8].encode("utf-8", "surrogateescape")
+        target = _bytes(e[8], len(tree.entries))
         if not target or len(target) != size or len(target) > 4096:
             raise _fail("a symlink's size is its target's length (1..4096 bytes)", shown)
         return Entry(parent, name, kind, mode, uid, gid, mtime, size, target=target)

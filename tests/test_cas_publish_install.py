@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 from cas_fixtures import (
     NAME,
     MiB,
@@ -322,13 +323,19 @@ def test_a_registry_without_the_form_installs_the_tarball(tmp_path: Path,
 # ------------------------------------------------------------------------------ units
 def test_parse_tree_bounds_counts_and_plan_prefers_packs_when_most_is_lacking(
         published: Path) -> None:
-    from jbl.store.errors import LimitExceeded
+    from jbl.store.errors import LimitExceeded, UnsafeArchive
     from jbl.store.limits import Limits
 
     data = (published / entry(published, V1)["tree"]["url"]).read_bytes()
     tree = cf.parse_tree(data, Limits())
     with pytest.raises(LimitExceeded):
         cf.parse_tree(data, Limits(max_entries=len(tree.entries) - 1))
+    with pytest.raises(LimitExceeded, match="larger than"):
+        cf.parse_tree(data, Limits(max_total_size=tree.bodies[0].size))
+    doc = cf.decode_tree(data)
+    doc["entries"][1][1] = "\ud800"  # a lone surrogate that surrogateescape did not make
+    with pytest.raises(UnsafeArchive, match="encodes no bytes"):
+        cf.parse_tree(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()), Limits())
     everything = cf.plan_fetch(tree, set(range(len(tree.objects))))
     assert everything.packs and everything.requests < len(tree.objects)
     packed = {i for p in tree.packs for i, _ in p.members}
