@@ -698,7 +698,8 @@ def install_entry(store: Store, client: RegistryClient, entry: RegistryEntry, *,
             for w in cas.warnings:
                 client.warn(f"{entry.spec}: {w}")
             assert cas.version is not None
-            if not cas.created:
+            if not cas.created:  # another process installed it meanwhile: the same tarball?
+                check_same_tarball(cas.version, entry.checksum, entry.download_url)
                 return {**out, **_existing(cas.version)}
             return {**out, "status": "replaced" if have is not None else "installed",
                     "form": "tree", "tree": entry.tree.url, "files": cas.files,
