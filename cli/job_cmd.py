@@ -69,9 +69,10 @@ class JobRecord:
         self.rusage0 = _children_cpu()
 
     def finished(self, result: Any) -> None:
+        cpu = getattr(result, "cpu_time", None)  # the cgroup's; without one, rusage's
         self._finish(exit_status=int(result.exit_status), reason=result.reason,
                      message=result.message, peak_memory=result.peak_memory,
-                     cpu_time=_children_cpu() - self.rusage0)
+                     cpu_time=cpu if cpu is not None else _children_cpu() - self.rusage0)
 
     def failed(self, e: BaseException) -> None:
         if isinstance(e, JblError):

@@ -164,6 +164,8 @@ class JobCgroup:
         own = own_cgroups()
         cg = cls(1)
         want = ["memory", "pids", "freezer", "cpu"] + (["cpuset"] if limits.cpu_cores else [])
+        # CPU time (cpu_time): cpuacct, unless it is mounted together with cpu (one hierarchy)
+        want += ["cpuacct"] if (ROOT / "cpuacct").resolve() != (ROOT / "cpu").resolve() else []
         want += ["devices"] if devices is not None else []
         want += ["blkio"] if _throttles(limits) else []
         try:
@@ -223,6 +225,23 @@ class JobCgroup:
                 return int(_read(self.dirs[""] / "memory.peak"))
             if self.version == 1 and "memory" in self.dirs:
                 return int(_read(self.dirs["memory"] / "memory.max_usage_in_bytes"))
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def cpu_time(self) -> float | None:
+        """CPU seconds (user + system) of everything that ran in the cgroup: v2
+        ``cpu.stat`` ``usage_usec`` (there without the cpu controller), v1
+        ``cpuacct.usage`` (ns); None without either."""
+        try:
+            if self.version == 2:
+                for line in _read(self.dirs[""] / "cpu.stat").splitlines():
+                    k, _, v = line.partition(" ")
+                    if k == "usage_usec":
+                        return int(v) / 1e6
+            for ctrl in ("cpuacct", "cpu"):  # cpu: when cpuacct is mounted with it
+                if ctrl in self.dirs and (self.dirs[ctrl] / "cpuacct.usage").exists():
+                    return int(_read(self.dirs[ctrl] / "cpuacct.usage")) / 1e9
         except (OSError, ValueError):
             pass
         return None

@@ -69,6 +69,7 @@ class JobResult:
     peak_memory: int | None
     message: str = ""  # one line for timeout/oom, empty otherwise
     unenforced: tuple[str, ...] = field(default=())
+    cpu_time: float | None = None  # s, user + system, from the job's cgroup (None: none)
 
     def record(self) -> dict[str, object]:
         return {"job_id": self.job_id, "runtime": self.runtime, "exit_status": self.exit_status,
@@ -315,7 +316,8 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool, slirp_exe: str =
         peak = cg.peak_memory()
         label = req.runtime_label or str(req.runtime_dir)
         base = dict(job_id=plan.job_id, runtime=label, job_status=status, wall_time=wall,
-                    peak_memory=peak, unenforced=tuple(cg.unenforced))
+                    peak_memory=peak, unenforced=tuple(cg.unenforced),
+                    cpu_time=cg.cpu_time())
         if reason == "timeout":
             return JobResult(exit_status=ExitCode.JOB_TIMEOUT, reason="timeout",
                              message=f"job {plan.job_id} timed out after "

@@ -451,3 +451,27 @@ def test_jobs_dir_setting_is_used_checked_or_ignored(rt: str, users: Users) -> N
         link.unlink()
     finally:
         shutil.rmtree(d)
+
+
+def test_record_has_peak_memory_and_cpu_time_of_every_job_process(rt: str) -> None:
+    """CPU time counts the job's children too (the job's cgroup: cpuacct on v1, cpu.stat on
+    v2), and peak memory comes from its memory cgroup."""
+    burn = ("import os, time\n"
+            "def burn(s):\n"
+            "    t = time.process_time()\n"
+            "    while time.process_time() - t < s: pass\n"
+            "burn(0.3)\n"
+            "if os.fork() == 0:\n"
+            "    burn(0.3); os._exit(0)\n"
+            "os.wait()\n"
+            "b = bytearray(64 << 20)\n")
+    r = jbl("--json", "run", "--runtime-dir", rt, "--", "python3", "-c", burn)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    job = out["job_id"]
+    try:
+        rec = status(job)
+        assert 0.55 <= rec["cpu_time"] <= 0.6 + 2 * out["wall_time"], rec
+        assert rec["peak_memory"] >= 64 << 20, rec
+    finally:
+        jbl("job", "rm", job)
