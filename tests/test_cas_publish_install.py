@@ -242,6 +242,14 @@ def test_hostile_trees_are_refused_and_the_store_is_unchanged(
         r = run_jbl("store", "install", f"{NAME}@{V2}", "--registry", reg, store=store_dir)
         assert_one_line_error(r, rc, why)
         assert (index_rows(store_dir), blob_files(store_dir)) == before, label
+    # registry.json's key itself is checked as any of its fields (exit 7), before any fetch.
+    reg = _copy(published, tmp_path / "badkey")
+    index = json.loads((reg / "registry.json").read_text())
+    index["runtimes"][NAME][V2]["tree"]["url"] = "../trees/" + "0" * 64
+    (reg / "registry.json").write_text(json.dumps(index))
+    assert_one_line_error(run_jbl("store", "install", f"{NAME}@{V2}", "--registry", reg,
+                                  store=store_dir), 7, "tree must be")
+    assert (index_rows(store_dir), blob_files(store_dir)) == before
     # The legitimate tree next to them still installs.
     run_jbl("store", "install", f"{NAME}@{V2}", "--registry", published, store=store_dir).ok()
 
