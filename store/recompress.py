@@ -250,10 +250,20 @@ def _apply(store: Store, done: list[_Done], res: RecompressResult, unused: list[
         crashpoint("recompress.renamed")
 
 
-def _candidates(store: Store, min_age: float, now: float) -> list[_Cand]:
-    return [_Cand(int(i), bytes(d), int(n), int(s)) for i, d, n, s in store.db.query(
-        "SELECT id, digest, size, stored_size FROM blobs WHERE codec=? AND created_at<=? "
-        "ORDER BY id", (CODEC_ZSTD, now - min_age))]
+def _next_batch(store: Store, after_id: int, cutoff: float) -> list[_Cand]:
+    """The next candidates in id order after ``after_id``: at most BATCH_BLOBS blobs and
+    BATCH_BYTES decoded (at least one). Paged, so a store of a million blobs is never
+    listed in memory at once."""
+    batch: list[_Cand] = []
+    size = 0
+    for i, d, n, s in store.db.iter(
+            "SELECT id, digest, size, stored_size FROM blobs WHERE codec=? AND created_at<=? "
+            "AND id>? ORDER BY id LIMIT ?", (CODEC_ZSTD, cutoff, after_id, BATCH_BLOBS)):
+        if batch and size + int(n) > BATCH_BYTES:
+            break
+        batch.append(_Cand(int(i), bytes(d), int(n), int(s)))
+        size += int(n)
+    return batch
 
 
 def pending(store: Store, min_age: float, now: float | None = None) -> tuple[int, int]:
@@ -262,19 +272,6 @@ def pending(store: Store, min_age: float, now: float | None = None) -> tuple[int
     row = store.db.one("SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM blobs WHERE "
                        "codec=? AND created_at<=?", (CODEC_ZSTD, now - min_age))
     return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
-def _batches(cands: list[_Cand]) -> Iterator[list[_Cand]]:
-    batch: list[_Cand] = []
-    size = 0
-    for c in cands:
-        if batch and (len(batch) >= BATCH_BLOBS or size + c.size > BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(c)
-        size += c.size
-    if batch:
-        yield batch
 
 
 def recompress(store: Store, *, min_age: float, max_time: float, level: int = COLD_LEVEL,
@@ -289,13 +286,15 @@ def recompress(store: Store, *, min_age: float, max_time: float, level: int = CO
             res.busy = True
             return res
         res.finished = finish_pending(store)
-    cands = _candidates(store, min_age, now)
-    res.remaining = len(cands)
+    res.remaining = pending(store, min_age, now)[0]
+    after_id = 0
     workers = threads or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recompress") as pool:
-        for batch in _batches(cands):
-            if time.monotonic() >= deadline:
+        while time.monotonic() < deadline:
+            batch = _next_batch(store, after_id, now - min_age)
+            if not batch:
                 break
+            after_id = batch[-1].id
             done = [d for d in pool.map(lambda c: _encode(store.blobs, c, level), batch)
                     if d is not None]
             res.damaged += len(batch) - len(done)
