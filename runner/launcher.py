@@ -256,6 +256,11 @@ def preload() -> None:
     from jbl.cli.main import build_parser
 
     build_parser(["run"])  # argparse's lazily imported parts, once
+    import gc
+
+    # Everything loaded so far lives as long as the launcher: out of the collector's sight,
+    # a forked child's collections do not write to (and so copy) the pages it shares.
+    gc.freeze()
 
 
 def serve_main(claim_token: str | None = None) -> int:

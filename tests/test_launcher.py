@@ -170,15 +170,17 @@ def test_sigkilled_client_takes_its_job_with_it(env: dict[str, str], rt: str,
     from cgroup_probe import pids_running
 
     wait_launcher(env, rt)
-    marker = "913.625"
+    marker = f"913.{secrets.randbelow(10**6)}"  # this run's job only
     script = f"sleep {marker} & echo up > /out/started; wait"
     proc = subprocess.Popen([JBL, "run", "--runtime-dir", rt, "--volume", f"{tmp_path}:/out",
                              "--", "sh", "-c", script], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_file(tmp_path / "started", proc)  # type: ignore[arg-type]
-    assert not children(proc.pid) and len(pids_running("sleep", marker)) == 1
-    proc.kill()
-    proc.wait()
+    try:
+        wait_file(tmp_path / "started", proc)  # type: ignore[arg-type]
+        assert not children(proc.pid) and len(pids_running("sleep", marker)) == 1
+    finally:
+        proc.kill()
+        proc.wait()
     deadline = time.monotonic() + DEADLINE
     while pids_running("sleep", marker) and time.monotonic() < deadline:
         time.sleep(0.02)
