@@ -41,7 +41,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                                     "name, version, checksum, size and platforms; tarballs "
                                     "outside DIR are copied into it.")
     a.add_argument("tarballs", metavar="TARBALL", type=Path, nargs="+")
-    a.add_argument("--registry", metavar="DIR", type=Path, required=True)
+    a.add_argument("--registry", metavar="DIR|s3://BUCKET/PREFIX", type=_registry_place,
+                   required=True)
     a.add_argument("--platform", dest="platforms", action="append", metavar="PLATFORM",
                    help="e.g. ubuntu-amd64 (repeatable; default: this host's architecture, "
                         f"{', '.join(host_platforms())})")
@@ -103,7 +104,25 @@ def run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_place(text: str) -> Path | str:
+    """``--registry``: a directory, or an S3 bucket's ``s3://BUCKET/PREFIX`` (kept a str)."""
+    return text if text.startswith("s3://") else Path(text)
+
+
+def _registry_add_bucket(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from jbl.store.bucketpublish import registry_add_bucket
+    from jbl.store.transport import transport_settings
+
+    cfg = args.settings.config
+    return registry_add_bucket(args.registry, args.tarballs, endpoint=cfg.s3_endpoint,
+                               transport=transport_settings(cfg, args.settings.env),
+                               platforms=args.platforms, base_url=args.base_url)
+
+
 def run_registry_add(args: argparse.Namespace) -> int:
+    if isinstance(args.registry, str):
+        return _report_added(args, _registry_add_bucket(args), f"{args.registry}/"
+                             f"{packmod.REGISTRY_FILE}")
     try:
         added = packmod.registry_add(args.registry, args.tarballs, platforms=args.platforms,
                                      base_url=args.base_url)
@@ -113,12 +132,16 @@ def run_registry_add(args: argparse.Namespace) -> int:
             raise _cannot(err, "write the registry", args.registry, "choose a --registry "
                           "directory you may write") from None
         raise _cannot(err, "read", Path(err.filename), "check the TARBALL paths") from None
+    return _report_added(args, added, str(args.registry / packmod.REGISTRY_FILE))
+
+
+def _report_added(args: argparse.Namespace, added: list[dict[str, Any]], where: str) -> int:
     if args.json:
         output.print_json(added)
     else:
         for e in added:
             new = e["published"]
-            print(f"added {e['name']}@{e['version']} to {args.registry / packmod.REGISTRY_FILE}"
+            print(f"added {e['name']}@{e['version']} to {where}"
                   f" ({e['download_url']}, {format_size(e['size'])}, "
                   f"{', '.join(e['platforms'])}); content-addressed: {new['objects']} new "
                   f"objects, {new['packs']} new packs, {format_size(new['bytes'])}")

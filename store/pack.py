@@ -229,14 +229,30 @@ def _add_tarballs(pub: Publisher, doc: dict[str, Any], reg_dir: Path, tarballs: 
     return added
 
 
-def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | None = None,
-                 base_url: str | None = None) -> list[dict[str, Any]]:
-    """Add (or replace) each tarball's entry in ``reg_dir/registry.json``; return the entries."""
-    reg_dir = Path(reg_dir)
+def checked_platforms(platforms: list[str] | None) -> list[str]:
+    """``--platform`` values (default: this host's), each DISTRO-ARCH, else UsageError."""
     plats = platforms or host_platforms()
     for p in plats:
         if not _PLATFORM_RE.fullmatch(p):
             raise UsageError(f"invalid platform {p!r}: expected DISTRO-ARCH, e.g. ubuntu-amd64")
+    return plats
+
+
+def finish_doc(doc: dict[str, Any]) -> None:
+    """Stamp ``doc`` (a registry.json being written) and sort its names and versions."""
+    doc["version"] = "1"
+    doc["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") \
+        .replace("+00:00", "Z")
+    doc["runtimes"] = {n: {v: doc["runtimes"][n][v] for v in sort_versions(doc["runtimes"][n])}
+                       for n in sorted(doc["runtimes"])}
+
+
+def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | None = None,
+                 base_url: str | None = None) -> list[dict[str, Any]]:
+    """Add (or replace) each tarball's entry in ``reg_dir/registry.json``; return the entries.
+    (An S3 bucket: store/bucketpublish.py.)"""
+    reg_dir = Path(reg_dir)
+    plats = checked_platforms(platforms)
     if reg_dir.exists() and not reg_dir.is_dir():
         raise UsageError(f"--registry {reg_dir} must be a directory")
     reg_dir.mkdir(parents=True, exist_ok=True)
@@ -247,11 +263,7 @@ def registry_add(reg_dir: Path, tarballs: list[Path], *, platforms: list[str] | 
         pub.learn(doc)
         added = _add_tarballs(pub, doc, reg_dir, tarballs, plats, base_url)
         pub.target.sync()  # objects, packs and trees are durable before registry.json names them
-    doc["version"] = "1"
-    doc["updated_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") \
-        .replace("+00:00", "Z")
-    doc["runtimes"] = {n: {v: doc["runtimes"][n][v] for v in sort_versions(doc["runtimes"][n])}
-                       for n in sorted(doc["runtimes"])}
+    finish_doc(doc)
     data = dump_registry(doc, reg_path.resolve().as_uri())  # refused here, not at install
     with atomic_write(reg_path) as f:
         f.write(data)

@@ -327,9 +327,18 @@ class RegistryClient:
             s = self.settings
             # No keep-alive: every request opens its own connection, so the stall watchdog
             # always learns the socket it may have to shut (httpcore's connect_tcp trace).
+            limits = httpx.Limits(max_keepalive_connections=0)
+            # The proxies the content-addressed fetches use (config proxy:, the CLI's
+            # environment snapshot); without transport settings, httpx's own reading.
+            mounts = None
+            if self.transport is not None:
+                from .transport import proxy_mounts
+
+                mounts = proxy_mounts(self.transport, limits)
             self._http = httpx.Client(
                 timeout=httpx.Timeout(s.timeout, connect=min(s.timeout, s.connect_timeout)),
-                limits=httpx.Limits(max_keepalive_connections=0), follow_redirects=True,
+                limits=limits, follow_redirects=True, trust_env=self.transport is None,
+                mounts=mounts,
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
         return self._http
 
@@ -462,7 +471,13 @@ class RegistryClient:
         if isinstance(source, str):
             source = RegistrySource(source)
         # config already made relative paths absolute (and OWNER/REPO a github.com URL)
-        url = location_url(source.url, github_raw_base=self.github_raw_base)
+        url = source.url
+        if url.startswith("s3://"):  # a bucket, read as unsigned HTTP(S) (store/transport.py)
+            from .transport import DEFAULT_S3_ENDPOINT, source_for
+
+            url = source_for(url, s3_endpoint=self.transport.s3_endpoint if self.transport
+                             else DEFAULT_S3_ENDPOINT).base
+        url = location_url(url, github_raw_base=self.github_raw_base)
         if url in self._loaded:
             return self._loaded[url]
         label = source.name or url

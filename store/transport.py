@@ -58,6 +58,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -693,6 +694,18 @@ class S3Target:
                                     ContentType=ctype,
                                     CacheControl=IMMUTABLE if immutable else MUTABLE)
         except Exception as e:  # botocore's errors: no common base worth importing here
+            raise RegistryError(f"cannot upload {self.label}/{relpath}: {_s3_reason(e)}") \
+                from None
+
+    def put_file(self, relpath: str, path: Path, *, immutable: bool) -> None:
+        """A large file (a tarball) uploaded from disk in parts, never read whole."""
+        try:
+            self._client.upload_file(str(path), self.bucket, self._key(relpath), ExtraArgs={
+                "ContentType": "application/octet-stream",
+                "CacheControl": IMMUTABLE if immutable else MUTABLE})
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+        except Exception as e:
             raise RegistryError(f"cannot upload {self.label}/{relpath}: {_s3_reason(e)}") \
                 from None
 

@@ -272,6 +272,8 @@ def test_nodes_install_through_squid_and_the_origin_serves_no_file_twice(
         for node in (node_b,):  # a second node, cold, then updated
             install(node, f"{cx.NAME}@1.0.0", origin.url, cfg).ok()
             install(node, f"{cx.NAME}@1.1.0", origin.url, cfg).ok()
+        # registry.json went through the cache too (config proxy: for every request)
+        assert f"{origin.url}/registry.json" in (cache.prefix / "access.log").read_text()
         served = Counter(p for p, _, _ in origin.served() if _content(p))
         assert served and max(served.values()) == 1, served  # squid served node b entirely
         assert all(status == 200 for _, status, _ in origin.served())
@@ -338,3 +340,43 @@ def test_the_origin_going_away_mid_install_leaves_the_store_as_before(
     with nginx_origin(published) as back:
         install(node, f"{cx.NAME}@1.1.0", back.url, cfg).ok()
     assert listed(node) == [(cx.NAME, "1.0.0"), (cx.NAME, "1.1.0")]
+
+
+def test_publish_to_a_bucket_and_install_from_it(tmp_path: Path) -> None:
+    """`jbl registry add --registry s3://…` uploads with boto3 to moto's S3 server (the
+    local S3 API of this test); a node installs with `--registry s3://…`, reading the bucket
+    as plain unsigned HTTP."""
+    built = tmp_path / "built"
+    built.mkdir()
+    tbs = [cx.tarball(built / f"{cx.NAME}-{v}.tar.gz", v) for v in ("1.0.0", "1.1.0")]
+    with moto_s3() as s3:
+        public_bucket(s3, "jbl-fleet")
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(f"s3_endpoint: {s3.endpoint}\n")
+        env = {"JBL_CONFIG": str(cfg), **s3.env}
+        first = run_jbl("registry", "add", tbs[0], "--registry", "s3://jbl-fleet/runtimes",
+                        "--json", env=env).ok()
+        again = run_jbl("registry", "add", *tbs, "--registry", "s3://jbl-fleet/runtimes",
+                        "--json", env=env).ok()
+        new = {e["version"]: e["published"] for e in json.loads(again.out)}
+        assert json.loads(first.out)[0]["published"]["objects"] > 0
+        assert new["1.0.0"]["objects"] == 0  # published before: nothing uploaded again
+        assert 0 < new["1.1.0"]["objects"] < json.loads(first.out)[0]["published"]["objects"]
+        with httpx.Client(trust_env=False) as h:
+            doc = h.get(f"{s3.endpoint}/jbl-fleet/runtimes/registry.json").json()
+            tree = doc["runtimes"][cx.NAME]["1.1.0"]["tree"]["url"]
+            r = h.get(f"{s3.endpoint}/jbl-fleet/runtimes/{tree}")
+            assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+        node = tmp_path / "node"
+        for v in ("1.0.0", "1.1.0"):
+            r = install(node, f"{cx.NAME}@{v}", "s3://jbl-fleet/runtimes", cfg).ok()
+            assert "fetched" in r.out
+        assert listed(node) == [(cx.NAME, "1.0.0"), (cx.NAME, "1.1.0")]
+        assert_store_ok(node)
+    # a bucket that does not exist: one line naming it (exit 7)
+    with moto_s3() as s3:
+        cfg.write_text(f"s3_endpoint: {s3.endpoint}\n")
+        r = run_jbl("registry", "add", tbs[0], "--registry", "s3://no-such-bucket/x",
+                    env={"JBL_CONFIG": str(cfg), **s3.env})
+        assert_one_line_error(r, rc=7, contains="s3://no-such-bucket/x")
+        assert "NoSuchBucket" in r.err
