@@ -119,18 +119,23 @@ class Origin:
         conf.write_text(text)
         self.url = f"http://{HOST}:{self.port}"
         # workers as root: the benchmark cache is private to root (drwx------)
-        self.proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(conf),
-                                      "-g", "daemon off; user root root;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        try:
+            with open(d / "stderr.log", "wb") as errf:
+                self.proc = subprocess.Popen([NGINX, "-p", str(d), "-c", str(conf),
+                                              "-g", "daemon off; user root root;"],
+                                             stdout=subprocess.DEVNULL, stderr=errf,
+                                             start_new_session=True)
+        except OSError as e:
+            raise NotAvailable(f"cannot start nginx ({NGINX}): {e.strerror}; install it "
+                               "(Debian: apt-get install nginx-light)") from None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self.proc.poll() is None:
             with socket.socket() as s:
                 if s.connect_ex((HOST, self.port)) == 0:
                     return
             time.sleep(0.05)
-        err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr and \
-            self.proc.poll() is not None else "did not listen within 20 s"
+        err = (d / "stderr.log").read_text(errors="replace") if self.proc.poll() is not None \
+            else "did not listen within 20 s"
         self.stop()
         raise NotAvailable(f"nginx on {HOST}:{self.port}: {err.strip()[-160:]}")
 

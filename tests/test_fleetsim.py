@@ -105,3 +105,24 @@ def test_updates_fetch_what_is_new_packs_whole_when_cheaper_and_caches_flatten(
                                                for r in sim["versions"])  # type: ignore[attr-defined]
     out = fleetsim.rollout(sim, 1)
     assert out["d"] == update.bytes and out["lan_d"] == 1_000 * update.bytes
+
+
+def test_the_bench_origin_counts_every_request_and_its_bytes(tmp_path: Path) -> None:
+    """bench_fleet's figures are read from nginx's access log through ``Origin.since``."""
+    import http.client
+
+    from benchmarks.bench_fleet import HOST, origin
+
+    (tmp_path / "root/cas/objects").mkdir(parents=True)
+    (tmp_path / "root/cas/objects/ab").write_bytes(b"x" * 5000)
+    with origin(tmp_path / "nginx", tmp_path / "root") as srv:
+        assert srv.since() == []
+        c = http.client.HTTPConnection(HOST, srv.port, timeout=10)
+        for path in ("/cas/objects/ab", "/cas/objects/ab", "/cas/missing"):
+            c.request("GET", path)
+            c.getresponse().read()
+        c.close()
+        got = srv.since()
+        assert got[:2] == [("/cas/objects/ab", 200, 5000)] * 2
+        assert got[2][:2] == ("/cas/missing", 404)
+        assert srv.since() == []                        # only what is new since the last call
