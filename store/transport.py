@@ -513,7 +513,9 @@ class Fetcher:
         if bad:
             rest = f"; {'; '.join(failed)}" if failed else ""
             raise IntegrityError(f"{relpath}: no good copy: served bad by "
-                                 f"{', '.join(bad)}{rest}")
+                                 f"{', '.join(bad)}{rest}",
+                                 hint="a cache or mirror keeps a broken copy, or the registry "
+                                      "itself is damaged: tell its publisher")
         raise RegistryError(f"cannot fetch {relpath}: {'; '.join(failed)}")
 
     def get_many(self, items: Iterable[tuple[str, Check | None, int]], *,

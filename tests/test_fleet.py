@@ -277,6 +277,9 @@ def test_nodes_install_through_squid_and_the_origin_serves_no_file_twice(
         served = Counter(p for p, _, _ in origin.served() if _content(p))
         assert served and max(served.values()) == 1, served  # squid served node b entirely
         assert all(status == 200 for _, status, _ in origin.served())
+        # never a Range request (nginx logs the Range header asked for: "-" when none)
+        assert all(line.split('"')[3] == "-"
+                   for line in origin.access_log.read_text().splitlines())
         # the update fetched only what is new in 1.1.0: no file the cold install fetched,
         # and less than half its bytes
         assert {p for p, _, _ in update}.isdisjoint({p for p, _, _ in cold})
