@@ -318,6 +318,26 @@ def test_a_killed_install_leaves_the_store_and_the_retry_fetches_only_the_rest(
     assert orphans <= blob_files(store_dir)
 
 
+def test_gc_sweeps_what_a_killed_install_verified_when_no_retry_comes(
+        published: Path, tmp_path: Path, store_dir: Path) -> None:
+    pauses = Pauses(tmp_path / "pauses")
+    env = {**os.environ, **pauses.env("casinstall.half-fetched")}
+    env.pop("JBL_STORE", None)
+    p = subprocess.Popen([JBL, "--store", str(store_dir), "store", "install", f"{NAME}@{V1}",
+                          "--registry", published], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        pauses.wait("casinstall.half-fetched", [p], timeout=60)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+    assert blob_files(store_dir)
+    run_jbl("store", "gc", "--grace", "1h", store=store_dir).ok()
+    assert blob_files(store_dir)  # within the grace: a retry may still come
+    run_jbl("store", "gc", "--grace", "0s", store=store_dir).ok()
+    assert not blob_files(store_dir)
+
+
 def test_a_registry_without_the_form_installs_the_tarball(tmp_path: Path,
                                                           store_dir: Path) -> None:
     from fixtures_registry import publish as publish_plain
