@@ -110,12 +110,10 @@ def dry_run(store: Store | None, client: RegistryClient, entry: RegistryEntry,
     with client.fetcher(entry.registry) as fetcher:
         tree = fetch_tree(fetcher, entry, ref)
     s = survey(store, tree)
-    plan = cf.plan_fetch(tree, set(range(len(tree.objects))) - set(s.committed) -
-                         set(s.reusable))
-    return {"objects": len(tree.objects), "lacking": len(plan.singles) + sum(
-                len({i for i, _ in p.members} - set(s.committed) - set(s.reusable))
-                for p in plan.packs),
-            "packs": len(plan.packs), "single_objects": len(plan.singles),
+    lacking = set(range(len(tree.objects))) - set(s.committed) - set(s.reusable)
+    plan = cf.plan_fetch(tree, lacking)
+    return {"objects": len(tree.objects), "lacking": len(lacking), "packs": len(plan.packs),
+            "single_objects": len(plan.singles),
             "requests": plan.requests, "fetch_bytes": plan.fetch_bytes,
             "present_bytes": s.present_bytes(tree), "tree_bytes": ref.size}
 
