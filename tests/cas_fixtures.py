@@ -60,10 +60,21 @@ def tarball(out: Path, version: str) -> Path:
             tar.addfile(ti, io.BytesIO(fs[path]))
         for name, kind, target in (("isolated/lib/big.link", tarfile.SYMTYPE, "big.bin"),
                                    ("isolated/bin/hello2", tarfile.LNKTYPE,
-                                    "isolated/bin/hello")):
+                                    "isolated/bin/hello"),
+                                   ("isolated/lib/odd.link", tarfile.SYMTYPE,
+                                    "caf\udce9"),  # a target that is not UTF-8 (b"caf\xe9")
+                                   ("isolated/empty.d", tarfile.DIRTYPE, "")):
             ti = tarfile.TarInfo(name)
-            ti.type, ti.linkname, ti.mtime, ti.mode = kind, target, MTIME, 0o755
+            ti.type, ti.linkname, ti.mtime, ti.mode = kind, target, MTIME + 7, 0o755
             tar.addfile(ti)
+        # An empty file, a setuid one (ingest clears the bit) and a file whose directory is
+        # never listed (an implied directory: ingest gives it the archive's newest mtime).
+        for name, mode in (("isolated/etc/empty", 0o644), ("isolated/bin/suid", 0o4755),
+                           ("isolated/implied/dir/file", 0o600)):
+            data = b"" if name.endswith("empty") else name.encode()
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = len(data), MTIME + 9, mode, 1000, 100
+            tar.addfile(ti, io.BytesIO(data))
     return out
 
 

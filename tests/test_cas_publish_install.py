@@ -148,6 +148,11 @@ def test_tree_install_equals_the_tarball_install(published: Path, tmp_path: Path
     assert "form" not in json.loads(r.ok().out)[0]
     a, b = index_rows(by_tree), index_rows(by_tarball)
     assert a["entries"] == b["entries"] and len(a["entries"]) > 40
+    shapes = {e[0].split(":", 1)[1]: e for e in a["entries"]}
+    assert shapes["/isolated/lib/odd.link"][8] == b"caf\xe9"  # not UTF-8, carried exactly
+    assert shapes["/isolated/bin/suid"][2] == 0o755  # setuid cleared, as ingest does
+    assert shapes["/isolated/implied/dir"][1] == 0o040000  # an implied directory
+    assert shapes["/isolated/etc/empty"][6] == 0 and "/isolated/empty.d" in shapes
     assert a == b
     infos = [json.loads(run_jbl("store", "info", f"{NAME}@{V1}", "--json", store=s).ok().out)
              for s in (by_tree, by_tarball)]
