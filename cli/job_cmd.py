@@ -325,29 +325,44 @@ def cmd_log(args: argparse.Namespace) -> int:
     try:
         rec = store.get(args.id)
         if not rec["detached"]:
-            print(f"jbl: job {rec['id']} ran in the foreground: its output went to the "
-                  "terminal that started it, and only detached jobs keep a log",
-                  file=sys.stderr)
+            print(f"jbl: job {rec['id']} ran in the foreground and was not left: its output "
+                  "went to its terminal (a job's log starts when it is detached: jbl run -d, "
+                  "or Ctrl-P Ctrl-Q / SIGHUP)", file=sys.stderr)
             return 0
         if rec["log_dropped"]:
             print(f"jbl: [{rec['log_dropped']} bytes of older output dropped: --log-limit]",
                   file=sys.stderr)
         after = store.last_seqs(rec["id"], args.tail) if args.tail is not None else 0
         while True:
-            for c in store.iter_chunks(rec["id"], after):
-                _emit_chunk(args, c)
-                after = c.seq
+            after = _print_log(args, store, rec["id"], after)
             if not args.follow:
                 return 0
             done = store.get(rec["id"])
             if done["state"] != "running" and not logger_alive(done):
-                for c in store.iter_chunks(rec["id"], after):  # what came in meanwhile
-                    _emit_chunk(args, c)
-                    after = c.seq
+                _print_log(args, store, rec["id"], after)  # what came in meanwhile
                 return 0
             select.select([], [], [], FOLLOW_POLL)  # sqlite has no change event across
     finally:
         store.close()
+
+
+def _print_log(args: argparse.Namespace, store: Any, job_id: str, after: int) -> int:
+    """Print the chunks after seq ``after``; the last seq printed. A jump in seq means the
+    log's bound dropped chunks before this reader got to them (a follower that fell behind):
+    a marker says how many, where they were."""
+    for c in store.iter_chunks(job_id, after):
+        if after and c.seq != after + 1:
+            missed = c.seq - after - 1
+            if args.json:
+                sys.stdout.write(json.dumps({"dropped_chunks": missed,
+                                             "before_seq": c.seq}) + "\n")
+            else:
+                sys.stdout.flush()
+                print(f"jbl: [{missed} chunks of output dropped here: --log-limit]",
+                      file=sys.stderr, flush=True)
+        _emit_chunk(args, c)
+        after = c.seq
+    return after
 
 
 def _emit_chunk(args: argparse.Namespace, c: Any) -> None:

@@ -475,3 +475,45 @@ def test_record_has_peak_memory_and_cpu_time_of_every_job_process(rt: str) -> No
         assert rec["peak_memory"] >= 64 << 20, rec
     finally:
         jbl("job", "rm", job)
+
+
+def test_a_follower_that_fell_behind_the_bound_is_told_where_output_was_dropped(
+        rt: str) -> None:
+    """``log --follow`` stopped (SIGSTOP) while the job writes more than ``--log-limit``:
+    when it goes on, a marker says how many chunks were dropped before it read them, and
+    every chunk it does print comes once, in order."""
+    job = detach(rt, "python3", "-c",
+                 "import time\n"
+                 "for i in range(400):\n"
+                 "    print(f'line-{i:04d}', flush=True); time.sleep(0.01)\n",
+                 opts=("--log-limit", "1K"))
+    follow = subprocess.Popen([JBL, "job", "log", job, "--follow", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # it is reading
+        assert '"seq"' in first, first
+        follow.send_signal(signal.SIGSTOP)
+        # meanwhile the job writes well over the 1K bound (~110 lines of 10 bytes)
+        wait_for(lambda: status(job)["log_dropped"] > 1500, "the bound to drop output")
+        follow.send_signal(signal.SIGCONT)
+        out, err = follow.communicate(timeout=60)
+        assert follow.returncode == 0, err
+        rows = [json.loads(x) for x in [first, *out.splitlines()]]
+        gaps = [r for r in rows if "dropped_chunks" in r]
+        chunks = [r for r in rows if "seq" in r]
+        assert len(gaps) >= 1
+        seqs = [c["seq"] for c in chunks]
+        assert seqs == sorted(set(seqs))  # once each, in order
+        for g in gaps:  # each marker sits where seq jumps, by what it says
+            i = next(k for k, c in enumerate(chunks) if c["seq"] == g["before_seq"])
+            assert seqs[i] - seqs[i - 1] - 1 == g["dropped_chunks"] > 0
+        text = "".join(c["data"] for c in chunks)
+        assert text.endswith("line-0399\n")
+        assert status(job)["state"] == "done"
+    finally:
+        if follow.poll() is None:
+            follow.send_signal(signal.SIGCONT)
+            follow.kill()
+            follow.wait()
+        jbl("job", "rm", job)
