@@ -7,6 +7,8 @@
 * Read-ahead at LOOKUP: a looked-up regular file's first chunk is decoded (and checked) in
   the background, so its READ is a cache hit on the request thread; directories and negative
   lookups are not read ahead, nor a chunk already cached.
+* Through a real mount (both engines): a negative entry cached a day inside a version is
+  still right after a new version that has the name is installed.
 * The bytes served are the stored bytes, and a corrupt blob is still EIO (with the file next
   to it still readable); a read-ahead that meets it keeps nothing and logs nothing (the READ
   logs it, naming the blob).
@@ -26,6 +28,15 @@ import hostile
 import pytest
 import test_rawfs_dispatch as rd
 from conftest import run_jbl
+from fixtures_mount import (  # noqa: F401 - fixtures
+    build_rt,
+    engine,
+    import_tarball,
+    make_tarball,
+    mounted,
+    sweep_mounts,
+    wait_until,
+)
 from jbl.fusefs import kernel as K
 from jbl.fusefs.rawfs import RawFS
 from jbl.store.store import Store
@@ -171,3 +182,26 @@ def test_read_ahead_of_a_corrupt_blob_caches_nothing_and_the_read_is_eio(
     assert digest.hex() in caplog.text
     small = wire.lookup(lib, "small.py")  # the file next to it still reads
     assert _read(wire, small, 65536) == (0, SMALL)
+
+
+# --- through a real mount, both engines -----------------------------------------------
+def test_a_negative_entry_inside_a_version_stays_right_when_a_new_version_comes(
+        store_dir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+        engine: str) -> None:  # noqa: F811
+    """Missing names below a version are cached a day (Python probes many); that is right
+    because the version's tree never changes: a new version that has the name shows it in
+    the new version only, while the top level (1 s, invalidated) shows the new version."""
+    v1 = build_rt("negrt", "1.0.0", tmp_path_factory, extra={"data/a.txt": b"one\n"})
+    v2 = build_rt("negrt", "2.0.0", tmp_path_factory,
+                  extra={"data/a.txt": b"one\n", "data/new.txt": b"two\n"})
+    import_tarball(store_dir, make_tarball(v1, tmp_path / "v1.tar.gz"))
+    with mounted(store_dir, tmp_path / "mnt", engine=engine) as mp:
+        old, new = mp / "negrt/1.0.0/isolated/data", mp / "negrt/2.0.0/isolated/data"
+        for _ in range(3):  # cached by the kernel from the first miss on
+            assert not (old / "new.txt").exists() and not new.exists()
+        import_tarball(store_dir, make_tarball(v2, tmp_path / "v2.tar.gz"))
+        assert wait_until(lambda: (new / "new.txt").exists())
+        assert (new / "new.txt").read_bytes() == b"two\n"
+        assert not (old / "new.txt").exists()  # still right: 1.0.0 never had it
+        assert (old / "a.txt").read_bytes() == (new / "a.txt").read_bytes() == b"one\n"
+        assert sorted(os.listdir(old)) == ["a.txt"]
