@@ -323,6 +323,34 @@ def test_a_killed_install_leaves_the_store_and_the_retry_fetches_only_the_rest(
     assert orphans <= blob_files(store_dir)
 
 
+def test_two_tree_installs_at_once_commit_one_version(
+        published: Path, tmp_path: Path, store_dir: Path) -> None:
+    """One install held just before its commit while another commits the same version: the
+    held one then finds it installed (the same tarball: a no-op), nothing twice."""
+    pauses = Pauses(tmp_path / "pauses")
+    env = {**os.environ, **pauses.env("ingest.before-commit")}
+    env.pop("JBL_STORE", None)
+    held = subprocess.Popen([JBL, "--store", str(store_dir), "store", "install",
+                             f"{NAME}@{V1}", "--registry", published, "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        flags = pauses.wait("ingest.before-commit", [held], timeout=60)
+        r = run_jbl("store", "install", f"{NAME}@{V1}", "--registry", published, "--json",
+                    store=store_dir).ok()
+        assert json.loads(r.out)[0]["status"] == "installed"
+        pauses.release(flags)
+        out, err = held.communicate(timeout=60)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.communicate()
+    assert held.returncode == 0, err
+    assert json.loads(out)[0]["status"] == "already installed"
+    rows = index_rows(store_dir)
+    assert len(rows["versions"]) == 1
+    assert len({b[0] for b in rows["blobs"]}) == len(rows["blobs"])
+
+
 def test_gc_sweeps_what_a_killed_install_verified_when_no_retry_comes(
         published: Path, tmp_path: Path, store_dir: Path) -> None:
     pauses = Pauses(tmp_path / "pauses")
