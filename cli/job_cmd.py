@@ -260,6 +260,9 @@ def _when(t: float | None) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     stores = _stores(args)
     try:
+        if args.json and len(stores) == 1:
+            sys.stdout.write(stores[0].json_text(args.state) + "\n")
+            return 0
         if args.json:
             from jbl.cli.output import emit
 

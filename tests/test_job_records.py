@@ -491,7 +491,11 @@ def test_a_follower_that_fell_behind_the_bound_is_told_where_output_was_dropped(
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert follow.stdout is not None
-        first = follow.stdout.readline()  # it is reading
+        first = ""  # it is reading (byte by byte: communicate() below reads the raw pipe)
+        while not first.endswith("\n"):
+            byte = os.read(follow.stdout.fileno(), 1)
+            assert byte, first
+            first += byte.decode()
         assert '"seq"' in first, first
         follow.send_signal(signal.SIGSTOP)
         # meanwhile the job writes well over the 1K bound (~110 lines of 10 bytes)
