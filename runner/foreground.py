@@ -212,7 +212,8 @@ def _start_logger(a: _Armed) -> int:
             [sys.executable, "-I", "-m", "jbl.runner.detach", a.job_id, str(directory),
              str(a.log_limit), str(out_r), str(err_r)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(out_r, err_r), start_new_session=True, cwd="/")
+            pass_fds=(out_r, err_r), start_new_session=True, cwd="/",
+            env={"PATH": os.defpath})  # none of jbl run's (its -s secrets come from there)
         proc.returncode = 0  # never waited for here: it ends after this process
     finally:
         os.close(out_r)

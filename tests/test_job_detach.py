@@ -13,6 +13,7 @@ import select
 import signal
 import termios
 import time
+from pathlib import Path
 from typing import Any
 
 import conftest_run
@@ -98,8 +99,13 @@ def test_detach_keys_leave_a_pty_job_running_its_output_then_in_its_log(rt: str)
 
 
 def test_sighup_leaves_a_pipes_job_streams_kept_apart(rt: str) -> None:
-    term = Terminal([JBL, "run", "--no-tty", "--runtime-dir", rt, "--", "python3", "-c",
-                     TICKER])
+    secret = "s3cr3t-" + os.urandom(6).hex()
+    os.environ["JBL_TEST_TOKEN"] = secret  # -s NAME: the value from jbl run's environment
+    try:
+        term = Terminal([JBL, "run", "--no-tty", "--runtime-dir", rt, "-s", "JBL_TEST_TOKEN",
+                         "--", "python3", "-c", TICKER])
+    finally:
+        del os.environ["JBL_TEST_TOKEN"]
     job = ""
     try:
         term.expect("READY")
@@ -113,6 +119,16 @@ def test_sighup_leaves_a_pipes_job_streams_kept_apart(rt: str) -> None:
         r = jbl("job", "log", job)
         assert "tick-" in r.stdout and "tock-" not in r.stdout
         assert "tock-" in r.stderr and "tick-" not in r.stderr
+        # the logger started on leaving has none of jbl run's environment (its secrets)
+        from jbl.runner.jobstore import JobStore
+
+        store = JobStore.open_own(Path(os.environ["JBL_JOBS_DIR"]), create=False)
+        assert store is not None
+        logger = store.conn.execute("SELECT logger_pid FROM jobs WHERE id=?",
+                                    (job,)).fetchall()[0][0]
+        store.close()
+        with open(f"/proc/{logger}/environ", "rb") as fh:
+            assert secret.encode() not in fh.read()
         stop_and_check(job)
     finally:
         term.close()
