@@ -221,3 +221,41 @@ def test_a_reader_through_the_mount_never_fails(store_dir: Path, tarball: Path,
     with mounted(store_dir, tmp_path / "mnt", engine=engine) as mp:
         for path, data in want.items():
             assert (mp / SPEC / path).read_bytes() == data, path
+
+
+def test_installs_and_gc_while_a_pass_is_held(store_dir: Path, tarball: Path,
+                                              tmp_path_factory: pytest.TempPathFactory,
+                                              tmp_path: Path) -> None:
+    """Held after encoding (no lock held), the pass meets an install of a version sharing its
+    blobs, the removal of the version it read and a gc with no grace that sweeps the removed
+    version's blobs and the pass's own staged files. It then commits only what is still as it
+    read it: the store stays whole, and the next pass rewrites the new version's blobs."""
+    import_tarball(store_dir, tarball)
+    rt2 = build_rt("pyrt", "2.0.0", tmp_path_factory,
+                   extra={"data/big.txt": tar_files(tarball)[BIG]})
+    v2 = make_tarball(rt2, tmp_path / "pyrt-2.0.0.tar.gz")
+    pauses = Pauses(tmp_path / "pauses")
+    p = subprocess.Popen([JBL, "--store", str(store_dir), "store", "gc", "--recompress",
+                          "--min-age", "0s", "--json", *FAST], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **pauses.env("recompress.files-written")})
+    try:
+        flags = pauses.wait("recompress.files-written", [p])
+        import_tarball(store_dir, v2)
+        run_jbl("store", "rm", "pyrt@1.0.0", store=store_dir).ok()
+        run_jbl("store", "gc", "--grace", "0s", store=store_dir).ok()
+        Pauses.release(flags)
+        out, _err = release_every_batch(pauses, p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "rewritten" in json.loads(out)["recompress"]  # later batches may have rewritten
+    files_match_rows(store_dir)
+    run_jbl("store", "verify", "--data", store=store_dir).ok()
+    assert list(BlobStore(store_dir).iter_tmp()) == []
+    # the held batch's blobs that 2.0.0 shares were left as they were: this pass takes them
+    res = recompress(store_dir)
+    assert res["rewritten"] and res["remaining"] == 0
+    with mounted(store_dir, tmp_path / "mnt") as mp:
+        assert (mp / "pyrt/2.0.0" / BIG).read_bytes() == tar_files(tarball)[BIG]
