@@ -79,6 +79,9 @@ class Launcher:
         self.served = 0
         self.stopping = False
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.taken_r, self.taken_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.spare = 0  # pid of the relay forked ahead, waiting in accept (0: none)
+        self.spare_stop = -1  # our end of its stop pipe: closing it ends an idle spare
 
     # ---- start: lock, then socket -------------------------------------------------------
 
@@ -129,9 +132,7 @@ class Launcher:
         signal.signal(signal.SIGINT, self._stop)
         last = time.monotonic()
         checked = last
-        poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
+        self._fork_spare()
         while not self.stopping:
             self._reap()
             now = time.monotonic()
@@ -144,19 +145,98 @@ class Launcher:
                 if proto.token() != self.token:
                     break  # jbl was edited or upgraded: new requests name another scope
             wait = min(TICK, max(0.0, self.linger - (now - last)))
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            poller.register(self.taken_r, select.POLLIN)
+            if not self.spare:  # no spare (it died, or fork failed): accept here
+                poller.register(self.listener, select.POLLIN)
             for fd, _ev in poller.poll(wait * 1000):
                 if fd == self.wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 512)
+                elif fd == self.taken_r:
+                    last = self._taken() or last
                 else:
                     last = self._accept_all() or last
         self._close()
         return 0
 
+    # ---- the spare: a relay forked ahead of its request -----------------------------------
+
+    def _fork_spare(self) -> None:
+        """Fork the next relay now, so a request's critical path has one fork (the job
+        process) instead of two. It waits in ``accept`` on our listener; taking a
+        connection of our own uid it writes a byte to ``taken`` and becomes that request's
+        relay (then we fork the next one). Turned-away peers never leave it."""
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(stop_r)
+            os.close(stop_w)
+            return  # no spare: the loop accepts itself
+        if pid == 0:
+            os.close(stop_w)
+            self._spare(stop_r)  # never returns
+        os.close(stop_r)
+        self.spare, self.spare_stop = pid, stop_w
+
+    def _spare(self, stop_r: int) -> None:
+        code = 1
+        try:
+            self._forget_launcher()
+            assert self.listener is not None
+            poller = select.poll()
+            poller.register(self.listener, select.POLLIN)
+            poller.register(stop_r, select.POLLIN)
+            while True:
+                ready = dict(poller.poll())
+                if stop_r in ready:
+                    os._exit(0)  # the launcher is exiting; it serves what is queued
+                try:
+                    conn, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue  # the launcher, draining at its exit, took it
+                if _own_peer(conn):
+                    break
+                conn.close()
+            os.write(self.taken_w, b"1")
+            self.listener.close()
+            os.close(self.taken_w)
+            os.close(stop_r)
+            conn.setblocking(True)
+            code = Relay(conn, self.claimed, os.getppid(), self.served + 1).run()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+
+    def _taken(self) -> float | None:
+        """The spare took a request: it is a relay now; fork the next spare."""
+        try:
+            n = len(os.read(self.taken_r, 512))
+        except BlockingIOError:
+            return None
+        if n and self.spare:
+            self.served += n
+            self.children.add(self.spare)
+            os.close(self.spare_stop)
+            self.spare, self.spare_stop = 0, -1
+            self._fork_spare()
+        return time.monotonic()
+
     def _stop(self, _sig: int, _frame: object) -> None:
         self.stopping = True
 
     def _reap(self) -> None:
+        if self.spare:
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(self.spare, os.WNOHANG)
+                if done:  # died idle (killed?): from now on the loop accepts itself
+                    self._taken()  # unless it took a request first
+                    if self.spare == done:
+                        os.close(self.spare_stop)
+                        self.spare, self.spare_stop = 0, -1
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -179,11 +259,7 @@ class Launcher:
                 raise
             when = time.monotonic()
             with conn:
-                cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                uid = int.from_bytes(cred[4:8], sys.byteorder)
-                if uid != os.geteuid():  # root included: a launcher serves its own user only
-                    with contextlib.suppress(OSError):
-                        conn.send(b"no this launcher serves only its own user\n")
+                if not _own_peer(conn):
                     continue
                 self.served += 1
                 try:
@@ -197,19 +273,27 @@ class Launcher:
     def _child(self, conn: socket.socket) -> None:
         code = 1
         try:
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
+            self._forget_launcher()
             assert self.listener is not None
             self.listener.close()
-            for fd in (self.wake_r, self.wake_w, self.lock_fd, self.dfd):
-                os.close(fd)
+            os.close(self.taken_w)
             conn.setblocking(True)
             code = Relay(conn, self.claimed, os.getppid(), self.served).run()
         except BaseException:
             code = 1
         finally:
             os._exit(code)
+
+    def _forget_launcher(self) -> None:
+        """In a forked child: none of the launcher's signal handling or files (the lock,
+        above all: a child holding it would keep the next launcher out)."""
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wake_r, self.wake_w, self.lock_fd, self.dfd, self.taken_r):
+            os.close(fd)
+        if self.spare_stop >= 0:
+            os.close(self.spare_stop)
 
     def _close(self) -> None:
         """Unlink our socket (only ours), serve what was already queued, then go."""
@@ -219,8 +303,20 @@ class Launcher:
             if st.st_ino == self.sock_ino:
                 os.unlink(f"{self.key}.sock", dir_fd=self.dfd)
         self.stopping = False
+        if self.spare:  # an idle spare exits; one that took a request relays it to the end
+            os.close(self.spare_stop)
         self._accept_all()
         self.listener.close()
+
+
+def _own_peer(conn: socket.socket) -> bool:
+    """Is the peer our own uid? Anyone else (root included) is told no and turned away."""
+    cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    if int.from_bytes(cred[4:8], sys.byteorder) == os.geteuid():
+        return True
+    with contextlib.suppress(OSError):
+        conn.send(b"no this launcher serves only its own user\n")
+    return False
 
 
 def _timed_out(_sig: int, _frame: object) -> None:
@@ -300,4 +396,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    sys.stderr.flush()
+    os._exit(status)  # the lock goes with the process: now, not after every module's teardown
