@@ -9,14 +9,15 @@ opened relative to its fd, never following links)::
     K.lock   flock EX, held by the serving launcher for its whole life (so one per scope)
     K.sock   its listening socket (bound under a temporary name, then renamed into place)
 
-Processes, for one ``jbl run``::
+Processes, for one ``jbl run`` (the relay is forked *ahead* of its request, as the "spare":
+it waits in ``accept`` on the launcher's listener, turns away other uids, and on a request
+of its own uid tells the launcher, which forks the next spare)::
 
-    launcher ──accept, SO_PEERCRED == our uid──fork──▶ relay (reads the request, checks the
-                                                         scope, answers "ok"/"no", forwards
-                                                         signal bytes, reports "exit N")
-                                                         └─fork─▶ job process: adopts fds 0-2,
-                                                                  cwd, umask, environment and
-                                                                  runs jbl.cli.main.main(argv)
+    launcher ──fork, ahead──▶ spare relay: accept; SO_PEERCRED == our uid; reads the
+                              request, checks the scope, answers "ok"/"no", forwards
+                              signal bytes, reports "exit N"
+                              └─fork─▶ job process: adopts fds 0-2, cwd, umask,
+                                       environment; runs jbl.cli.main.main(argv)
 
 The job process is exactly an in-process ``jbl run`` (records, views, limits, pty relay,
 ``--detach``), single-threaded, so the runner forks its helper as usual. It owns the job and
@@ -26,11 +27,13 @@ a client that goes away does (EOF), which the runner treats as a hang-up: the jo
 stopped and recorded. No launcher state outlives a job: a dead job process is the runner's
 usual "lost" case (runner/jobstore.py).
 
-Lifetime: the launcher exits once no relay of its own is alive and nothing has connected
+Lifetime: the launcher exits once no relay of its own is alive (its idle spare aside) and
+nothing has connected
 for ``JBL_VIEW_LINGER`` (the views' idle rule; 0 = it serves nothing), at SIGTERM
 (``jbl launcher stop``), or when jbl's code on disk changes (its token; checked every
 ``TICK``). Exiting, it unlinks its socket, then serves what is already queued on it, then
-goes; the lock goes with the process.
+goes; the lock goes with the process. Closing the spare's stop pipe (or the launcher dying)
+ends an idle spare; a spare that took a request relays it to the end.
 
 Not thread-safe and never starts a thread: each child must stay single-threaded.
 """
