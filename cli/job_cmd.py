@@ -457,6 +457,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = ("list", "status", "log", "stop", "rm", "prune")  # add_commands' (not `job run`)
+
+
 def add_commands(jsub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """``job list|status|log|stop|rm|prune`` under ``jbl job`` (cli/joblet_cmd.py)."""
     q = jsub.add_parser("list", parents=parents, help="your jobs (root: --all for everyone's)")

@@ -154,8 +154,15 @@ def _register_runtime(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         q.set_defaults(func=_refuse(f"runtime {name}", reason))
 
 
-def _register_job(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    from jbl.cli import run_cmd
+def _job_subcommand(argv: Sequence[str]) -> str | None:
+    """The word after ``job`` in ``argv`` (None: none, or no ``job``)."""
+    words = [a for a in argv if not a.startswith("-")]
+    return words[words.index("job") + 1] if "job" in words[:-1] else None
+
+
+def _register_job(sub: Any, parents: list[argparse.ArgumentParser],
+                  argv: Sequence[str] = ()) -> None:
+    from jbl.cli import job_cmd
 
     p = sub.add_parser("job", parents=parents,
                        help="jobs: run (= jbl run), list, status, log, stop, rm, prune",
@@ -163,11 +170,14 @@ def _register_job(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                                    "and manage your job records.")
     jsub = p.add_subparsers(dest="job_command", metavar="SUBCOMMAND")
     jsub.required = True
-    run_cmd.register(jsub, parents)  # the very parser `jbl run` has
-    jsub.choices["run"].usage = ("jbl job run --runtime=NAME[@VERSION] [options] [--] "
-                                 "CMD [ARGS...]")
-    from jbl.cli import job_cmd
+    # `jbl job list|status|…` never needs `job run`'s parser: building it (and importing
+    # run_cmd) is ~15-20 ms of a 10,000-record `jbl job list` (benchmarks/bench_jobs.py)
+    if _job_subcommand(argv) not in job_cmd.COMMANDS:
+        from jbl.cli import run_cmd
 
+        run_cmd.register(jsub, parents)  # the very parser `jbl run` has
+        jsub.choices["run"].usage = ("jbl job run --runtime=NAME[@VERSION] [options] [--] "
+                                     "CMD [ARGS...]")
     job_cmd.add_commands(jsub, parents)  # list, status, log, stop, rm, prune
     for name, reason in REFUSED_JOB.items():
         q = jsub.add_parser(name, parents=parents, add_help=False)
@@ -175,6 +185,10 @@ def _register_job(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         q.set_defaults(func=_refuse(f"job {name}", reason))
 
 
-def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+REGISTER_TAKES_ARGV = True  # cli/main passes argv: see _register_job
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser],
+             argv: Sequence[str] = ()) -> None:
     _register_runtime(sub, parents)
-    _register_job(sub, parents)
+    _register_job(sub, parents, argv)

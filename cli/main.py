@@ -128,7 +128,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             if e.name == modname:  # not written yet
                 continue
             raise
-        mod.register(sub, [options.common_parser(suppress_defaults=True)])
+        parents = [options.common_parser(suppress_defaults=True)]
+        if getattr(mod, "REGISTER_TAKES_ARGV", False):  # builds only what argv can reach
+            mod.register(sub, parents, argv=argv)
+        else:
+            mod.register(sub, parents)
     return parser
 
 
