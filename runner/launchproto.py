@@ -25,11 +25,13 @@ the cwd with ``SCM_RIGHTS``, then the rest with ``sendall``)::
 the client sends one byte per signal it received (its number), to be delivered to the
 process running the job. Bounded: ``REQUEST_MAX`` bytes, read within ``REQUEST_TIMEOUT``.
 
-**Replies** (launcher -> client), ASCII lines: ``ok <job process pid> <launcher pid>
-<requests served>`` or ``no <reason>`` (the client then runs the job itself: nothing was
-started), and after ``ok`` one ``exit <status>`` when the job process ended. A connection
-that closes before ``ok`` is a ``no``; after ``ok`` it is an error (the job may have run:
-never start it twice).
+**Replies** (launcher -> client), ASCII lines. For ``run``: ``ready`` (the request is good),
+to which the client answers one byte ``g`` (it is committed: from then on it never runs the
+job itself), then ``ok <job process pid> <launcher pid> <requests served>`` and, when the
+job process ended, ``exit <status>``. ``no <reason>`` instead of ``ready``, a connection that
+closes or a timeout before ``ready``: the client runs the job itself (nothing was started,
+and without its ``g`` nothing will be). After ``g`` a closed connection is an error, never a
+second run. ``status``/``stop`` are answered ``ok`` (or ``no``) at once.
 
 Trust: the client sends its environment (secrets included) only to a peer whose
 ``SO_PEERCRED`` uid is its own; the launcher serves only its own uid (root included).
@@ -46,6 +48,7 @@ import sys
 import zlib
 
 PROTO = b"JBL1"
+GO = b"g"  # the client's commit, after "ready"
 REQUEST_MAX = 4 << 20  # bytes: argv + environment; beyond it the job runs in-process
 REQUEST_TIMEOUT = 5.0  # seconds for the whole request to arrive
 CONNECT_TIMEOUT = 2.0  # seconds for the launcher's "ok"/"no" once the request is sent
@@ -61,6 +64,11 @@ NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup")
 
 class NoLauncher(Exception):
     """No launcher took the request (none, stale, refused, other code): nothing started."""
+
+
+class Committed(Exception):
+    """The client said go, then the launcher failed: the job may have started, so it must
+    not run again here (one error line, exit 1)."""
 
 
 def switches(env: dict[str, str] | os._Environ[str] | None = None) -> tuple[bool, bool]:
@@ -249,10 +257,19 @@ def request(op: str, argv: list[str], scope_text: str | None = None,
             os.close(fds[3])
         lines = Lines(s)
         reply = (lines.next() or "no the launcher closed the connection").split(" ")
+        if reply[0] == "ready":  # a job: commit to it (from here on never run it here)
+            s.sendall(GO)
+            s.settimeout(None)
+            reply = (lines.next() or "no the launcher closed the connection").split(" ")
+            if reply[0] != "ok":
+                raise Committed(" ".join(reply[1:]))
         if reply[0] != "ok":
             raise NoLauncher(" ".join(reply[1:]))
         s.settimeout(None)
         return s, lines, reply[1:]
+    except Committed:
+        s.close()
+        raise
     except OSError as e:
         s.close()
         raise NoLauncher(f"{path}: {e.strerror or e}") from None
@@ -291,6 +308,9 @@ def run_via_launcher(argv: list[str]) -> int:
     try:
         try:
             s, lines, _ok = request("run", argv)
+        except Committed:
+            line = None
+            s = None
         except NoLauncher:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
@@ -298,11 +318,12 @@ def run_via_launcher(argv: list[str]) -> int:
             for num in pending:
                 os.kill(os.getpid(), num)
             raise
-        conn.append(s)
-        for num in pending:
-            forward(num, None)
-        line = lines.next()
-        s.close()
+        if s is not None:
+            conn.append(s)
+            for num in pending:
+                forward(num, None)
+            line = lines.next()
+            s.close()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

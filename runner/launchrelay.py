@@ -60,6 +60,8 @@ class Relay:
                 os.kill(self.launcher_pid, signal.SIGTERM)
             self._say(f"ok 0 {self.launcher_pid} {self.served}")
             return 0
+        if not self._committed():
+            return 0  # the client gave up (and runs the job itself) or went away
         me = os.getpid()
         caller = int.from_bytes(self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                      12)[:4], sys.byteorder)
@@ -72,6 +74,18 @@ class Relay:
         status = self._relay(pid)
         self._say(f"exit {status}")
         return 0
+
+    def _committed(self) -> bool:
+        """``ready``, then the client's ``g`` within REQUEST_TIMEOUT: only then may the job
+        start (a client that timed out before ``ready`` runs it itself)."""
+        self._say("ready")
+        self.conn.settimeout(proto.REQUEST_TIMEOUT)
+        try:
+            return self.conn.recv(1) == proto.GO
+        except OSError:
+            return False
+        finally:
+            self.conn.settimeout(None)
 
     def _say(self, line: str) -> None:
         with contextlib.suppress(OSError):

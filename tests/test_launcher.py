@@ -9,6 +9,7 @@ launched one has no child at all (the launcher's job process is).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import secrets
@@ -172,7 +173,8 @@ def test_sigkilled_client_takes_its_job_with_it(env: dict[str, str], rt: str,
 
     wait_launcher(env, rt)
     marker = f"913.{secrets.randbelow(10**6)}"  # this run's job only
-    script = f"sleep {marker} & echo up > /out/started; wait"
+    script = (f"sleep {marker} & until grep -qs {marker} /proc/$!/cmdline; do :; done; "
+              "echo up > /out/started; wait")
     proc = subprocess.Popen([JBL, "run", "--runtime-dir", rt, "--volume", f"{tmp_path}:/out",
                              "--", "sh", "-c", script], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,6 +200,46 @@ def test_sigkilled_client_takes_its_job_with_it(env: dict[str, str], rt: str,
     while running() and time.monotonic() < deadline:  # the job process writes it at its end
         time.sleep(0.05)
     assert not running()
+
+
+def test_a_client_that_gives_up_before_committing_never_gets_its_job_run(
+        env: dict[str, str], rt: str, tmp_path: Path) -> None:
+    """The protocol's two steps (runner/launchproto.py): a request answered ``ready`` runs
+    only after the client's ``g``; one that closes instead (it timed out and runs the job
+    itself) must never see it run in the launcher too."""
+    from jbl.runner import launchproto
+
+    st = wait_launcher(env, rt)
+    scope = subprocess.run(
+        [sys.executable, "-c", "from jbl.runner import launchproto as p; print(p.scope(), end='')"],
+        env=env, capture_output=True, text=True, check=True).stdout
+    assert launchproto.socket_path(launchproto.launcher_dir(env), launchproto.key(scope)) == \
+        st["socket"]
+    argv = ["run", "--runtime-dir", rt, "--volume", f"{tmp_path}:/out", "--", "sh", "-c"]
+    data = launchproto.encode_request(
+        "run", scope, [*argv, "echo ran > /out/abandoned"],
+        {k.encode(): v.encode() for k, v in env.items()}, 0o22)
+    cwd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(st["socket"]))
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [null, null, null, cwd]))])
+        finally:
+            os.close(null)
+            os.close(cwd)
+        assert s.recv(64) == b"ready\n"
+        # no "g" (held open meanwhile): a committed job beside it runs, this one does not
+        r = jbl(env, *argv, "echo ran > /out/committed")
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "committed").read_text() == "ran\n"
+        assert not (tmp_path / "abandoned").exists()
+    # and closing without "g" never starts it either (the client runs it itself)
+    r = jbl(env, *argv, "echo ran > /out/after")
+    assert r.returncode == 0 and (tmp_path / "after").exists(), r.stderr
+    assert not (tmp_path / "abandoned").exists()
 
 
 def test_older_code_launcher_is_not_used(env: dict[str, str], rt: str, tmp_path: Path) -> None:
