@@ -47,12 +47,14 @@ from pathlib import Path
 from . import stdio
 from .stdio import signal_fd
 
-FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT}
+TERMINATE = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}  # supervise's
+FORWARDED = TERMINATE | {signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT}
 PR_SET_PDEATHSIG = 1
 LEFT = b"d"  # supervisor -> front: the job is detached
 SI_KERNEL = 0x80  # si_code of a signal the kernel sent (a terminal's), not a process
-ECHO_WINDOW = 1.0  # s: the same signal directly and through the front within it is one
+ECHO_WINDOW = 3.0  # s: the same signal directly and through the front within it is one
+# (a loaded machine may take a second to run the front; a second signal that comes
+# the same way as the first is never taken for an echo)
 
 
 @dataclass
@@ -89,6 +91,9 @@ def split(job_id: str, directory: Path | None, log_limit: int, *,
     pid = os.fork()
     if pid == 0:
         os.close(told_r)
+        # as jbl run had them: the job-control signals stay blocked (run() blocks them anyway
+        # before any thread or view daemon starts, which inherit the mask), the others not
+        signal.pthread_sigmask(signal.SIG_SETMASK, set(old) | TERMINATE)
         _set_pdeathsig(signal.SIGTERM)
         if os.getppid() != front:  # the front died before the line above
             os._exit(128 + signal.SIGTERM)
