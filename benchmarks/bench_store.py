@@ -10,14 +10,22 @@ Owns, each measured against its baseline in the same run:
   versions extracted side by side (``du``, allocated) and vs keeping their ``.tar.gz``
   (≤ 0.25× of side by side at 3 versions, less than the tarballs); ``jbl store df --json`` as
   jbl reports it.
+- the cold pass (``jbl store gc --recompress --min-age 0s``, level 19) on a store of the first
+  3 versions: disk after it vs side by side (≤ 0.22×) and vs before it, how long it takes
+  (vs installing those versions), and what it does to cold reads through the mount (cold
+  ``import numpy, pandas`` and a cold read of every file of the first version, after
+  ``drop_caches``, alternating between mounts of the store after the pass and of a copy made
+  before it).
 - the reference simulation (whole-file sha256 + zstd-3 per object, ``dedupsim``).
-Chart data: ``ctx.data["disk"]``.
+Chart data: ``ctx.data["disk"]``, ``ctx.data["recompress"]``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,7 @@ from . import native
 from .context import Ctx
 from .dedupsim import cached_simulation
 from .jblcli import Jbl, NotAvailable
-from .measure import Figure, Stat, du_bytes
+from .measure import Figure, Stat, drop_caches, du_bytes, interleave
 from .series import Version
 
 
@@ -150,12 +158,76 @@ def _simulation(ctx: Ctx, vs: list[Version]) -> list[Figure]:
                    group="reference", baseline_label="du")]
 
 
+def _read_every_file(root: Path) -> float:
+    drop_caches()
+    t0 = time.perf_counter()
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                native.read_all(path)
+    return time.perf_counter() - t0
+
+
+def _cold_reads(ctx: Ctx, before: Jbl, after: Jbl, v: Version,
+                scratch: Path) -> dict[str, Stat]:
+    """Cold ``import numpy, pandas`` (chroot) and a cold read of every file of ``v``, each
+    after ``drop_caches``, through mounts of the store before and after the pass, alternating."""
+    with before.mounted(scratch / "mp-before") as mp0, after.mounted(scratch / "mp-after") as mp1:
+        iso = {k: mp / v.name / v.version / "isolated"
+               for k, mp in (("before", mp0), ("after", mp1))}
+        steps = {f"{what} {k}": (native.import_step(p, cold=True) if what == "import" else
+                                 functools.partial(_read_every_file, p))
+                 for k, p in iso.items() for what in ("import", "read")}
+        return interleave(steps, ctx.reps(3, 5))
+
+
+def _recompress(ctx: Ctx, vs: list[Version], reg: str, scratch: Path) -> list[Figure]:
+    """The cold pass on a store of the first 3 versions (a copy kept as it was before, for
+    the cold reads): disk, time, cold-read impact."""
+    three = vs[:3]
+    jbl, before = Jbl(scratch / "store3"), Jbl(scratch / "store3-before")
+    name = "disk, 3 versions after `jbl store gc --recompress`: jbl store vs side by side"
+    side = Stat.of([du_bytes(*[x.extracted for x in three])[1]])
+    kw: dict[str, Any] = {"group": "store"}
+    try:
+        jbl.reset()
+        installs = [jbl.add(v.spec, v.tarball, reg) for v in three]
+        size0 = du_bytes(jbl.store)[1]
+        shutil.copytree(jbl.store, before.store, symlinks=True)
+        ctx.log("store: gc --recompress of 3 versions (zstd level 19; minutes on 2 cores)")
+        took = jbl.timed("store", "gc", "--recompress", "--min-age", "0s", "--max-time", "2h")
+        size1 = du_bytes(jbl.store)[1]
+        ctx.log("store: cold reads through mounts of the store before and after the pass")
+        cold = _cold_reads(ctx, before, jbl, three[0], scratch)
+    except NotAvailable as e:
+        return [Figure.missing(name, side, str(e), target="<=0.22", unit="B",
+                               baseline_label="du", **kw)]
+    ctx.data["recompress"] = {"before": size0, "after": size1, "seconds": took,
+                              "side_by_side": side.median}
+    ref: dict[str, Any] = {"group": "reference", "baseline_label": "before"}
+    return [
+        Figure(name, Stat.of([size1]), side, target="<=0.22", unit="B", baseline_label="du",
+               **kw),
+        Figure("disk, 3 versions: after `gc --recompress` vs before", Stat.of([size1]),
+               Stat.of([size0]), unit="B", **ref),
+        Figure("`gc --recompress` of 3 versions vs installing them", Stat.of([took]),
+               Stat.of([sum(installs)]), group="reference", baseline_label="3 installs"),
+        Figure(f"cold `{native.IMPORT_CODE}` through the mount, after `gc --recompress` vs "
+               "before", cold["import after"], cold["import before"], **ref),
+        Figure(f"cold read of every file of {three[0].spec} through the mount, after "
+               "`gc --recompress` vs before", cold["read after"], cold["read before"], **ref),
+    ]
+
+
 def run(ctx: Ctx) -> list[Figure]:
     s = ctx.series
     scratch = ctx.scratch("store")
     jbl = Jbl(scratch / "store")
     try:
         figs = _rounds(ctx, jbl, s.versions, s.registry, scratch)
+        shutil.rmtree(jbl.store, ignore_errors=True)  # disk for the next store
+        figs += _recompress(ctx, s.versions, s.registry, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return figs + _simulation(ctx, s.versions)
