@@ -162,17 +162,24 @@ def leave() -> bool:
         return True
     from .jobstore import JobStore, process_start
 
-    try:
+    try:  # both fail before fds 0-2 are touched: the job stays attached, with a note
         store = JobStore.open_own(a.directory)
-    except Exception as e:  # noqa: BLE001 - any failure here: stay attached, say why
+        assert store is not None  # open_own creates it
+        try:
+            logger = _start_logger(a)
+        except BaseException:
+            store.close()
+            raise
+    except Exception as e:  # noqa: BLE001 - whatever it was: stay attached, say why
         print(f"jbl: note: cannot detach from {a.job_id}: {e}", file=sys.stderr)
         return False
-    assert store is not None  # open_own creates it
-    try:
-        logger = _start_logger(a)
+    try:  # left already (fds 1-2 are the log's): a record not updated is said there
         with store.conn:
             store.conn.execute("UPDATE jobs SET detached=1, logger_pid=?, logger_start=? "
                                "WHERE id=?", (logger, process_start(logger) or 0, a.job_id))
+    except Exception as e:  # noqa: BLE001
+        print(f"jbl: note: job {a.job_id} left, but its record is not updated: {e}",
+              file=sys.stderr)
     finally:
         store.close()
     _set_pdeathsig(0)
@@ -220,6 +227,10 @@ def _start_logger(a: _Armed) -> int:
             pass_fds=(out_r, err_r), start_new_session=True, cwd="/",
             env={"PATH": os.defpath})  # none of jbl run's (its -s secrets come from there)
         proc.returncode = 0  # never waited for here: it ends after this process
+    except BaseException:
+        os.close(out_w)
+        os.close(err_w)
+        raise
     finally:
         os.close(out_r)
         os.close(err_r)

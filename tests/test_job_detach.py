@@ -197,3 +197,37 @@ def test_a_signal_to_the_whole_group_is_one_signal_the_grace_is_kept(rt: str) ->
             assert "graceful" in term.text()
         finally:
             term.close()
+
+
+def test_a_detach_that_cannot_be_done_leaves_the_job_attached(rt: str) -> None:
+    """The records cannot be written when the keys come (their database replaced by a
+    directory): one note, and the job stays on the terminal as it was, Ctrl-C included."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="jbl-test-jobs-nodetach-", dir="/run"))
+    d.chmod(0o700)
+    saved = os.environ["JBL_JOBS_DIR"]
+    os.environ["JBL_JOBS_DIR"] = str(d)
+    try:
+        term = Terminal([JBL, "run", "--runtime-dir", rt, "--", "python3", "-c", TICKER])
+    finally:
+        os.environ["JBL_JOBS_DIR"] = saved
+    try:
+        term.expect("READY")
+        term.write(b"x\r")
+        term.expect("tick-1")
+        (d / "jobs.db").rename(d / "moved.db")
+        (d / "jobs.db").mkdir()
+        term.write(b"\x10\x11")
+        term.expect("cannot detach from job-")
+        seen = int(re.findall(r"tick-(\d+)", term.text())[-1])
+        term.expect(f"tick-{seen + 3}")  # still streaming to the terminal
+        assert termios.tcgetattr(term.slave) != term.modes  # raw again
+        term.write(b"\x03")  # Ctrl-C still reaches the job through its pty
+        assert term.wait() == 130, term.text()
+        assert "detached from" not in term.text()
+        assert termios.tcgetattr(term.slave) == term.modes
+    finally:
+        term.close()
+        shutil.rmtree(d)
