@@ -334,9 +334,16 @@ def run_via_launcher(argv: list[str]) -> int:
     return int(line[5:])
 
 
-def spawn(argv_tail: list[str] | None = None) -> None:
+def spawn() -> None:
     """Start this scope's launcher in the background (double fork, own session, stdio on
-    /dev/null) and return at once; it exits by itself if another one already serves."""
+    /dev/null) and return at once; it exits by itself if another one already serves. Not
+    when its directory could never be made (a user without a home): each job would start
+    a Python that fails."""
+    p = launcher_dir()
+    while not os.path.lexists(p) and p != os.path.dirname(p):
+        p = os.path.dirname(p)
+    if not os.access(p, os.W_OK):
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -352,7 +359,6 @@ def spawn(argv_tail: list[str] | None = None) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.closerange(3, 65536)
-        os.execv(sys.executable, [sys.executable, "-m", "jbl.runner.launcher", "serve",
-                                  *(argv_tail or [])])
+        os.execv(sys.executable, [sys.executable, "-m", "jbl.runner.launcher", "serve"])
     finally:
         os._exit(1)
