@@ -6,7 +6,8 @@
   hits show a second read of the same bytes did no work.
 * Read-ahead at LOOKUP: a looked-up regular file's first chunk is decoded (and checked) in
   the background, so its READ is a cache hit on the request thread; directories and negative
-  lookups are not read ahead, nor a chunk already cached.
+  lookups are not read ahead, nor a chunk already cached. A sequential READ readies the next
+  chunk; a jump does not.
 * Through a real mount (both engines): a negative entry cached a day inside a version is
   still right after a new version that has the name is installed.
 * The bytes served are the stored bytes, and a corrupt blob is still EIO (with the file next
@@ -47,6 +48,8 @@ _rng = random.Random(12)
 BIG = b"".join(b"line %d %s\n" % (i, _rng.choice([b"alpha", b"beta", b"gamma"]) * 8)
                for i in range(INLINE_DECODE_MAX // 40))
 SMALL = b"import os\n" * 300
+MIB = 1 << 20  # the store's chunk size (schema.CHUNK_SIZE)
+LONG = b"".join(b"%08d chunked\n" % i for i in range(5 * MIB // 17))  # 5 chunks, zstd
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h (not in Python's socket)
 
 
@@ -54,7 +57,8 @@ def _store(d: Path) -> Path:
     (d / "rt.tar").write_bytes(hostile.tar(
         hostile.directory(b"isolated/lib/"),
         hostile.file(b"isolated/lib/big.txt", BIG),
-        hostile.file(b"isolated/lib/small.py", SMALL)))
+        hostile.file(b"isolated/lib/small.py", SMALL),
+        hostile.file(b"isolated/lib/long.log", LONG)))
     run_jbl("store", "import", d / "rt.tar", store=d / "store").ok()
     return d / "store"
 
@@ -182,6 +186,33 @@ def test_read_ahead_of_a_corrupt_blob_caches_nothing_and_the_read_is_eio(
     assert digest.hex() in caplog.text
     small = wire.lookup(lib, "small.py")  # the file next to it still reads
     assert _read(wire, small, 65536) == (0, SMALL)
+
+
+def test_a_sequential_read_readies_the_next_chunk_and_a_jump_does_not(
+        wire: rd.Wire) -> None:
+    fs, view = wire.fs, wire.fs.view
+    node = wire.lookup(_lib(wire), "long.log")
+    _settle(fs)
+    refs = fs.tree.refs(fs.core.node(node))
+    assert len(refs) == 5 and view.cache.peek(refs[0].digest)  # chunk 0: at LOOKUP
+
+    def read(off: int, n: int = 128 << 10) -> None:
+        assert wire.call(K.READ, node, K.READ_IN.pack(0, off, n, 0, 0, 0, 0)) == (
+            0, LONG[off:off + n])
+        _settle(fs)
+
+    read(0)  # the start of the file: chunk 1 readied
+    assert fs.stats["prefetch_next"] == 1 and view.cache.peek(refs[1].digest)
+    read(128 << 10)  # sequential, still in chunk 0: chunk 1 is there already
+    assert fs.stats["prefetch_next"] == 1
+    read(3 * MIB + 4096)  # a jump (mmap faults, seeks): nothing read ahead
+    assert fs.stats["prefetch_next"] == 1 and not view.cache.peek(refs[4].digest)
+    read(3 * MIB + 4096 + (128 << 10))  # sequential again, in chunk 3: chunk 4 readied
+    assert fs.stats["prefetch_next"] == 2 and view.cache.peek(refs[4].digest)
+    assert not view.cache.peek(refs[2].digest)  # never asked for, never decoded
+    end = 3 * MIB + 4096 + (256 << 10)
+    read(end, len(LONG) - end)  # sequential to the end: no chunk after the last
+    assert fs.stats["prefetch_next"] == 2
 
 
 # --- through a real mount, both engines -----------------------------------------------
