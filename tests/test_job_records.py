@@ -258,6 +258,10 @@ def test_two_users_never_see_each_others_jobs(rt: str, users: Users) -> None:
         every = json.loads(jbl("job", "list", "--all", "--json").stdout)
         seen = {r["id"]: r["user"] for r in every}
         assert seen.get(a) == users.alice and seen.get(b) == users.bob
+        table = jbl("job", "list", "--all").stdout.splitlines()  # merged from three stores
+        assert table[0].split()[:3] == ["ID", "USER", "STATE"]
+        rows = {ln.split()[0]: ln.split()[1:3] for ln in table[1:]}
+        assert rows[a] == [users.alice, "running"] and rows[b] == [users.bob, "running"]
         for who in (users.alice, users.bob):
             d = users.home(who) / ".local/state/jbl"
             assert (d.stat().st_mode & 0o777, (d / "jobs.db").stat().st_mode & 0o777) == (
