@@ -72,6 +72,12 @@ def files_match_rows(store_dir: Path) -> None:
         assert st is not None and st.st_size == stored, d.hex()
 
 
+def stored_bytes(store_dir: Path) -> int:
+    """What `jbl store list` says the (only) version stores."""
+    (v,) = json.loads(run_jbl("store", "list", "--json", store=store_dir).ok().out)
+    return int(v["stored_bytes"])
+
+
 def tar_files(tarball: Path) -> dict[str, bytes]:
     """Every regular file (hard links too) of the tarball by its path below the runtime."""
     out = {}
@@ -102,9 +108,11 @@ def test_recompression_keeps_every_files_bytes(store_dir: Path, tarball: Path,
     assert json.loads(r.out)["recompress"]["remaining"] == 0
     assert blob_rows(store_dir) == before
 
+    listed = stored_bytes(store_dir)  # computed and cached (versions.stored_size)
     res = recompress(store_dir)
     after = blob_rows(store_dir)
     assert res["rewritten"] and res["saved_bytes"] and res["remaining"] == 0
+    assert stored_bytes(store_dir) == listed - res["saved_bytes"]  # the cache was reset
     assert res["rewritten"] + res["settled"] == len(zstd)
     assert {d for d, (_s, c) in after.items() if c == CODEC_ZSTD_COLD} == zstd
     assert sum(s for s, _c in after.values()) == \
