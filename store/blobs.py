@@ -19,6 +19,9 @@ Write order (the durability story, relied on by ingest):
   A crash before the commit leaves files without rows (orphans, possibly torn): they are never
   trusted for dedup (only a committed row is) and gc sweeps them.
 Deleting goes the other way: rows first (committed), then ``unlink()``.
+Replacing an existing blob by a smaller encoding of the same bytes (the cold pass,
+store/recompress.py): ``stage()`` into ``blobs/tmp``, ``sync()``, then ``replace()`` (a rename
+over the name) inside the transaction that updates the row.
 
 No link is ever followed (the store is group-writable; root runs gc, verify, repair, installs
 and the mount daemon over it): ``blobs/``, each shard and ``tmp/`` are opened as directories
