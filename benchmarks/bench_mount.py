@@ -5,6 +5,8 @@ Owns, each as jbl / native in the same run (steps interleaved round by round):
   tar-extracted tree (target ≤ 1.1×); the same cold, caches dropped before every run (≤ 1.5×);
 - ``find -printf`` with a stat of every entry of the whole runtime, warm (≤ 1.5×);
 - cold sequential read throughput of the runtime's largest file (≥ 0.5×);
+- the cold import and the cold read again, each run through a freshly started daemon
+  (reference lines: above, the daemon's own chunk cache survives the drop_caches);
 - the mount daemon's peak resident memory over all of the above (reference).
 The run's shared store (``ctx.installed_store``) holds the first version, installed untimed;
 if that or ``jbl mount`` fails, the native side is still measured and jbl's is "not measured".
@@ -13,12 +15,13 @@ Chart data: ``ctx.data["import"]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import native, profiles
 from .context import Ctx
-from .jblcli import NotAvailable
+from .jblcli import Jbl, NotAvailable
 from .measure import Figure, PeakRSS, Stat, Step, interleave, repeat
 
 TARGETS = {"warm": "<=1.1", "cold": "<=1.5", "find": "<=1.5", "read": ">=0.5"}
@@ -67,6 +70,25 @@ def _profile_missed(ctx: Ctx, pid: int, stats: dict[str, Stat], jiso: Path) -> d
     return out
 
 
+def _fresh(ctx: Ctx, jbl: Jbl, jiso_of: Callable[[Path], Path], iso: Path, big: Path,
+           mp: Path) -> dict[str, Stat]:
+    """Cold import and cold read, jbl's side each through a daemon started for that run only
+    (so nothing is cached in it either), native's interleaved with it."""
+    xs: dict[str, list[float]] = {k: [] for k in ("cold", "jbl-cold", "read", "jbl-read")}
+    for i in range(ctx.reps(3, 5)):
+        for key, nat in (("cold", native.import_step(iso, cold=True)),
+                         ("read", native.cold_read_step(big))):
+            def mine(key: str = key) -> float:
+                with jbl.mounted(mp):
+                    jiso = jiso_of(mp)
+                    step = (native.import_step(jiso, cold=True) if key == "cold" else
+                            native.cold_read_step(jiso / big.relative_to(iso)))
+                    return step()
+            for k, step in ((key, nat), ("jbl-" + key, mine))[::1 if i % 2 else -1]:
+                xs[k].append(step())
+    return {k: Stat.of(v) for k, v in xs.items()}
+
+
 def run(ctx: Ctx) -> list[Figure]:
     v = ctx.series.versions[0]
     iso = Path(v.extracted) / "isolated"
@@ -80,11 +102,15 @@ def run(ctx: Ctx) -> list[Figure]:
     reason = None
     stats: dict[str, Stat] = {}
     prof: dict[str, str] = {}
+    fresh: dict[str, Stat] = {}
     peak = None
+
+    def jiso_of(m: Path) -> Path:
+        return m / v.name / v.version / "isolated"
     try:
         jbl = ctx.installed_store(1)
         with jbl.mounted(mp):
-            jiso = mp / v.name / v.version / "isolated"
+            jiso = jiso_of(mp)
             if not jiso.is_dir():
                 raise NotAvailable(f"{jiso.relative_to(mp)} missing in the mount")
             pid = jbl.daemon_pid(mp)
@@ -96,6 +122,8 @@ def run(ctx: Ctx) -> list[Figure]:
                     stats = _both(ctx, iso, big, jiso, jbig)
                 peak = m.peak
                 prof = _profile_missed(ctx, pid, stats, jiso)
+        ctx.log("mount: cold import and read through a fresh daemon each run")
+        fresh = _fresh(ctx, jbl, jiso_of, iso, big, scratch / "mp-fresh")
     except NotAvailable as e:
         reason = str(e)
     if reason:
@@ -110,6 +138,11 @@ def run(ctx: Ctx) -> list[Figure]:
         else:
             figs.append(Figure(names[key], stats["jbl-" + key], stats[key],
                                profile=prof.get(key, ""), **kw))
+    for key, what in (("cold", names["cold"]), ("read", names["read"])):
+        if fresh:
+            figs.append(Figure(f"{what}, a freshly started daemon each run",
+                               fresh["jbl-" + key], fresh[key], unit=units[key],
+                               group="mount", baseline_label="native"))
     if peak is not None:
         figs.append(Figure("mount daemon peak RSS (1 version, during the figures above)",
                            Stat.of([peak]), None, unit="B", group="reference"))
