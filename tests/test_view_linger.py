@@ -50,7 +50,8 @@ def run(store: Path, *cmd: str, linger: str = "1") -> subprocess.CompletedProces
 
 def start(store: Path, *cmd: str, linger: str = "1") -> subprocess.Popen[str]:
     return subprocess.Popen([JBL, "--store", str(store), "run", "--runtime", SPEC, "--", *cmd],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "JBL_VIEW_LINGER": linger})
 
 
@@ -120,13 +121,15 @@ def test_concurrent_jobs_share_one_view(store: Path) -> None:
 
 
 def test_a_running_job_keeps_the_view_beyond_the_linger(store: Path) -> None:
+    # the job goes on only when told (not after a sleep of its own that a loaded machine
+    # could outrun), and then reads through the view it kept
     job = start(store, "/bin/sh", "-c",
-                "echo ready; sleep 3; python3 -c 'import jblprobe; print(jblprobe.VERSION)'")
+                "echo ready; read go; python3 -c 'import jblprobe; print(jblprobe.VERSION)'")
     assert job.stdout is not None and job.stdout.readline() == "ready\n"
     [view] = views(store)
-    time.sleep(2.5)  # well past the 1 s linger, the job still holds the view
+    time.sleep(2.5)  # well past the 1 s linger (a non-event: nothing to wait on instead)
     assert views(store) == [view]
-    out, err = job.communicate(timeout=60)
+    out, err = job.communicate("go\n", timeout=60)
     assert (job.returncode, out) == (0, "1.0.0\n"), err
     assert daemons_started(store) == 1
 
