@@ -367,8 +367,13 @@ class RawFS:
         if not self._prefetch_slots.acquire(blocking=False):
             return
         self._warming.add(ref.digest)
+        try:
+            self.prefetch_pool.submit(self._prefetch, ref)
+        except RuntimeError:  # shut down (the loop is ending): a read-ahead is never needed
+            self._warming.discard(ref.digest)
+            self._prefetch_slots.release()
+            return
         self.stats[counter] = self.stats.get(counter, 0) + 1
-        self.prefetch_pool.submit(self._prefetch, ref)
 
     def _prefetch(self, ref: ChunkRef) -> None:
         """Prefetch pool. A missing or corrupt blob is not cached and not logged here: the

@@ -215,6 +215,15 @@ def test_a_sequential_read_readies_the_next_chunk_and_a_jump_does_not(
     assert fs.stats["prefetch_next"] == 2
 
 
+def test_lookups_still_answer_once_the_prefetch_pool_is_shut_down(wire: rd.Wire) -> None:
+    fs = wire.fs
+    lib = _lib(wire)
+    fs.prefetch_pool.shutdown(wait=True)  # what the end of the request loop does
+    big = wire.lookup(lib, "big.txt")  # answered; the read-ahead is skipped, not an EIO
+    assert "prefetch" not in fs.stats
+    assert _read(wire, big, len(BIG) + 4096) == (0, BIG)
+
+
 # --- through a real mount, both engines -----------------------------------------------
 def test_a_negative_entry_inside_a_version_stays_right_when_a_new_version_comes(
         store_dir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
