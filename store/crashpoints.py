@@ -14,6 +14,7 @@ Tests use them to prove that a kill at every step of install and gc leaves a sto
     rm.rows-deleted           a removed version's rows committed, its blobs not swept
     recompress.files-written  a cold-pass batch encoded into blobs/tmp and synced, no rename
     recompress.renamed        the batch's files renamed over their blobs, rows not committed
+    verify.first-blob         verify has read the first blob row (its index snapshot is taken)
 
 ``JBL_PAUSE_AT=<name>=<dir>`` makes the process pause there instead: it creates
 ``<dir>/<name>.<pid>`` and waits until that file is removed. Tests use it to force a race

@@ -26,6 +26,7 @@ RM_POINT = "rm.rows-deleted"
 INGEST_POINTS = ["ingest.blobs-written", "ingest.before-commit", "ingest.after-commit"]
 RECOMPRESS_POINTS = ["recompress.files-written", "recompress.renamed"]  # test_recompress.py
 CAS_POINT = "casinstall.half-fetched"  # paused in tests/test_cas_publish_install.py
+VERIFY_POINT = "verify.first-blob"  # paused in tests/test_recompress.py
 
 
 @pytest.fixture(scope="module")
@@ -126,4 +127,5 @@ def test_every_named_crash_point_is_tested() -> None:
     in_code = crashpoint_calls()
     assert in_code, "no crashpoint(...) call found: the scan is broken"
     assert in_code == documented  # the module's list is the code's
-    assert in_code == {*GC_POINTS, RM_POINT, *INGEST_POINTS, *RECOMPRESS_POINTS, CAS_POINT}
+    assert in_code == {*GC_POINTS, RM_POINT, *INGEST_POINTS, *RECOMPRESS_POINTS, CAS_POINT,
+                       VERIFY_POINT}

@@ -267,3 +267,25 @@ def test_installs_and_gc_while_a_pass_is_held(store_dir: Path, tarball: Path,
     assert res["rewritten"] and res["remaining"] == 0
     with mounted(store_dir, tmp_path / "mnt") as mp:
         assert (mp / "pyrt/2.0.0" / BIG).read_bytes() == tar_files(tarball)[BIG]
+
+
+def test_verify_during_a_pass_reports_no_damage(store_dir: Path, tarball: Path,
+                                                tmp_path: Path) -> None:
+    """verify reads one snapshot of the index; a pass that renames and commits while verify
+    walks the files is a change seen half (old rows, new files), not damage."""
+    import_tarball(store_dir, tarball)
+    pauses = Pauses(tmp_path / "pauses")
+    v = subprocess.Popen([JBL, "--store", str(store_dir), "store", "verify"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **pauses.env("verify.first-blob")})
+    try:
+        flags = pauses.wait("verify.first-blob", [v])
+        assert recompress(store_dir)["rewritten"]  # renamed and committed meanwhile
+        Pauses.release(flags)
+        out, err = v.communicate(timeout=120)
+    finally:
+        if v.poll() is None:
+            v.kill()
+            v.wait()
+    assert v.returncode == 0, out + err
+    assert out.startswith("store OK"), out
