@@ -56,7 +56,7 @@ from pathlib import Path
 
 import zstandard
 
-from . import safepath
+from . import rows, safepath
 from .blobs import CODEC_ZSTD, CODEC_ZSTD_COLD, COLD_LEVEL, BlobStore
 from .crashpoints import crashpoint
 from .errors import IntegrityError, StoreBusy, UnsafeStorePath
@@ -173,24 +173,15 @@ def finish_pending(store: Store) -> int:
     pending = _read_journal(store.dir)
     n = 0
     if pending:
+        def renamed(digest: bytes, size: int) -> bool:
+            st = store.blobs.stat(digest)
+            return st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size
+
         with store.db.write():
-            for digest, size in pending:
-                st = store.blobs.stat(digest)
-                row = store.db.one("SELECT stored_size FROM blobs WHERE digest=?", (digest,))
-                if (st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size
-                        and row is not None and row[0] != size):
-                    store.db.execute("UPDATE blobs SET stored_size=?, codec=? WHERE digest=?",
-                                     (size, CODEC_ZSTD_COLD, digest))
-                    n += 1
-            if n:
-                _forget_version_sizes(store)
+            n = rows.reencode_blobs(store.db, [(d, CODEC_ZSTD_COLD, size)
+                                               for d, size in pending if renamed(d, size)])
     _drop_journal(store.dir)
     return n
-
-
-def _forget_version_sizes(store: Store) -> None:
-    # versions.stored_size is a cache report.py fills; blobs shrank, so recompute it later
-    store.db.execute("UPDATE versions SET stored_size=NULL WHERE stored_size IS NOT NULL")
 
 
 def _in_use(store: Store, ids: list[int]) -> set[int]:
@@ -222,6 +213,7 @@ def _commit(store: Store, done: list[_Done], res: RecompressResult) -> list[str]
 
 def _apply(store: Store, done: list[_Done], res: RecompressResult, unused: list[str]) -> None:
     db, blobs = store.db, store.blobs
+    settled: list[tuple[bytes, int, int]] = []  # (digest, codec, stored_size) for rows.py
     with db.write():
         busy = _in_use(store, [d.cand.id for d in done])
         for d in done:
@@ -238,15 +230,13 @@ def _apply(store: Store, done: list[_Done], res: RecompressResult, unused: list[
                 except FileNotFoundError:
                     unused.append(d.tmp)  # our staged file or the blob went (gc, --grace 0)
                     continue
-                db.execute("UPDATE blobs SET stored_size=?, codec=? WHERE id=?",
-                           (d.new_size, CODEC_ZSTD_COLD, d.cand.id))
+                settled.append((d.cand.digest, CODEC_ZSTD_COLD, d.new_size))
                 res.rewritten += 1
                 res.saved_bytes += d.cand.stored - d.new_size
             else:
-                db.execute("UPDATE blobs SET codec=? WHERE id=?", (CODEC_ZSTD_COLD, d.cand.id))
+                settled.append((d.cand.digest, CODEC_ZSTD_COLD, d.cand.stored))
                 res.settled += 1
-        if any(d.new_size is not None and d.tmp not in unused for d in done):
-            _forget_version_sizes(store)
+        rows.reencode_blobs(db, settled)
         crashpoint("recompress.renamed")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
+from . import rows
 from .blobs import BlobStore
 from .errors import JblError
 from .limits import Limits
@@ -159,7 +160,6 @@ def _rewrite_from(store: Store, f: BinaryIO, wanted: set[bytes]) -> set[bytes]:
         if found:
             store.blobs.sync()
             with store.db.write():
-                for d, (codec, stored_size, _size) in found.items():
-                    store.db.execute("UPDATE blobs SET codec=?, stored_size=? WHERE digest=?",
-                                     (codec, stored_size, d))
+                rows.reencode_blobs(store.db, ((d, codec, stored_size)
+                                               for d, (codec, stored_size, _size) in found.items()))
     return set(found)

@@ -1,5 +1,6 @@
-"""The one writer of index rows: blobs, contents + chunks, a version with its tree, and a
-version hidden (``mark_removed``) or its rows removed (``drop_version_rows``).
+"""The one writer of index rows: blobs, contents + chunks, a version with its tree, a
+version hidden (``mark_removed``) or its rows removed (``drop_version_rows``), and a blob
+file's new encoding (``reencode_blobs``: repair, the cold pass).
 
 Ingest, gc, the test fixtures and the gc benchmark all write rows through these functions,
 so the column lists (schema.py says what each column means) are spelled out exactly once.
@@ -22,7 +23,7 @@ from .db import DB
 
 __all__ = ["BlobRow", "ContentRow", "ChunkRow", "EntryRow", "VersionRow", "next_id",
            "insert_blobs", "insert_contents", "insert_version_tree", "mark_removed",
-           "drop_version_rows"]
+           "drop_version_rows", "reencode_blobs"]
 
 # Tables whose ids a writer hands out itself (a literal: the name goes into SQL text).
 IdTable = Literal["blobs", "contents", "versions", "entries"]
@@ -135,3 +136,20 @@ def drop_version_rows(db: DB, version_id: int) -> None:
     db.execute("DELETE FROM entries WHERE version_id=?", (version_id,))
     db.execute("DELETE FROM leases WHERE version_id=?", (version_id,))
     db.execute("DELETE FROM versions WHERE id=?", (version_id,))
+
+
+def reencode_blobs(db: DB, blobs: Iterable[tuple[bytes, int, int]]) -> int:
+    """Blob files replaced by another encoding of the same bytes (repair, the cold pass):
+    each ``(digest, codec, stored_size)``. Every version's ``stored_size`` (a cache of its
+    blobs' stored bytes) is reset to NULL when a size changed. Returns the rows changed."""
+    changed = 0
+    for digest, codec, stored_size in blobs:
+        row = db.one("SELECT codec, stored_size FROM blobs WHERE digest=?", (digest,))
+        if row is None or (int(row[0]), int(row[1])) == (codec, stored_size):
+            continue
+        db.execute("UPDATE blobs SET codec=?, stored_size=? WHERE digest=?",
+                   (codec, stored_size, digest))
+        changed += 1
+        if int(row[1]) != stored_size:
+            db.execute("UPDATE versions SET stored_size=NULL WHERE stored_size IS NOT NULL")
+    return changed
