@@ -10,13 +10,18 @@ Owns the issue-16 model over the REAL series (no synthetic data):
   JSON, zstd level 9 (the published tree also lists packs and bodies).
 - **Publishing** (``publish``): versions in order; a version's objects not published before are
   new; new small objects go, in tree order, into that version's packs of ≤ 4 MiB (the "new since
-  the previous version" packs), new large objects stay single objects. Every object is also
-  served on its own.
+  the previous version" delta packs), new large objects stay single objects. Every object is
+  also served on its own. When a cold install through the packs the version's small objects
+  lie in would cost more than ``FULL_TRIGGER`` times packs of its own (bytes plus
+  ``REQUEST_COST`` a request), the version also gets a full set: all its small objects in tree
+  order, ≤ 4 MiB a pack (``store/casformat.py`` ``needs_full``).
 - **A node's fetch** (``fetch_plan``): ``registry.json`` and the tree, then the objects it lacks:
   each large one singly; per pack, the whole pack when it is smaller than the lacked objects
-  plus ``REQUEST_COST`` bytes for each request it saves, else those objects singly (the rule of
-  ``store/casformat.py`` ``plan_fetch``). Objects that came with a pack but are not in the
-  version are not kept.
+  plus ``REQUEST_COST`` bytes for each request it saves, else those objects singly; through the
+  delta packs or through the full set, whichever costs less (the rule of ``store/casformat.py``
+  ``plan_fetch``). Objects that came with a pack but are not in the version are not kept.
+- **Origin storage** (``simulate``'s ``storage``): tarballs, single objects, delta packs, full
+  sets and trees.
 - **The fleet** (``simulate``): N identical nodes install version 1 cold and then every later
   version in order, keeping the earlier ones. Origin bytes for (a) tarballs, no cache; (b)
   tarballs behind one shared cache; (c) the content-addressed form, no cache; (d) the same
@@ -45,13 +50,14 @@ import zstandard
 
 from .measure import fmt
 
-MODEL = 3                      # bump when the simulation changes: cached results are keyed by it
+MODEL = 4                      # bump when the simulation changes: cached results are keyed by it
 SCAN = 2                       # bump when the chunking or the size rule changes (scan cache key)
 CHUNK = 1 << 20                # store/schema.py CHUNK_SIZE
 ZSTD_LEVEL = 1                 # store/blobs.py ZSTD_LEVEL
 MIN_SAVING = 0.05              # store/blobs.py MIN_SAVING
 PACK_MAX = 4 << 20             # a pack stays cacheable by stock squid (maximum_object_size 4 MB)
 REQUEST_COST = 128 << 10       # bytes one more request costs: store/casformat.py's value
+FULL_TRIGGER = 1.05             # store/casformat.py's value
 REGISTRY_JSON = 2_000          # bytes of registry.json per request (order of magnitude)
 NODES = (1, 10, 100, 1_000, 10_000)
 
@@ -169,45 +175,80 @@ def cached_scans(cache: Path, versions: list[tuple[str, Path]], log: object = No
 # ---------------------------------------------------------------- publishing and fetching
 @dataclass
 class Published:
-    """Where each object is served: ``pack_of`` (small objects) and every pack's members."""
+    """What the origin serves: every pack's members and bytes; per version, the pack its tree
+    lists for each small object (``loc``: the delta pack it was first published in) and its
+    full set (``full``: empty unless the publisher wrote one)."""
 
-    pack_of: dict[str, int] = field(default_factory=dict)
     packs: list[list[str]] = field(default_factory=list)
     pack_bytes: list[int] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
-    packs_of_version: list[list[int]] = field(default_factory=list)
+    loc: list[dict[str, int]] = field(default_factory=list)
+    full: list[list[int]] = field(default_factory=list)
+    packs_of_version: list[list[int]] = field(default_factory=list)   # new delta packs
 
 
-def _pack(pub: Published, members: list[str], size: int) -> int:
-    for d in members:
-        pub.pack_of[d] = len(pub.packs)
-    pub.packs.append(members)
-    pub.pack_bytes.append(size)
-    return len(pub.packs) - 1
+def _pack_all(pub: Published, objs: list[tuple[str, int]]) -> list[int]:
+    """``objs`` (digest, stored bytes) in order into new packs of at most PACK_MAX bytes."""
+    out: list[int] = []
+    cur: list[str] = []
+    size = 0
+    for d, n in objs:
+        if cur and size + n > PACK_MAX:
+            out.append(len(pub.packs))
+            pub.packs.append(cur)
+            pub.pack_bytes.append(size)
+            cur, size = [], 0
+        cur.append(d)
+        size += n
+    if cur:
+        out.append(len(pub.packs))
+        pub.packs.append(cur)
+        pub.pack_bytes.append(size)
+    return out
 
 
 def publish(scans: list[Scan]) -> Published:
-    """Versions in order: each one's new small objects packed in tree order, ≤ PACK_MAX each."""
+    """Versions in order (store/caspublish.py): each one's new small objects packed in tree
+    order, <= PACK_MAX each (its delta packs); then, when a cold install through those packs
+    would cost more than FULL_TRIGGER x its small objects in packs of their own
+    (store/casformat.py ``needs_full``), a full set: packs of all its small objects, which
+    only its own tree names."""
     pub = Published()
+    where: dict[str, int] = {}
     for s in scans:
-        mine: list[int] = []
-        cur: list[str] = []
-        size = 0
-        for d, (n, big) in s.objects.items():
-            if d in pub.seen:
-                continue
-            pub.seen.add(d)
-            if big:
-                continue
-            if cur and size + n > PACK_MAX:
-                mine.append(_pack(pub, cur, size))
-                cur, size = [], 0
-            cur.append(d)
-            size += n
-        if cur:
-            mine.append(_pack(pub, cur, size))
+        small = [(d, n) for d, (n, big) in s.objects.items() if not big]
+        fresh = [(d, n) for d, n in small if d not in where]
+        mine = _pack_all(pub, fresh)
+        for p in mine:
+            where.update((d, p) for d in pub.packs[p])
+        loc = {d: where[d] for d, _n in small}
+        pub.loc.append(loc)
         pub.packs_of_version.append(mine)
+        sizes = dict(small)
+        via = _greedy(loc, pub, sizes, set(sizes))
+        need = sum(sizes.values())
+        full_cost = need + REQUEST_COST * -(-need // PACK_MAX)
+        write = via[0] + REQUEST_COST * via[1] > FULL_TRIGGER * full_cost
+        pub.full.append(_pack_all(pub, small) if write else [])
     return pub
+
+
+def _greedy(loc: dict[str, int], pub: Published, sizes: dict[str, int],
+            want: set[str]) -> tuple[int, int, list[int], list[str]]:
+    """plan_fetch's per-pack rule over the packs ``loc`` names for the ``want`` objects:
+    (bytes, requests, whole packs, single objects); packs lacking the most bytes first."""
+    by_pack: dict[int, list[str]] = {}
+    for d in want:
+        by_pack.setdefault(loc[d], []).append(d)
+    packs, singles, total = [], [], 0
+    for p, mine in sorted(by_pack.items(), key=lambda kv: -sum(sizes[d] for d in kv[1])):
+        alone = sum(sizes[d] for d in mine)
+        if pub.pack_bytes[p] < alone + REQUEST_COST * (len(mine) - 1):
+            packs.append(p)
+            total += pub.pack_bytes[p]
+        else:
+            singles += mine
+            total += alone
+    return total, len(packs) + len(singles), packs, singles
 
 
 @dataclass
@@ -227,25 +268,30 @@ class Plan:
         return len(self.urls)
 
 
-def fetch_plan(s: Scan, pub: Published, held: set[str]) -> Plan:
+def fetch_plan(s: Scan, pub: Published, held: set[str], k: int) -> Plan:
+    """Version ``k`` (``s``) on a node holding ``held``: plan_fetch's rule over the tree's
+    packs and, when the version has a full set, over it; the cheaper by bytes plus
+    REQUEST_COST a request."""
     plan = Plan({f"registry.json@{s.version}": REGISTRY_JSON,   # one cached copy per rollout
                  f"trees/{s.version}": s.tree_bytes})
-    by_pack: dict[int, list[str]] = {}
+    sizes: dict[str, int] = {}
     for d, (n, big) in s.objects.items():
         if d in held:
             plan.present += n
             continue
         plan.lacking += n
-        if big or d not in pub.pack_of:
+        if big:
             plan.urls[f"objects/{d}"] = n
         else:
-            by_pack.setdefault(pub.pack_of[d], []).append(d)
-    for p, want in by_pack.items():
-        lacked = sum(s.objects[d][0] for d in want)
-        if pub.pack_bytes[p] < lacked + REQUEST_COST * (len(want) - 1):   # plan_fetch's rule
-            plan.urls[f"packs/{p}"] = pub.pack_bytes[p]
-        else:
-            plan.urls.update((f"objects/{d}", s.objects[d][0]) for d in want)
+            sizes[d] = n
+    best = _greedy(pub.loc[k], pub, sizes, set(sizes))
+    if pub.full[k]:
+        full_loc = {d: p for p in pub.full[k] for d in pub.packs[p]}
+        other = _greedy(full_loc, pub, sizes, set(sizes))
+        if other[0] + REQUEST_COST * other[1] < best[0] + REQUEST_COST * best[1]:
+            best = other
+    plan.urls.update((f"packs/{p}", pub.pack_bytes[p]) for p in best[2])
+    plan.urls.update((f"objects/{d}", sizes[d]) for d in best[3])
     return plan
 
 
@@ -265,8 +311,9 @@ def simulate(scans: list[Scan], tar_sizes: list[int]) -> dict[str, object]:
     updates: list[Plan] = []
     rows: list[dict[str, object]] = []
     for s, tar in zip(scans, tar_sizes, strict=True):
-        up = fetch_plan(s, pub, held)
-        cold = fetch_plan(s, pub, set())
+        k = len(rows)
+        up = fetch_plan(s, pub, held, k)
+        cold = fetch_plan(s, pub, set(), k)
         held |= set(s.objects)
         updates.append(up)
         rows.append({"version": s.version, "tar": tar, "objects": len(s.objects),
@@ -274,7 +321,8 @@ def simulate(scans: list[Scan], tar_sizes: list[int]) -> dict[str, object]:
                      "update_bytes": up.bytes, "update_requests": up.requests,
                      "update_present": up.present, "cold_bytes": cold.bytes,
                      "cold_requests": cold.requests,
-                     "packs": len(pub.packs_of_version[len(rows)])})
+                     "packs": len(pub.packs_of_version[k]), "full_packs": len(pub.full[k]),
+                     "full_bytes": sum(pub.pack_bytes[p] for p in pub.full[k])})
     once, once_req = _union(updates)
     per_node = sum(p.bytes for p in updates)
     tars, m = sum(tar_sizes), len(scans)
@@ -284,8 +332,16 @@ def simulate(scans: list[Scan], tar_sizes: list[int]) -> dict[str, object]:
               "c": n * per_node, "c_req": n * sum(p.requests for p in updates),
               "d": once, "d_req": once_req}
              for n in NODES]
+    objects: dict[str, int] = {}
+    for s in scans:
+        objects.update((d, n) for d, (n, _b) in s.objects.items())
+    full = {p for f in pub.full for p in f}
+    storage = {"tarballs": tars, "objects": sum(objects.values()),
+               "delta_packs": sum(n for p, n in enumerate(pub.pack_bytes) if p not in full),
+               "full_sets": sum(pub.pack_bytes[p] for p in full),
+               "trees": sum(s.tree_bytes for s in scans)}
     return {"model": MODEL, "pack_max": PACK_MAX, "request_cost": REQUEST_COST,
-            "versions": rows, "fleet": fleet}
+            "full_trigger": FULL_TRIGGER, "versions": rows, "fleet": fleet, "storage": storage}
 
 
 def rollout(sim: dict[str, object], k: int, nodes: int = 1_000) -> dict[str, int]:
@@ -309,16 +365,27 @@ def cached_simulation(cache: Path, versions: list[tuple[str, Path, int]],
 
 
 # ---------------------------------------------------------------- presentation
+def storage_line(sim: dict[str, object]) -> str:
+    """What the origin stores for the series, by kind."""
+    st: dict[str, int] = sim["storage"]  # type: ignore[assignment]
+    parts = ", ".join(f"{k.replace('_', ' ')} {fmt(v, 'B')}" for k, v in st.items())
+    form = sum(v for k, v in st.items() if k != "tarballs")
+    return (f"Origin storage: {parts}; the content-addressed form is "
+            f"{form / st['tarballs']:.2f}x the tarballs ({st['full_sets'] / st['tarballs']:.2f}x "
+            "of it the full sets).")
+
+
 def version_table(sim: dict[str, object]) -> str:
     rows = ["| version | .tar.gz | objects (stored) | tree | update: fetched | of .tar.gz | "
-            "update requests | cold: fetched | cold requests |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "update requests | cold: fetched | of .tar.gz | cold requests | full set |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sim["versions"]:  # type: ignore[attr-defined]
         rows.append(f"| {r['version']} | {fmt(r['tar'], 'B')} | {r['objects']:,} "
                     f"({fmt(r['stored'], 'B')}) | {fmt(r['tree'], 'B')} | "
                     f"{fmt(r['update_bytes'], 'B')} | {r['update_bytes'] / r['tar']:.3f} | "
                     f"{r['update_requests']:,} | {fmt(r['cold_bytes'], 'B')} | "
-                    f"{r['cold_requests']:,} |")
+                    f"{r['cold_bytes'] / r['tar']:.3f} | {r['cold_requests']:,} | "
+                    f"{fmt(r['full_bytes'], 'B') if r['full_packs'] else '-'} |")
     return "\n".join(rows)
 
 
@@ -368,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = cached_simulation(a.cache, [(v.version, Path(v.extracted), v.tar_size)
                                       for v in s.versions],
                             lambda m: print(m, file=sys.stderr))
-    print(version_table(sim), fleet_table(sim), sep="\n\n")
+    print(version_table(sim), storage_line(sim), fleet_table(sim), sep="\n\n")
     return 0
 
 

@@ -9,15 +9,18 @@ Beside a registry's tarballs, ``jbl registry add`` publishes (docs/fleet.md, "Fo
   ``PACK_MAX`` bytes), named by the sha256 of the pack file; which object lies where is in
   the trees that use the pack;
 * ``trees/<hex>``: one zstd-compressed JSON document per version, named by the sha256 of its
-  compressed bytes: every entry with its attributes, every body's chunk objects, and the
-  packs holding its small objects (``Tree``).
+  compressed bytes: every entry with its attributes, every body's chunk objects, the packs
+  holding its small objects (each listed in the pack it was first published in: the delta
+  packs) and, when those would make a cold install dear, a *full set*: packs of all its small
+  objects and nothing else (OSTree's "from scratch" deltas; ``needs_full``).
 
 This module owns those names, the tree's encoding (``dump_tree``) and its reading
 (``parse_tree``), which bounds sizes, counts and depth and applies the rules tarball ingest
 applies to members (store/tarstream.py ``check_name``: no ``..``, no ``/`` in a name, no
 control characters, no whiteouts; only directories, regular files and symlinks; no
 setuid/setgid), and the fetch plan (``plan_fetch``: whole packs or single objects, never a
-range). Pure: no network, no files; thread-safe.
+range; the delta packs or the full set, whichever costs less). Pure: no network, no files;
+thread-safe.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ MAX_TREE_DECODED = 256 << 20
 # object-by-object pulls): a pack is fetched when its size is below the lacking objects'
 # bytes plus this much per object saved.
 REQUEST_COST = 128 << 10
+# A version gets a full set when a cold install through the packs its small objects are
+# listed in (old delta packs, full of objects later versions dropped) would cost more than
+# this times the full set: the 10-version series' cold installs went from up to 2.27x the
+# tarball to <= 1.11x, at ~0.7x a tarball of origin storage per version (docs/fleet.md).
+FULL_TRIGGER = 1.05
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _KINDS = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK}
 _LETTER = {v: k for k, v in _KINDS.items()}
@@ -122,6 +130,7 @@ class Tree:
     bodies: list[Body] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     packs: list[Pack] = field(default_factory=list)
+    full: list[Pack] = field(default_factory=list)  # all small objects again, or none
 
     def nlinks(self) -> list[int]:
         """Each entry's link count as ingest records it: a directory 2 + its subdirectories,
@@ -160,6 +169,9 @@ def dump_tree(tree: Tree) -> bytes:
                     for e in tree.entries],
         "packs": [[p.digest.hex(), p.size, [list(m) for m in p.members]] for p in tree.packs],
     }
+    if tree.full:  # absent otherwise: a tree published before full sets reads the same
+        doc["full"] = [[p.digest.hex(), p.size, [list(m) for m in p.members]]
+                       for p in tree.full]
     text = json.dumps(doc, separators=(",", ":")).encode()
     return zstandard.ZstdCompressor(level=TREE_LEVEL).compress(text)
 
@@ -171,43 +183,71 @@ Known = dict[bytes, tuple[bytes, int, int]]
 Reader = Callable[[bytes], bytes]  # an object's stored bytes by digest
 
 
+def group_packs(objects: list[Obj], indexes: Iterable[int]) -> list[list[int]]:
+    """``indexes`` in order, cut into packs of at most PACK_MAX stored bytes."""
+    groups: list[list[int]] = []
+    size = PACK_MAX
+    for i in indexes:
+        if size + objects[i].stored_size > PACK_MAX:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += objects[i].stored_size
+    return groups
+
+
+def fill_pack(objects: list[Obj], read: Reader, group: list[int]) -> tuple[Pack, bytes]:
+    """One pack of the objects ``group`` (their stored bytes, in order) and its bytes."""
+    members, parts, off = [], [], 0
+    for i in group:
+        members.append((i, off))
+        parts.append(read(objects[i].digest))
+        off += objects[i].stored_size
+    data = b"".join(parts)
+    return Pack(hashlib.sha256(data).digest(), len(data), tuple(members)), data
+
+
 def build_packs(objects: list[Obj], read: Reader, known: Known,
                 indexes: Iterable[int]) -> tuple[list[Pack], dict[bytes, bytes]]:
     """Packs for the small objects ``indexes`` (in that order, so that one directory's files
     share a pack): an object already in a published pack (``known``) is listed there; the
     rest (the objects new since the versions published before) fill new packs of at most
-    PACK_MAX bytes. Returns every pack the tree lists and the new packs' bytes by digest."""
+    PACK_MAX bytes. Returns every pack the tree lists (in the order of their first objects,
+    so that a version published again gets the same tree) and the new packs' bytes by
+    digest."""
     old: dict[bytes, tuple[int, list[tuple[int, int]]]] = {}
-    fresh: list[list[int]] = []
-    size = PACK_MAX
+    fresh: list[int] = []
+    indexes = list(indexes)
     for i in indexes:
         o = objects[i]
         if o.digest in known:
             pd, psize, off = known[o.digest]
             old.setdefault(pd, (psize, []))[1].append((i, off))
-            continue
-        if size + o.stored_size > PACK_MAX:
-            fresh.append([])
-            size = 0
-        fresh[-1].append(i)
-        size += o.stored_size
+        else:
+            fresh.append(i)
     packs = [Pack(d, psize, tuple(m)) for d, (psize, m) in old.items()]
     new: dict[bytes, bytes] = {}
-    for group in fresh:
-        members, parts, off = [], [], 0
-        for i in group:
-            members.append((i, off))
-            parts.append(read(objects[i].digest))
-            off += objects[i].stored_size
-        data = b"".join(parts)
-        digest = hashlib.sha256(data).digest()
-        new[digest] = data
-        packs.append(Pack(digest, len(data), tuple(members)))
-    return packs, new
+    for group in group_packs(objects, fresh):
+        pack, data = fill_pack(objects, read, group)
+        new[pack.digest] = data
+        packs.append(pack)
+    rank = {i: n for n, i in enumerate(indexes)}
+    return sorted(packs, key=lambda p: rank[p.members[0][0]]), new
+
+
+def needs_full(tree: Tree, small: list[int]) -> list[list[int]]:
+    """The groups of a full set for ``tree`` (its ``small`` objects in order), or [] when a
+    cold install through ``tree.packs`` costs at most FULL_TRIGGER times the full set (by
+    bytes plus REQUEST_COST a request, as ``plan_fetch`` weighs them)."""
+    groups = group_packs(tree.objects, small)
+    via = _cheapest(tree, tree.packs, set(small))
+    full = sum(tree.objects[i].stored_size for i in small) + REQUEST_COST * len(groups)
+    return groups if via.cost > FULL_TRIGGER * full else []
 
 
 def known_packs(tree: Tree) -> Known:
-    """Where ``tree``'s packed objects lie (a publisher's view of what is published)."""
+    """Where ``tree``'s packed objects lie in its delta packs (a publisher's view of what is
+    published; full sets are not reused: a version re-published gets the tree it got)."""
     return {tree.objects[i].digest: (p.digest, p.size, off)
             for p in tree.packs for i, off in p.members}
 
@@ -281,6 +321,7 @@ def parse_tree(data: bytes, limits: Limits) -> Tree:
         raise _fail("an object or body digest is listed twice")
     _entries(tree, _list(doc.get("entries"), most, "entries"), limits)
     tree.packs = [_pack(p, tree) for p in _list(doc.get("packs"), 4 * most, "packs")]
+    tree.full = [_pack(p, tree) for p in _list(doc.get("full", []), 4 * most, "full packs")]
     m = tree.entries[tree.manifest_entry()]
     if m.kind != stat.S_IFREG or m.link >= 0 or m.size > _MAX_MANIFEST:
         raise _fail(f"{MANIFEST_NAME} is not a regular file of at most {_MAX_MANIFEST} bytes")
@@ -461,17 +502,34 @@ class Plan:
     def requests(self) -> int:
         return len(self.packs) + len(self.singles)
 
+    @property
+    def cost(self) -> int:
+        return self.fetch_bytes + REQUEST_COST * self.requests
+
 
 def plan_fetch(tree: Tree, lacking: set[int]) -> Plan:
-    """Whole packs or single objects for the ``lacking`` object indexes, per pack by cost:
-    a pack is fetched when its bytes are below the lacking objects' bytes plus
-    ``REQUEST_COST`` for each request it saves. Packs lacking the most bytes are decided
-    first; an object is fetched once."""
+    """Whole packs or single objects for the ``lacking`` object indexes: through the tree's
+    packs, or through its full set when it has one, whichever costs less (bytes plus
+    REQUEST_COST a request). A cold install takes the full set (the version's own small
+    objects, no superseded ones); an update the delta packs of what is new."""
+    plan = _cheapest(tree, tree.packs, lacking)
+    if tree.full:
+        other = _cheapest(tree, tree.full, lacking)
+        if other.cost < plan.cost:
+            return other
+    return plan
+
+
+def _cheapest(tree: Tree, packs: list[Pack], lacking: set[int]) -> Plan:
+    """Per pack by cost: a pack is fetched when its bytes are below the lacking objects'
+    bytes plus ``REQUEST_COST`` for each request it saves. Packs lacking the most bytes are
+    decided first; an object is fetched once; the rest are single objects."""
     plan = Plan()
     todo = set(lacking)
+
     def lacking_bytes(p: Pack) -> int:
         return sum(tree.objects[i].stored_size for i in {i for i, _ in p.members} & todo)
-    for p in sorted(tree.packs, key=lacking_bytes, reverse=True):
+    for p in sorted(packs, key=lacking_bytes, reverse=True):
         mine = {i for i, _ in p.members} & todo
         if not mine:
             continue

@@ -9,7 +9,11 @@ last, so no cache ever stores a "not found" for something about to exist. An obj
 or tree already published is not written again (a later version uploads only what is new),
 and small objects already in a published pack are listed in that pack rather than packed
 again: only the objects new since the versions published before go into new packs
-(OSTree's static deltas).
+(OSTree's static deltas). When a cold install through those packs would be dear (old packs
+full of objects this version dropped; ``casformat.needs_full``), the version also gets a full
+set: packs of all its small objects, which a cold install fetches instead (OSTree's "from
+scratch" deltas). Full sets are never reused by later versions, so a version re-published
+gets the very tree it got (nothing new is written).
 
 Targets (a directory, an S3 bucket) and the Fetcher that reads back the trees already
 published are store/transport.py's. Not for concurrent use on one registry (as
@@ -112,6 +116,10 @@ class Publisher:
         tree.packs, new = cf.build_packs(tree.objects, read, self.known, small)
         for digest, data in new.items():
             self._put(cf.pack_path(digest), partial(bytes, data), "packs")
+        for group in cf.needs_full(tree, small):  # one pack in memory at a time
+            pack, data = cf.fill_pack(tree.objects, read, group)
+            self._put(cf.pack_path(pack.digest), partial(bytes, data), "packs")
+            tree.full.append(pack)
         data = cf.dump_tree(tree)
         digest = cf.sha256(data)
         self._put(cf.tree_path(digest), partial(bytes, data), "trees")

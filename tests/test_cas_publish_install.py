@@ -75,8 +75,8 @@ def test_publish_writes_the_form_and_a_later_version_only_what_is_new(tmp_path: 
     reg = tmp_path / "reg"
     publish(reg, [V1], tmp_path / "built")
     first = _files_under(reg)
-    r = run_jbl("registry", "add", tarball(tmp_path / "built" / "v2.tar.gz", V2),
-                "--registry", reg, "--json").ok()
+    tb2 = tarball(tmp_path / "built" / "v2.tar.gz", V2)
+    r = run_jbl("registry", "add", tb2, "--registry", reg, "--json").ok()
     said = json.loads(r.out)[0]["published"]
     second = _files_under(reg)
     # Nothing published before was written again (same inodes), and only 1.1's new
@@ -88,11 +88,22 @@ def test_publish_writes_the_form_and_a_later_version_only_what_is_new(tmp_path: 
                    if p.startswith("objects/")}
     assert new_objects == {o[0] for o in d2["objects"]} - old and new_objects
     new_packs = {p for p in set(second) - set(first) if p.startswith("packs/")}
-    assert len(new_packs) == 1  # 1.1's objects new since 1.0, in one delta pack
-    assert (said["objects"], said["packs"], said["trees"]) == (len(new_objects), 1, 1)
-    for pack in new_packs:  # ...holding only objects 1.0 did not have
+    full = {f"packs/{p[0]}.pack" for p in d2["full"]}
+    assert "full" not in d1 and len(full) == 1  # 1.0's delta pack is its full set already
+    delta = new_packs - full
+    assert len(delta) == 1  # 1.1's objects new since 1.0, in one delta pack
+    assert (said["objects"], said["packs"], said["trees"]) == (len(new_objects), 2, 1)
+    for pack in delta:  # ...holding only objects 1.0 did not have
         members = next(p[2] for p in d2["packs"] if f"packs/{p[0]}.pack" == pack)
         assert {d2["objects"][i][0] for i, _ in members} <= {o[0] for o in d2["objects"]} - old
+    # ...and 1.1's full set: every small object of 1.1 once, and nothing else.
+    small = sorted(i for i, o in enumerate(d2["objects"]) if o[1] < MiB)
+    assert sorted(i for p in d2["full"] for i, _ in p[2]) == small
+    # Publishing 1.1 again writes nothing: the same tree, the same packs.
+    again = json.loads(run_jbl("registry", "add", tb2, "--registry", reg,
+                               "--json").ok().out)[0]
+    assert again["published"] == {"objects": 0, "packs": 0, "trees": 0, "bytes": 0}
+    assert again["tree"] == entry(reg, V2)["tree"] and _files_under(reg) == second
     # Every object is named by its decoded bytes' digest and ready to be a blob as it is.
     for o in d2["objects"]:
         stored = (reg / cf.object_path(bytes.fromhex(o[0]))).read_bytes()
@@ -129,9 +140,36 @@ def test_update_fetches_only_new_objects_and_a_cold_install_few_requests(
         server.stop()
     assert not update & cold  # nothing 1.0 brought is fetched again
     assert update_bytes < 0.5 * entry(published, V2)["size"], (update, update_bytes)
+    d2 = tree_doc(published, V2)
+    delta = {f"packs/{p[0]}.pack" for p in d2["packs"]} - cold
+    assert {p for p in update if p.startswith("packs/")} == delta  # not the full set
     assert " fetched, " in r.out and "already here" in r.out
     listed = json.loads(run_jbl("store", "list", "--json", store=store_dir).ok().out)
     assert [v["version"] for v in listed] == [V1, V2]
+
+
+def test_a_cold_install_of_a_later_version_fetches_its_full_set_not_old_packs(
+        published: Path, store_dir: Path) -> None:
+    d1, d2 = tree_doc(published, V1), tree_doc(published, V2)
+    full = {f"packs/{p[0]}.pack" for p in d2["full"]}
+    dry = json.loads(run_jbl("store", "install", f"{NAME}@{V2}", "--registry", published,
+                             "--dry-run", "--json", store=store_dir).ok().out)
+    server = RegistryServer(published)
+    try:
+        r = run_jbl("store", "install", f"{NAME}@{V2}", "--registry", server.url, "--json",
+                    store=store_dir).ok()
+        got, got_bytes = _fetched(server, published)
+    finally:
+        server.stop()
+    packs = {p for p in got if p.startswith("packs/")}
+    assert packs == full, got  # 1.1's own small objects in one pack: no 1.0 pack, no delta
+    assert not packs & {f"packs/{p[0]}.pack" for p in d1["packs"]}
+    large = {o[0] for o in d2["objects"] if o[1] == MiB}
+    assert {p.rsplit("/", 1)[1] for p in got if p.startswith("objects/")} <= large
+    needed = sum(o[2] for o in d2["objects"]) + entry(published, V2)["tree"]["size"]
+    assert got_bytes == needed == json.loads(r.out)[0]["fetched_bytes"]  # nothing superseded
+    said = dry if isinstance(dry, dict) else dry[0]
+    assert said["requests"] == len(got) - 1 and said["packs"] == 1, said
 
 
 def test_tree_install_equals_the_tarball_install(published: Path, tmp_path: Path) -> None:

@@ -82,20 +82,37 @@ def test_updates_fetch_what_is_new_packs_whole_when_cheaper_and_caches_flatten(
     pub = fleetsim.publish(scans)
     assert len(pub.packs_of_version[0]) == 1 and len(pub.packs_of_version[1]) == 1
     assert all(size <= fleetsim.PACK_MAX for size in pub.pack_bytes)
+    # 1.0's delta pack is all of it: no full set; 2.0's cold install through 1.0's pack and
+    # its own delta would take 10 superseded files and one request more: a full set of its own
+    assert pub.full[0] == [] and pub.full[1] == [2]
+    small = {d for d, (_n, big) in scans[1].objects.items() if not big}
+    assert set(pub.packs[2]) == small
 
-    update = fleetsim.fetch_plan(scans[1], pub, set(scans[0].objects))
+    update = fleetsim.fetch_plan(scans[1], pub, set(scans[0].objects), 1)
     new = {d: n for d, (n, _b) in scans[1].objects.items() if d not in scans[0].objects}
     # 10 files, runtime.yml (its version line), the large file's tail and its middle chunk
     assert len(new) == 13 and update.lacking == sum(new.values())
-    # the 12 small ones come as their version's pack, the changed whole chunk alone
-    assert sorted(u.split("/")[0] for u in update.urls) == [
-        "objects", "packs", "registry.json@2.0.0", "trees"]
+    # the 12 small ones come as their version's delta pack, the changed whole chunk alone
+    assert sorted(u for u in update.urls if not u.startswith("objects/")) == [
+        "packs/1", "registry.json@2.0.0", "trees/2.0.0"]
     assert update.bytes == sum(new.values()) + scans[1].tree_bytes + fleetsim.REGISTRY_JSON
 
-    cold = fleetsim.fetch_plan(scans[1], pub, set())
-    # a cold node lacks 50 of version 1's pack's 60+ small objects: the whole pack is cheaper
-    assert sorted(u for u in cold.urls if u.startswith("packs/")) == ["packs/0", "packs/1"]
-    assert cold.requests == 2 + 2 + 2                     # registry, tree, packs, 2 chunks
+    cold = fleetsim.fetch_plan(scans[1], pub, set(), 1)
+    # a cold node takes 2.0's full set: its own small objects, nothing superseded
+    assert sorted(u for u in cold.urls if u.startswith("packs/")) == ["packs/2"]
+    assert cold.requests == 2 + 1 + 2                     # registry, tree, full set, 2 chunks
+    assert cold.bytes == sum(n for n, _b in scans[1].objects.values()) + \
+        scans[1].tree_bytes + fleetsim.REGISTRY_JSON
+    before = fleetsim.FULL_TRIGGER
+    try:  # without a full set, the same node takes 1.0's pack and 2.0's delta whole
+        fleetsim.FULL_TRIGGER = float("inf")
+        old = fleetsim.publish(scans)
+        assert old.full == [[], []]
+        cold_old = fleetsim.fetch_plan(scans[1], old, set(), 1)
+        assert sorted(u for u in cold_old.urls if u.startswith("packs/")) == [
+            "packs/0", "packs/1"] and cold_old.bytes > cold.bytes
+    finally:
+        fleetsim.FULL_TRIGGER = before
 
     sim = fleetsim.simulate(scans, [1000, 1000])
     rows = {r["nodes"]: r for r in sim["fleet"]}          # type: ignore[attr-defined]
@@ -103,6 +120,8 @@ def test_updates_fetch_what_is_new_packs_whole_when_cheaper_and_caches_flatten(
     assert rows[1_000]["b"] == rows[1]["b"] and rows[1_000]["d"] == rows[1]["d"]
     assert rows[1]["d"] == rows[1]["c"] == sum(r["update_bytes"]
                                                for r in sim["versions"])  # type: ignore[attr-defined]
+    st = sim["storage"]                                    # type: ignore[index]
+    assert st["full_sets"] == pub.pack_bytes[2] and st["tarballs"] == 2000
     out = fleetsim.rollout(sim, 1)
     assert out["d"] == update.bytes and out["lan_d"] == 1_000 * update.bytes
 
