@@ -138,16 +138,25 @@ class CasResult:
 def install_tree(store: Store, client: RegistryClient, entry: RegistryEntry, ref: TreeRef, *,
                  force: bool = False, progress: Progress | None = None,
                  total: Callable[[int | None], None] | None = None) -> CasResult | None:
-    """Install ``entry`` from its tree; None when the tree's chunk size is not the store's
-    (its objects would not be this store's blobs: the caller installs the tarball)."""
+    """Install ``entry`` from its tree; None when the caller is to install the tarball: the
+    tree's chunk size is not the store's (its objects would not be this store's blobs), or
+    every source answered that the tree is not there (a registry.json naming a tree that was
+    never uploaded, or that a source lacks: one warning; a source that is down is exit 7)."""
     with client.fetcher(entry.registry) as fetcher:
-        return _install(store, fetcher, entry, ref, force, progress, total)
+        try:
+            tree = fetch_tree(fetcher, entry, ref)
+        except RegistryError as e:
+            if fetcher.any_down:
+                raise
+            client.warn(f"{entry.spec}: its content-addressed form is not served ({e}); "
+                        "installing its tarball instead")
+            return None
+        return _install(store, fetcher, entry, tree, force, progress, total)
 
 
-def _install(store: Store, fetcher: Fetcher, entry: RegistryEntry, ref: TreeRef, force: bool,
+def _install(store: Store, fetcher: Fetcher, entry: RegistryEntry, tree: cf.Tree, force: bool,
              progress: Progress | None,
              total: Callable[[int | None], None] | None) -> CasResult | None:
-    tree = fetch_tree(fetcher, entry, ref)
     if tree.chunk_size != store.chunk_size:
         return None
     written: list[bytes] = []

@@ -389,6 +389,12 @@ class Fetcher:
             self._http = None
 
     @property
+    def any_down(self) -> bool:
+        """Whether a source failed other than by not having a file (down, refusing)."""
+        with self._lock:
+            return bool(self._down)
+
+    @property
     def http(self) -> httpx.Client:
         with self._lock:
             if self._http is None:

@@ -419,6 +419,30 @@ def test_a_registry_without_the_form_installs_the_tarball(tmp_path: Path,
     assert json.loads(r.out)[0]["status"] == "installed" and "form" not in r.out
 
 
+def test_a_tree_the_origin_lacks_falls_back_to_the_tarball_with_one_warning(
+        published: Path, tmp_path: Path, store_dir: Path) -> None:
+    reg = _copy(published, tmp_path / "reg")
+    (reg / entry(reg, V1)["tree"]["url"]).unlink()  # named by registry.json, never uploaded
+    server = RegistryServer(reg)
+    try:
+        r = run_jbl("store", "install", f"{NAME}@{V1}", "--registry", server.url, "--json",
+                    store=store_dir).ok()
+        asked = dict(server.requests)
+        # the form of a version the origin does serve is still used
+        r2 = run_jbl("store", "install", f"{NAME}@{V2}", "--registry", server.url, "--json",
+                     store=store_dir).ok()
+    finally:
+        server.stop()
+    out = json.loads(r.out)[0]
+    assert out["status"] == "installed" and "form" not in out
+    assert "/" + entry(reg, V1)["download_url"] in asked  # the tarball, fetched once
+    warned = [line for line in r.err.splitlines() if "not served" in line]
+    assert len(warned) == 1 and "installing its tarball instead" in warned[0], r.err
+    assert "Traceback" not in r.err
+    assert json.loads(r2.out)[0]["form"] == "tree"
+    assert_store_ok(store_dir)
+
+
 # ------------------------------------------------------------------------------ units
 def test_parse_tree_bounds_counts_and_plan_prefers_packs_when_most_is_lacking(
         published: Path) -> None:
