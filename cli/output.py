@@ -50,8 +50,8 @@ def note(args: Any, message: str) -> None:
 
 
 class _Progress:
-    def __init__(self, bar: Any, task: Any) -> None:
-        self._bar, self._task = bar, task
+    def __init__(self, bar: Any, task: Any, label: str = "") -> None:
+        self._bar, self._task, self._label = bar, task, label
 
     def advance(self, n: int) -> None:
         if self._bar is not None:
@@ -60,6 +60,15 @@ class _Progress:
     def total(self, n: int | None) -> None:
         if self._bar is not None:
             self._bar.update(self._task, total=n)
+
+    def already(self, n: int) -> None:
+        """Say beside the label how many of the version's bytes the store holds already
+        (a content-addressed install fetches only the rest: the bar's total)."""
+        if self._bar is not None:
+            from jbl.store.units import format_size
+
+            self._bar.update(self._task, description=f"{self._label} "
+                             f"({format_size(n)} already here)")
 
 
 @contextmanager
@@ -78,4 +87,4 @@ def progress(args: Any, total: int | None, label: str) -> Iterator[_Progress]:
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield _Progress(bar, task)
+        yield _Progress(bar, task, label)

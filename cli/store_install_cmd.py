@@ -136,7 +136,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             with progress(args, None, f"{entry.spec}") as bar:
                 out = install_entry(store, client, entry, force=args.force,
                                     download_progress=bar.advance,
-                                    ingest_progress=bar.advance, total=bar.total)
+                                    ingest_progress=bar.advance, total=bar.total,
+                                    already=bar.already)
             results.append(out)
             if not args.json:
                 print(_install_line(out))

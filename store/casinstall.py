@@ -137,7 +137,8 @@ class CasResult:
 
 def install_tree(store: Store, client: RegistryClient, entry: RegistryEntry, ref: TreeRef, *,
                  force: bool = False, progress: Progress | None = None,
-                 total: Callable[[int | None], None] | None = None) -> CasResult | None:
+                 total: Callable[[int | None], None] | None = None,
+                 already: Callable[[int], None] | None = None) -> CasResult | None:
     """Install ``entry`` from its tree; None when the caller is to install the tarball: the
     tree's chunk size is not the store's (its objects would not be this store's blobs), or
     every source answered that the tree is not there (a registry.json naming a tree that was
@@ -151,12 +152,13 @@ def install_tree(store: Store, client: RegistryClient, entry: RegistryEntry, ref
             client.warn(f"{entry.spec}: its content-addressed form is not served ({e}); "
                         "installing its tarball instead")
             return None
-        return _install(store, fetcher, entry, tree, force, progress, total)
+        return _install(store, fetcher, entry, tree, force, progress, total, already)
 
 
 def _install(store: Store, fetcher: Fetcher, entry: RegistryEntry, tree: cf.Tree, force: bool,
              progress: Progress | None,
-             total: Callable[[int | None], None] | None) -> CasResult | None:
+             total: Callable[[int | None], None] | None,
+             already: Callable[[int], None] | None) -> CasResult | None:
     if tree.chunk_size != store.chunk_size:
         return None
     written: list[bytes] = []
@@ -167,6 +169,8 @@ def _install(store: Store, fetcher: Fetcher, entry: RegistryEntry, tree: cf.Tree
             plan = cf.plan_fetch(tree, set(range(len(tree.objects))) - set(codecs))
             if total is not None:
                 total(plan.fetch_bytes)
+            if already is not None:
+                already(s.present_bytes(tree))
             _fetch(store, tree, fetcher, plan, codecs, written, progress or (lambda _n: None))
             crashpoint("ingest.blobs-written")
             text, warnings = _check_manifest(store, tree, codecs)

@@ -680,11 +680,13 @@ def _http_reason(e: httpx.HTTPError) -> str:
 def install_entry(store: Store, client: RegistryClient, entry: RegistryEntry, *,
                   force: bool = False, download_progress: Progress | None = None,
                   ingest_progress: Progress | None = None,
-                  total: Callable[[int | None], None] | None = None) -> dict[str, Any]:
+                  total: Callable[[int | None], None] | None = None,
+                  already: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Install one registry entry.
 
     From its content-addressed form when the registry offers it (store/casinstall.py: only
-    the objects the store lacks are fetched; ``total`` learns how many bytes that is), else
+    the objects the store lacks are fetched; ``total`` learns how many bytes that is,
+    ``already`` how many of the version's bytes the store holds), else
     from its tarball.
 
     Already installed from the same tarball (the registry's checksum is the one recorded at
@@ -708,7 +710,7 @@ def install_entry(store: Store, client: RegistryClient, entry: RegistryEntry, *,
         from .casinstall import install_tree
 
         cas = install_tree(store, client, entry, entry.tree, force=force,
-                           progress=download_progress, total=total)
+                           progress=download_progress, total=total, already=already)
         if cas is not None:
             for w in cas.warnings:
                 client.warn(f"{entry.spec}: {w}")

@@ -465,3 +465,53 @@ def test_parse_tree_bounds_counts_and_plan_prefers_packs_when_most_is_lacking(
     one = {min(packed)}
     single = cf.plan_fetch(tree, one)  # one small object lacking: not its whole pack
     assert single.singles == [min(packed)] and not single.packs
+
+
+def test_the_progress_bar_says_what_is_already_here(published: Path, tmp_path: Path,
+                                                    store_dir: Path) -> None:
+    """On a terminal, an update's bar names the bytes the store holds already, while the
+    install is under way (held at a pause point mid-fetch, so the bar has been drawn)."""
+    import pty
+    import select
+    import time
+
+    run_jbl("store", "install", f"{NAME}@{V1}", "--registry", str(published),
+            store=store_dir).ok()
+    pauses = Pauses(tmp_path / "pauses")
+    env = {**os.environ, **pauses.env("casinstall.half-fetched"), "TERM": "xterm",
+           "COLUMNS": "200"}
+    env.pop("JBL_STORE", None)
+    main, sub = pty.openpty()
+    p = subprocess.Popen([JBL, "--store", str(store_dir), "store", "install", f"{NAME}@{V2}",
+                          "--registry", str(published)], env=env, stdin=subprocess.DEVNULL,
+                         stdout=sub, stderr=sub)
+    os.close(sub)
+    seen = b""
+    try:
+        flags = pauses.wait("casinstall.half-fetched", [p], timeout=60)
+        deadline = time.monotonic() + 15
+        while b"already here" not in seen and time.monotonic() < deadline:
+            if select.select([main], [], [], 0.2)[0]:
+                seen += os.read(main, 65536)
+        drawn_while_held = b"already here" in seen
+        for f in flags:
+            f.unlink()
+        while True:  # drain until the install ends (EIO once the pty's last user closed it)
+            try:
+                if select.select([main], [], [], 0.2)[0]:
+                    chunk = os.read(main, 65536)
+                    if not chunk:
+                        break
+                    seen += chunk
+                elif p.poll() is not None:
+                    break
+            except OSError:
+                break
+        assert p.wait(timeout=60) == 0, seen.decode(errors="replace")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(main)
+    assert drawn_while_held, seen.decode(errors="replace")
+    assert b"installed" in seen and b"already here" in seen
