@@ -81,6 +81,7 @@ from .regformat import (
     registry_dir,
 )
 from .store import Store, VersionInfo
+from .transport import http_reason
 from .units import format_duration, format_size, parse_duration, parse_size
 from .versions import Spec, select, sort_versions
 from .versions import latest as latest_version
@@ -450,7 +451,7 @@ class RegistryClient:
             except httpx.HTTPError as e:
                 if wd.fired:
                     raise self._stalled(what) from None
-                raise RegistryError(f"{what}: {_http_reason(e)}") from None
+                raise RegistryError(f"{what}: {http_reason(e)}") from None
             if wd.fired:  # a shut socket can look like the end of a length-less body
                 raise self._stalled(what)
 
@@ -666,14 +667,6 @@ def _anonymous_file(tmp_dir: Path) -> BinaryIO:
         fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="download-")
         os.unlink(name)
     return os.fdopen(fd, "w+b")
-
-
-def _http_reason(e: httpx.HTTPError) -> str:
-    if isinstance(e, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(e, httpx.ConnectError):
-        return f"cannot connect ({e})" if str(e) else "cannot connect"
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 # --- installing ----------------------------------------------------------------------------

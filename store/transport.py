@@ -452,7 +452,7 @@ class Fetcher:
             except httpx.HTTPError as e:
                 if t.fired:
                     raise _Down(f"stalled: {self.download.stall_rule}") from None
-                raise _Down(_reason(e)) from None
+                raise _Down(http_reason(e)) from None
             if t.fired:  # a shut socket can look like the end of a length-less body
                 raise _Down(f"stalled: {self.download.stall_rule}")
         return bytes(buf)
@@ -560,7 +560,8 @@ class _Retry(Exception):
         self.retry_after = retry_after.strip()
 
 
-def _reason(e: httpx.HTTPError) -> str:
+def http_reason(e: httpx.HTTPError) -> str:
+    """An httpx failure in a few words (one place: the registry client says it too)."""
     if isinstance(e, httpx.TimeoutException):
         return "timed out"
     if isinstance(e, httpx.ConnectError):
