@@ -46,10 +46,13 @@ class JobRecord:
         """Insert (or, detached, complete) the record of ``req`` (in ``jobs_dir(args)``); a
         foreground job whose record cannot be written runs anyway, with a note."""
         import apsw
+        from jbl.runner import warm
         from jbl.runner.jobstore import JobStore, process_start
 
         try:
-            store = JobStore.open_own(jobs_dir(args) if args is not None else None)
+            d = jobs_dir(args) if args is not None else None
+            # a launcher's job process opened it ahead (runner/warm.py)
+            store = warm.take_records(d) or JobStore.open_own(d)
             assert store is not None
             store.begin(describe(req) | {"supervisor_pid": os.getpid(),
                                          "supervisor_start": process_start(os.getpid()) or 0,

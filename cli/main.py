@@ -108,7 +108,30 @@ def action_of(argv: Sequence[str]) -> str:
     return words[0] if words else NO_ACTION
 
 
+_built: dict[tuple[str, ...], argparse.ArgumentParser] | None = None  # see build_parser
+
+
+def keep_parsers() -> None:
+    """From now on ``build_parser`` keeps what it builds (the resident launcher builds
+    ``run``'s once; each job process it forks parses with its own copy)."""
+    global _built
+    _built = {}
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for ``argv``'s command (kept after ``keep_parsers`` when it depends on no
+    more of ``argv`` than the command)."""
+    modules = tuple(_chosen_modules(argv))
+    parser = None if _built is None else _built.get(modules)
+    if parser is None:
+        parser = _build_parser(argv)
+        if _built is not None and not any(
+                getattr(sys.modules.get(m), "REGISTER_TAKES_ARGV", False) for m in modules):
+            _built[modules] = parser
+    return parser
+
+
+def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     import importlib
 
     common = options.common_parser()

@@ -165,9 +165,12 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
                   stack: ExitStack | None = None) -> Any:
     """The job request; named volumes are held through ``stack`` (the job's lifetime)."""
     from jbl.cli import job_options as jo
+    from jbl.runner import warm
     from jbl.runner.plan import JobRequest, clean_job_path
     from jbl.store.units import parse_duration
 
+    # the id a launcher's job process prepared its cgroup for (runner/warm.py), if any
+    job_id: Any = getattr(args, "job_id", None) or warm.job_id()
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -198,7 +201,7 @@ def build_request(args: argparse.Namespace, runtime_dir: Path, label: str,
         slirp_host_loopback=args.settings.slirp_host_loopback,
         cgroup_parent=args.settings.cgroup_parent,
         runtime_label=label, terminal=args.terminal, **parse_gpu(args),
-        **({"job_id": args.job_id} if getattr(args, "job_id", None) else {}))
+        **({"job_id": job_id} if job_id else {}))
 
 
 def parse_gpu(args: argparse.Namespace) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class JobCgroup:
     dirs: dict[str, Path] = field(default_factory=dict)  # controller ('' on v2) -> directory
     unenforced: list[str] = field(default_factory=list)
     why: str = ""  # why limits are unenforced
+    enabled: set[str] = field(default_factory=set)  # v2: the parent's subtree_control
 
     @property
     def procs_files(self) -> list[str]:
@@ -130,32 +131,54 @@ class JobCgroup:
             if os.geteuid() != 0:
                 return cls(0, unenforced=limits.requested(), why=f"{parent}: {e.strerror}")
             raise
-        cg = cls(2, {"": d})
-        missing = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids",
-                   "iobps": "io"}
-        cg.unenforced = [k for k in limits.requested() if missing[k] not in enabled]
-        if cg.unenforced:
-            cg.why = f"controllers not available in {parent}"
+        cg = cls(2, {"": d}, enabled=enabled)
         try:
-            if limits.memory is not None and "memory" in enabled:
-                _write(d / "memory.max", str(limits.memory))
-                if (d / "memory.swap.max").exists():
-                    _write(d / "memory.swap.max", "0")
-                _write_if_exists(d / "memory.oom.group", "1")
-            if limits.cpu_percent is not None and "cpu" in enabled:
-                quota = max(1000, int(limits.cpu_percent * CPU_PERIOD_US / 100))
-                _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
-            if limits.cpu_cores is not None and "cpuset" in enabled:
-                _write(d / "cpuset.cpus", limits.cpu_cores)
-            if limits.pids is not None and "pids" in enabled:
-                _write(d / "pids.max", str(limits.pids + EXTRA_PIDS))
-            if _throttles(limits) and "io" in enabled:
-                for dev in limits.io_devices:  # one line per device, both directions
-                    _write(d / "io.max", f"{dev} rbps={limits.iobps} wbps={limits.iobps}")
+            cg.limit(limits)
         except OSError:
             cg.remove()
             raise
         return cg
+
+    def limit(self, limits: Limits, devices: Sequence[str] | None = None) -> None:
+        """Write ``limits`` (and a GPU job's ``devices``, v1) into this job's cgroup, made
+        by ``create`` (with these limits, or with none ahead of its job: runner/warm.py, whose
+        ``fits`` says when that may be done); ``unenforced`` says what could not be."""
+        if self.version == 2:
+            self._limit_v2(limits)
+        elif self.version == 1:
+            self._limit_v1(limits, devices)
+        else:
+            self.unenforced = limits.requested()
+
+    def fits(self, limits: Limits, devices: Sequence[str] | None, parent: str | None) -> bool:
+        """Does this cgroup, made with no limits and the default parent, have every
+        controller that ``create(…, limits, devices, parent)`` would have made?"""
+        if parent or devices is not None:
+            return False
+        return self.version == 0 or (not limits.cpu_cores and not _throttles(limits))
+
+    def _limit_v2(self, limits: Limits) -> None:
+        d, enabled = self.dirs[""], self.enabled
+        missing = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids",
+                   "iobps": "io"}
+        self.unenforced = [k for k in limits.requested() if missing[k] not in enabled]
+        if self.unenforced:
+            self.why = f"controllers not available in {d.parent}"
+        if limits.memory is not None and "memory" in enabled:
+            _write(d / "memory.max", str(limits.memory))
+            if (d / "memory.swap.max").exists():
+                _write(d / "memory.swap.max", "0")
+            _write_if_exists(d / "memory.oom.group", "1")
+        if limits.cpu_percent is not None and "cpu" in enabled:
+            quota = max(1000, int(limits.cpu_percent * CPU_PERIOD_US / 100))
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        if limits.cpu_cores is not None and "cpuset" in enabled:
+            _write(d / "cpuset.cpus", limits.cpu_cores)
+        if limits.pids is not None and "pids" in enabled:
+            _write(d / "pids.max", str(limits.pids + EXTRA_PIDS))
+        if _throttles(limits) and "io" in enabled:
+            for dev in limits.io_devices:  # one line per device, both directions
+                _write(d / "io.max", f"{dev} rbps={limits.iobps} wbps={limits.iobps}")
 
     # ---- v1 ----
     @classmethod
@@ -183,40 +206,43 @@ class JobCgroup:
                 d = parent / job_id
                 d.mkdir()
                 cg.dirs[ctrl] = d
-            dirs = cg.dirs
-            if limits.memory is not None and "memory" in dirs:
-                _write(dirs["memory"] / "memory.limit_in_bytes", str(limits.memory))
-                _write_if_exists(dirs["memory"] / "memory.memsw.limit_in_bytes",
-                                 str(limits.memory))
-            if limits.cpu_percent is not None and "cpu" in dirs:
-                quota = max(1000, int(limits.cpu_percent * CPU_PERIOD_US / 100))
-                _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
-            if "cpuset" in dirs:
-                _write(dirs["cpuset"] / "cpuset.mems", _read(dirs["cpuset"].parent /
-                                                             "cpuset.mems"))
-                _write(dirs["cpuset"] / "cpuset.cpus", limits.cpu_cores or "")
-            if limits.pids is not None and "pids" in dirs:
-                _write(dirs["pids"] / "pids.max", str(limits.pids + EXTRA_PIDS))
-            if _throttles(limits) and "blkio" in dirs:
-                for dev in limits.io_devices:  # each write adds (or replaces) one device's rule
-                    for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
-                        _write(dirs["blkio"] / f, f"{dev} {limits.iobps}")
-            if devices is not None and "devices" in dirs:
-                _write(dirs["devices"] / "devices.deny", "a")  # then one rule per write
-                for rule in (*standard_device_rules(), *devices):
-                    _write(dirs["devices"] / "devices.allow", rule)
+            cg.limit(limits, devices)
         except OSError:
             cg.remove()
             raise
+        return cg
+
+    def _limit_v1(self, limits: Limits, devices: Sequence[str] | None) -> None:
+        dirs = self.dirs
+        if limits.memory is not None and "memory" in dirs:
+            _write(dirs["memory"] / "memory.limit_in_bytes", str(limits.memory))
+            _write_if_exists(dirs["memory"] / "memory.memsw.limit_in_bytes",
+                             str(limits.memory))
+        if limits.cpu_percent is not None and "cpu" in dirs:
+            quota = max(1000, int(limits.cpu_percent * CPU_PERIOD_US / 100))
+            _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+        if "cpuset" in dirs:
+            _write(dirs["cpuset"] / "cpuset.mems", _read(dirs["cpuset"].parent /
+                                                         "cpuset.mems"))
+            _write(dirs["cpuset"] / "cpuset.cpus", limits.cpu_cores or "")
+        if limits.pids is not None and "pids" in dirs:
+            _write(dirs["pids"] / "pids.max", str(limits.pids + EXTRA_PIDS))
+        if _throttles(limits) and "blkio" in dirs:
+            for dev in limits.io_devices:  # each write adds (or replaces) one device's rule
+                for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+                    _write(dirs["blkio"] / f, f"{dev} {limits.iobps}")
+        if devices is not None and "devices" in dirs:
+            _write(dirs["devices"] / "devices.deny", "a")  # then one rule per write
+            for rule in (*standard_device_rules(), *devices):
+                _write(dirs["devices"] / "devices.allow", rule)
         need = {"memory": "memory", "cpu": "cpu", "cpu-cores": "cpuset", "pids": "pids",
                 "iobps": "blkio"}
-        cg.unenforced = [k for k in limits.requested() if need[k] not in cg.dirs]
-        if devices is not None and "devices" not in cg.dirs:
-            cg.unenforced.append("devices")
-        if cg.unenforced:
-            cg.why = "cgroup v1 controllers not mounted"
-        return cg
+        self.unenforced = [k for k in limits.requested() if need[k] not in dirs]
+        if devices is not None and "devices" not in dirs:
+            self.unenforced.append("devices")
+        if self.unenforced:
+            self.why = "cgroup v1 controllers not mounted"
 
     # ---- measuring ----
     def peak_memory(self) -> int | None:

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 from . import launchproto as proto
-from .launchrelay import Relay
+from .launchrelay import JobSpare, Relay
 
 TICK = 10.0  # seconds between checks of the code token while idle
 LOCK_WAIT = 3  # seconds a starting launcher waits for one that is exiting to let go
@@ -189,6 +189,8 @@ class Launcher:
         try:
             self._forget_launcher()
             assert self.listener is not None
+            # its job process, forked ahead too: it prepares while we wait (runner/warm.py)
+            job = JobSpare.fork((self.listener.fileno(), self.taken_w, stop_r))
             poller = select.poll()
             poller.register(self.listener, select.POLLIN)
             poller.register(stop_r, select.POLLIN)
@@ -208,7 +210,7 @@ class Launcher:
             os.close(self.taken_w)
             os.close(stop_r)
             conn.setblocking(True)
-            code = Relay(conn, self.claimed, os.getppid(), self.served + 1).run()
+            code = Relay(conn, self.claimed, os.getppid(), self.served + 1, job).run()
         except BaseException:
             code = 1
         finally:
@@ -352,9 +354,10 @@ def preload() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    from jbl.cli.main import build_parser
+    from jbl.cli.main import build_parser, keep_parsers
 
-    build_parser(["run"])  # argparse's lazily imported parts, once
+    keep_parsers()
+    build_parser(["run"])  # once, and argparse's lazily imported parts with it
     import gc
 
     # Everything loaded so far lives as long as the launcher: out of the collector's sight,

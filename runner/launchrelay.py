@@ -18,6 +18,7 @@ Not thread-safe; runs in a single-threaded forked child and ends with ``os._exit
 from __future__ import annotations
 
 import contextlib
+import marshal
 import os
 import select
 import signal
@@ -35,14 +36,91 @@ class Refused(Exception):
     """The request cannot be served: the reason goes back as ``no <reason>``."""
 
 
+class JobSpare:
+    """The job process forked *ahead* of its request by a spare relay: it prepares what it
+    can while idle (runner/warm.py: job id, cgroup, sandbox helper, job records), then waits
+    on a socket pair for the request the relay took (``start``); EOF instead means nobody
+    needs it (the relay served ``status``, or is an idle spare being ended)."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def fork(cls, close: tuple[int, ...]) -> JobSpare | None:
+        """Fork it; ``close``: the relay's fds the job process must not keep."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        relay = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                for fd in close:
+                    os.close(fd)
+                _job_spare(theirs, relay)  # never returns
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(pid, ours)
+
+    def start(self, fds: list[int], caller: int, argv: list[str], env: dict[bytes, bytes],
+              umask: int) -> None:
+        """Hand it the request and the caller's four fds (0, 1, 2, cwd)."""
+        body = marshal.dumps((caller, argv, env, umask))
+        data = len(body).to_bytes(4, "big") + body
+        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(
+            fd.to_bytes(4, sys.byteorder) for fd in fds))])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+        self.sock.close()
+
+
+def _job_spare(sock: socket.socket, relay: int) -> None:
+    """The job spare's life: prepare, wait for the request, then run it as
+    ``_job_process`` does; EOF: discard what was prepared and go."""
+    from . import warm
+
+    warm.prepare()
+    try:
+        data, anc, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(FDS * 4),
+                                           socket.MSG_CMSG_CLOEXEC)
+        fds = [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
+               for level, kind, payload in anc
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+               for i in range(0, len(payload) - len(payload) % 4, 4)]
+        size = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+        while data and (size < 0 or len(data) < 4 + size):
+            more = sock.recv(1 << 20)
+            if not more:
+                break
+            data += more
+            if size < 0 and len(data) >= 4:
+                size = int.from_bytes(data[:4], "big")
+    except OSError:
+        data = b""
+    if not data or size < 0 or len(data) != 4 + size or len(fds) != FDS or \
+            flags & socket.MSG_CTRUNC:
+        warm.discard()
+        os._exit(0)
+    caller, argv, env, umask = marshal.loads(data[4:])
+    _job_process(sock, fds, relay, caller, argv, env, umask)  # never returns
+
+
 class Relay:
     def __init__(self, conn: socket.socket, scope_text: str, launcher_pid: int,
-                 served: int) -> None:
+                 served: int, spare: JobSpare | None = None) -> None:
         self.conn = conn
         self.scope = scope_text
         self.launcher_pid = launcher_pid
         self.served = served
         self.fds: list[int] = []
+        self.spare = spare
 
     def run(self) -> int:
         try:
@@ -65,9 +143,16 @@ class Relay:
         me = os.getpid()
         caller = int.from_bytes(self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                      12)[:4], sys.byteorder)
-        pid = os.fork()
-        if pid == 0:
-            _job_process(self.conn, self.fds, me, caller, argv, env, umask)  # never returns
+        if self.spare is not None:
+            pid = self.spare.pid
+            try:
+                self.spare.start(self.fds, caller, argv, env, umask)
+            except OSError:
+                return 0  # it died idle: EOF before "ok", the client runs the job itself
+        else:
+            pid = os.fork()
+            if pid == 0:
+                _job_process(self.conn, self.fds, me, caller, argv, env, umask)  # never returns
         for fd in self.fds:  # only the job process holds the caller's files now
             os.close(fd)
         self._say(f"ok {pid} {self.launcher_pid} {self.served}")
@@ -221,6 +306,9 @@ def _job_process(conn: socket.socket, fds: list[int], relay: int, caller: int,
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
+        from . import warm
+
+        warm.discard()  # what the job did not use (a job refused before it started)
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()

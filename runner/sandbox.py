@@ -757,8 +757,59 @@ def run_forked(plan: dict[str, Any], status_fd: int, parent: int) -> NoReturn:
         os._exit(SETUP_FAILED)  # never return into the supervisor's code
 
 
+READY = b"R"  # a waiting helper's word: started, waiting for its plan (runner/warm.py)
+
+
+def wait_main(sock_fd: int, parent: int) -> NoReturn:
+    """A helper exec'd *ahead* of its job (``python -I -S sandbox.py --wait SOCK PARENT``,
+    runner/warm.py): say READY on the stream socket SOCK, then wait for one message, sent
+    with ``send_plan``: a 4-byte length, then ``marshal`` data ``{"umask", "plan"}``, with the
+    status pipe and the job's stdio (4 fds) passed on its first byte. EOF first: nobody
+    needs us (exit 0). Then it goes on as ``run_forked`` does."""
+    import _socket
+
+    sock = _socket.socket(fileno=sock_fd)
+    try:
+        sock.sendall(READY)
+        data, anc, flags, _ = sock.recvmsg(1 << 16, _socket.CMSG_SPACE(4 * 4))
+    except OSError:
+        os._exit(0)
+    if not data:
+        os._exit(0)
+    fds = [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
+           for level, kind, payload in anc
+           if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+           for i in range(0, len(payload) - len(payload) % 4, 4)]
+    size = -1
+    while size < 0 or len(data) < 4 + size:
+        if size < 0 and len(data) >= 4:
+            size = int.from_bytes(data[:4], "big")
+            continue
+        more = sock.recv(1 << 20)
+        if not more:
+            os._exit(SETUP_FAILED)
+        data += more
+    sock.close()
+    if len(fds) != 4 or flags & _socket.MSG_CTRUNC:
+        os._exit(SETUP_FAILED)
+    msg = marshal.loads(data[4:4 + size])
+    status_fd = fds[0]
+    for target, fd in enumerate(fds[1:]):
+        os.dup2(fd, target)
+    for fd in fds[1:]:
+        if fd > 2 and fd != status_fd:
+            os.close(fd)
+    os.umask(msg["umask"])
+    plan = msg["plan"]
+    box = prepare_helper(status_fd, parent)
+    box.job_id = plan["job_id"]
+    box.run(plan["steps"])
+
+
 def main(argv: list[str]) -> NoReturn:
     """The helper as its own exec'd interpreter (``python -I -S sandbox.py ...``)."""
+    if argv[1] == "--wait":
+        wait_main(int(argv[2]), int(argv[3]))
     plan_fd, status_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
     box = prepare_helper(status_fd, parent)
     chunks = []

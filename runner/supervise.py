@@ -36,6 +36,7 @@ from jbl.store.manifest import Manifest
 from jbl.store.units import format_duration, format_size
 
 from . import sandbox as _sandbox_module
+from . import warm
 from .cgroups import JobCgroup
 from .errors import (
     CgroupError,
@@ -183,8 +184,20 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
     pty = wants_pty(req.terminal)
     slirp = check_isolated(os.environ, os.geteuid()) if req.network == "isolated" else ""
     plan = prepare(req, manifest, pty, gpu, note)
+    # a launcher's job process has a helper waiting in a cgroup made ahead (runner/warm.py)
+    helper = None if slirp else warm.take_helper(plan.job_id, plan.limits, plan.devices,
+                                                 req.cgroup_parent)
     try:
-        cg = JobCgroup.create(plan.job_id, plan.limits, plan.devices, parent=req.cgroup_parent)
+        if helper is not None:
+            cg = helper.cgroup
+            try:
+                cg.limit(plan.limits, plan.devices)
+            except OSError:
+                helper.discard()
+                raise
+        else:
+            cg = JobCgroup.create(plan.job_id, plan.limits, plan.devices,
+                                  parent=req.cgroup_parent)
     except OSError as e:
         raise CgroupError(f"create cgroup for {plan.job_id}: {e.strerror} ({e.filename})") from None
     try:
@@ -200,8 +213,12 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
             why = "cgroup v2: no device program" if cg.version == 2 else cg.why or "no cgroup"
             note(f"GPU device allow-list not enforced ({why}); the job's /dev holds only its "
                  "own GPUs' nodes")
+        if helper is not None:  # in its cgroup already
+            return _run(req, plan.with_cgroup(()), cg, pty, slirp, helper)
         return _run(req, plan.with_cgroup(cg.procs_files), cg, pty, slirp)
     finally:
+        if helper is not None and helper.sock.fileno() >= 0:
+            helper.discard()  # refused before it was given its plan
         cg.remove()
 
 
@@ -272,8 +289,10 @@ def _child_stdio(fds: tuple[int, int, int]) -> None:
             os.dup2(fd, target)
 
 
-def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool, slirp_exe: str = "") -> JobResult:
-    """``slirp_exe``: --network isolated's slirp4netns (runner/network.py)."""
+def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool, slirp_exe: str = "",
+         helper: warm.Helper | None = None) -> JobResult:
+    """``slirp_exe``: --network isolated's slirp4netns (runner/network.py); ``helper``: one
+    started ahead (runner/warm.py), given the plan instead of forking one."""
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED | TTY_STOPS)
     status_r, status_w = os.pipe()
     pid: int | None = None
@@ -293,7 +312,10 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool, slirp_exe: str =
             signal.sigtimedwait(TERMINATE, 0)  # consume it, or it fires when unblocked
             raise KeyboardInterrupt
         stdio = JobStdio.open(pty)
-        pid = _spawn_helper(plan, status_w, stdio.child_fds, net[1:] if slirp_exe else ())
+        if helper is not None:
+            pid = helper.launch(plan.to_wire(), status_w, stdio.child_fds)
+        else:
+            pid = _spawn_helper(plan, status_w, stdio.child_fds, net[1:] if slirp_exe else ())
         os.close(status_w)
         status_w = -1
         if slirp_exe:

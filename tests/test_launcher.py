@@ -172,6 +172,37 @@ def test_disabled_by_env(env: dict[str, str], rt: str, tmp_path: Path) -> None:
 
 
 @code_may_change
+def test_launched_job_gets_its_limits_and_umask_in_a_cgroup_made_ahead(
+        env: dict[str, str], rt: str) -> None:
+    """The launcher's job process makes the job's cgroup and sandbox helper before the
+    request (runner/warm.py): the request's limits still hold, the caller's umask still
+    reaches the job, and the cgroup (named for the job) is gone after."""
+    import json
+
+    import cgroup_probe
+
+    before = wait_launcher(env, rt)
+    hog = subprocess.run(
+        [JBL, "run", "--json", "--runtime-dir", rt, "--memory", "48M", "--", "python3", "-c",
+         "import os; print(oct(os.umask(0)), flush=True); b = bytearray(256 << 20); print('survived')"],
+        capture_output=True, text=True, env=env, timeout=60, umask=0o027,
+        stdin=subprocess.DEVNULL)
+    assert hog.returncode == 138, hog.stderr
+    assert hog.stdout.startswith("0o27\n") and "survived" not in hog.stdout
+    rec = json.loads(hog.stdout[hog.stdout.index("{"):])
+    assert rec["reason"] == "oom", rec
+    bomb = jbl(env, "run", "--runtime-dir", rt, "--pids", "4", "--", "python3", "-c",
+               "import os, time\nn = 0\ntry:\n    while n < 50:\n"
+               "        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n"
+               "        n += 1\nexcept OSError:\n    print('stopped', n)")
+    assert (bomb.returncode, bomb.stdout) == (0, "stopped 3\n"), bomb.stderr  # 4, python's 1
+    st = status(env)
+    assert st["pid"] == before["pid"] and st["served"] == before["served"] + 3  # type: ignore[operator]
+    base = Path("/sys/fs/cgroup") if cgroup_probe.is_v2() else Path("/sys/fs/cgroup/pids")
+    assert not (base / "jbl" / rec["job_id"]).exists()
+
+
+@code_may_change
 def test_launcher_sigkilled_mid_job(env: dict[str, str], rt: str, tmp_path: Path) -> None:
     before = wait_launcher(env, rt)
     out = tmp_path / "k"

@@ -1,0 +1,190 @@
+"""What a launcher's job process makes ready before its request arrives, so a short job's
+start pays only for what depends on the request (runner/launcher.py, launchrelay.py).
+
+* **The job id**, and **a cgroup** named for it, made with no limits; the request's limits
+  are written into it (``JobCgroup.limit``) when they fit (``JobCgroup.fits``: the default
+  parent, no cpuset, io or device rules).
+* **The sandbox helper**, exec'd ahead as a small interpreter of its own
+  (``python -I -S sandbox.py --wait``, ``sandbox.wait_main``) and moved into that cgroup
+  once it is up. Moving a process into a cgroup waits for an RCU grace period (~10 ms
+  here, v1 and v2 alike): the largest single cost of a short job's start, now paid while
+  idle. Its start-up pages stay charged where they were; the job's limits count what it
+  does from its plan on. Being small, its forks (init, the job) are cheap.
+* **The job-record database**, open (``JobStore.open_own``), for the records directory the
+  launcher's environment names; a request that names another one opens its own.
+
+Anything the request does not use is discarded at the end (``discard``): the helper gets
+EOF and exits, its cgroup is removed. Failing to prepare a part only means the request does
+that part itself, as an in-process ``jbl run`` always does (``current`` is None there).
+Everything here belongs to the process that prepared it (``owner``): a process forked from
+it (``jbl run`` with a terminal, runner/foreground.py) finds nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import marshal
+import os
+import select
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+READY_WAIT = 5.0  # s a helper may take to start before it is given up
+
+
+class Helper:
+    """A sandbox helper waiting for its plan, and the cgroup it is in."""
+
+    def __init__(self, pid: int, sock: socket.socket, cgroup: Any) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.cgroup = cgroup
+
+    @classmethod
+    def start(cls, job_id: str) -> Helper | None:
+        from .cgroups import JobCgroup
+        from .plan import Limits
+        from .supervise import SANDBOX
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.set_inheritable(theirs.fileno(), True)
+            pid = os.posix_spawn(sys.executable, [
+                sys.executable, "-I", "-S", SANDBOX, "--wait", str(theirs.fileno()),
+                str(os.getpid())], {})
+        except OSError:
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        me = cls(pid, ours, None)
+        try:
+            ready, _, _ = select.select([ours], [], [], READY_WAIT)
+            if not ready or ours.recv(1) != b"R":
+                raise OSError("the helper did not start")
+            me.cgroup = JobCgroup.create(job_id, Limits())
+            for f in me.cgroup.procs_files:
+                fd = os.open(f, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, str(pid).encode())
+                finally:
+                    os.close(fd)
+        except OSError:
+            me.discard()
+            return None
+        return me
+
+    def launch(self, wire: dict[str, Any], status_w: int, stdio: tuple[int, int, int]) -> int:
+        """Hand the helper its plan (``Plan.to_wire``), the status pipe's write end and the
+        job's stdio; it runs the plan as a forked helper would. Its pid."""
+        umask = os.umask(0o022)
+        os.umask(umask)
+        body = marshal.dumps({"umask": umask, "plan": wire})
+        data = len(body).to_bytes(4, "big") + body
+        fds = [status_w, *stdio]
+        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           b"".join(fd.to_bytes(4, sys.byteorder)
+                                                    for fd in fds))])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+        self.sock.close()
+        return self.pid
+
+    def discard(self) -> None:
+        """Not needed: EOF ends the helper; then its cgroup goes."""
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+@dataclass
+class Warm:
+    owner: int
+    job_id: str
+    helper: Helper | None = None
+    records: Any = None  # runner.jobstore.JobStore, open
+    records_dir: Path | None = None  # what it was opened for (None: the state directory)
+    records_ino: tuple[int, int] = (0, 0)
+
+    def discard(self) -> None:
+        if self.helper is not None:
+            self.helper.discard()
+            self.helper = None
+        if self.records is not None:
+            with contextlib.suppress(Exception):
+                self.records.close()
+            self.records = None
+
+
+current: Warm | None = None
+
+
+def prepare() -> None:
+    """In a launcher's job process, before its request: make ``current``."""
+    global current
+    from .plan import new_job_id
+
+    warm = Warm(os.getpid(), new_job_id())
+    warm.helper = Helper.start(warm.job_id)
+    with contextlib.suppress(Exception):
+        from .jobstore import DB_NAME, JobStore, chosen_dir
+
+        warm.records_dir = chosen_dir(os.environ.get("JBL_JOBS_DIR", ""))
+        warm.records = JobStore.open_own(warm.records_dir)
+        st = os.stat(warm.records.where / DB_NAME)
+        warm.records_ino = (st.st_dev, st.st_ino)
+    current = warm
+
+
+def _mine() -> Warm | None:
+    return current if current is not None and current.owner == os.getpid() else None
+
+
+def job_id() -> str | None:
+    """The id the prepared parts are named for, or None (then the request makes one)."""
+    w = _mine()
+    return w.job_id if w is not None else None
+
+
+def take_helper(job: str, limits: Any, devices: Any, parent: str | None) -> Helper | None:
+    """The prepared helper and its cgroup, when they fit job ``job`` with these limits;
+    otherwise they are discarded now (the job makes its own, under the same name)."""
+    w = _mine()
+    if w is None or w.helper is None:
+        return None
+    helper, w.helper = w.helper, None
+    if job == w.job_id and helper.cgroup.fits(limits, devices, parent):
+        return helper
+    helper.discard()
+    return None
+
+
+def take_records(directory: Path | None) -> Any:
+    """The open job-record database for ``directory`` (None: the state directory), if it
+    is the one prepared and still the same file; else None."""
+    w = _mine()
+    if w is None or w.records is None:
+        return None
+    store, w.records = w.records, None
+    from .jobstore import DB_NAME
+
+    try:
+        st = os.stat(store.where / DB_NAME)
+        if directory == w.records_dir and (st.st_dev, st.st_ino) == w.records_ino:
+            return store
+    except OSError:
+        pass
+    store.close()
+    return None
+
+
+def discard() -> None:
+    """At the job process's end: whatever it did not use."""
+    w = _mine()
+    if w is not None:
+        w.discard()
