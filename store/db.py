@@ -3,6 +3,10 @@
 Thread-safety: an apsw ``Connection`` may be used from one thread at a time; each process
 (and each long-lived thread that writes) opens its own. Writers serialise in SQLite itself
 (``BEGIN IMMEDIATE`` + busy timeout); readers never block writers (WAL).
+
+Busy: every statement runs here, and an ``apsw.BusyError`` that gets past the busy timeout
+(or one SQLite raises without waiting) leaves this module as ``StoreBusy`` (``_busy``): one
+line and exit 9 at the CLI, EAGAIN at the mount, never a raw apsw error.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ BUSY_TIMEOUT_MS = 60_000  # installs and gc hold the write lock for one short co
 WAL_KEEP_BYTES = 4 << 20  # the persistent WAL is truncated to this after a checkpoint
 
 
+def _busy(path: Path) -> StoreBusy:
+    return StoreBusy(f"the store index {path} is locked by another jbl process (an install, "
+                     "gc or mount); try again")
+
+
 class DB:
     """A thin wrapper: ``query``/``one``/``scalar``/``execute`` with bound parameters only,
     ``write()`` for an immediate transaction."""
@@ -40,15 +49,24 @@ class DB:
         self.changed = False
 
     def query(self, sql: str, params: Params = ()) -> list[Row]:
-        return list(self.conn.execute(sql, params))
+        try:
+            return list(self.conn.execute(sql, params))
+        except apsw.BusyError:
+            raise _busy(self.path) from None
 
     def iter(self, sql: str, params: Params = ()) -> Iterator[Row]:
-        return iter(self.conn.execute(sql, params))
+        try:
+            yield from self.conn.execute(sql, params)
+        except apsw.BusyError:
+            raise _busy(self.path) from None
 
     def one(self, sql: str, params: Params = ()) -> Row | None:
         row: Row
-        for row in self.conn.execute(sql, params):
-            return row
+        try:
+            for row in self.conn.execute(sql, params):
+                return row
+        except apsw.BusyError:
+            raise _busy(self.path) from None
         return None
 
     def scalar(self, sql: str, params: Params = ()) -> Any:
@@ -56,10 +74,16 @@ class DB:
         return None if row is None else row[0]
 
     def execute(self, sql: str, params: Params = ()) -> None:
-        self.conn.execute(sql, params)
+        try:
+            self.conn.execute(sql, params)
+        except apsw.BusyError:
+            raise _busy(self.path) from None
 
     def executemany(self, sql: str, rows: Any) -> None:
-        self.conn.executemany(sql, rows)
+        try:
+            self.conn.executemany(sql, rows)
+        except apsw.BusyError:
+            raise _busy(self.path) from None
 
     @contextmanager
     def write(self, *, public: bool = True) -> Iterator[DB]:
@@ -67,13 +91,10 @@ class DB:
 
         ``public=False`` for writes the published summary need not show at once (leases:
         the mount's lease worker must not pay for a refresh on a user's first ``ls``)."""
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except apsw.BusyError:
-            raise StoreBusy("the store index is locked by another writer; try again") from None
+        self.execute("BEGIN IMMEDIATE")
         try:
             yield self
-            self.conn.execute("COMMIT")
+            self.execute("COMMIT")
             self.changed = self.changed or public
         except BaseException as e:
             if not self.conn.getautocommit():  # still in the transaction: undo it
@@ -92,7 +113,7 @@ def _configure(conn: apsw.Connection, readonly: bool) -> None:
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     # WAL: readers (the mount, `list`) never block the single writer and vice versa.
     if not readonly:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(conn)
         # Keep `-wal` and `-shm` when the last writer closes (SQLite deletes them otherwise):
         # an admin-group member who may not write the store directory's files can open a WAL
         # index read-only only while both exist. SQLite creates them with the index's own
@@ -113,6 +134,25 @@ def _configure(conn: apsw.Connection, readonly: bool) -> None:
     conn.execute("PRAGMA temp_store=MEMORY")
     # Memory-map the index for reads (256 MiB window): fewer syscalls per lookup.
     conn.execute("PRAGMA mmap_size=268435456")
+
+
+def _switch_to_wal(conn: apsw.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, retried for as long as the busy timeout.
+
+    On an index that is already WAL this only reads. On a new, empty one it writes the WAL
+    mark into the header: a read that becomes a write inside one statement, which SQLite
+    answers with BUSY at once, without the busy handler, when another process creating the
+    same store holds the write lock for its own switch (two first installs at once). So we
+    wait here instead; the other process's switch takes milliseconds."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except apsw.BusyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _pragma_int(conn: apsw.Connection, name: str) -> int:
@@ -211,6 +251,8 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
                          f"({'read-only' if readonly else 'read-write'})") from None
     except apsw.NotADBError:
         raise StoreError(f"{path} is not a SQLite database (corrupt store index?)") from None
+    except apsw.BusyError:  # past the busy timeout (or _switch_to_wal's)
+        raise _busy(path) from None
     db = DB(conn, path)
     db.changed = migrated  # a new store: publish its (empty) summary
     return db

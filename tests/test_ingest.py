@@ -11,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from conftest import JBL, assert_one_line_error, run_jbl
 from fixtures_ingest import gnu_tar, source_tree, stored_tree
 from jbl.store.blobs import BlobStore
+from jbl.store.db import create_index
 from pausepoints import Pauses
 
 MiB = 1 << 20
@@ -132,19 +134,20 @@ def test_two_imports_at_once_both_succeed(tmp_path: Path, store_dir: Path) -> No
 
     # left and the first right have read everything and written their blobs, and are held
     # just before their commit; the second right then runs start to end and commits
-    held = [start(t, pauses.env("ingest.before-commit")) for t in tarballs[:2]]
-    try:
-        flags = pauses.wait("ingest.before-commit", held)
-        late = start(tarballs[2], {})
-        late_out = late.communicate(timeout=120)
-        assert late.returncode == 0, late_out
-        assert late_out[0].startswith("installed right@1.0.0"), late_out
-        pauses.release(flags)
-        outs = [p.communicate(timeout=120) for p in held]
-    finally:
-        for p in held:
-            p.kill()
-            p.wait()
+    with start(tarballs[0], pauses.env("ingest.before-commit")) as left, \
+            start(tarballs[1], pauses.env("ingest.before-commit")) as right:
+        held = [left, right]
+        try:
+            flags = pauses.wait("ingest.before-commit", held)
+            with start(tarballs[2], {}) as late:
+                late_out = late.communicate(timeout=120)
+            assert late.returncode == 0, late_out
+            assert late_out[0].startswith("installed right@1.0.0"), late_out
+            pauses.release(flags)
+            outs = [p.communicate(timeout=120) for p in held]
+        finally:
+            for p in held:
+                p.kill()
     assert [p.returncode for p in held] == [0, 0], outs
     assert outs[0][0].startswith("installed left@1.0.0"), outs
     # the first right found the second's commit only inside its own transaction: the re-check
@@ -152,6 +155,50 @@ def test_two_imports_at_once_both_succeed(tmp_path: Path, store_dir: Path) -> No
     con = apsw.Connection(str(store_dir / "index.db"), flags=apsw.SQLITE_OPEN_READONLY)
     assert sorted(con.execute("SELECT name FROM versions")) == [("left",), ("right",)]
     con.close()
+
+
+# Another process creating the same store: it holds the write lock of the new, still empty
+# index (as while it switches it to WAL) until its stdin is closed.
+_CREATING = """
+import sys, apsw
+con = apsw.Connection(sys.argv[1])
+con.execute("BEGIN IMMEDIATE")
+con.execute("CREATE TABLE racing_creator(x)")
+print("held", flush=True)
+sys.stdin.read()
+con.execute("ROLLBACK")
+"""
+
+
+def test_first_import_waits_for_another_process_creating_the_index(tmp_path: Path,
+                                                                   store_dir: Path) -> None:
+    """Two first installs at once: one opens the index while the other holds its write lock
+    to switch the empty file to WAL. It waits and installs (it used to stop at once with
+    'internal error: BusyError: database is locked': SQLite does not retry that statement)."""
+    import hostile
+    tarball = tmp_path / "rt.tar"
+    tarball.write_bytes(hostile.tar())
+    store_dir.mkdir()
+    create_index(store_dir / "index.db")  # what the other process's open did first
+    with subprocess.Popen([sys.executable, "-c", _CREATING, str(store_dir / "index.db")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as other:
+        assert other.stdout is not None and other.stdin is not None
+        assert other.stdout.readline() == "held\n"
+        with subprocess.Popen([JBL, "--store", str(store_dir), "store", "import", str(tarball)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as imp:
+            try:
+                try:
+                    imp.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    pass  # waiting for the lock, as it should
+                else:
+                    pytest.fail(f"the import did not wait: {imp.communicate()}")
+            finally:
+                other.stdin.close()  # the other process is done: the import goes on
+            out, err = imp.communicate(timeout=120)
+    assert (other.returncode, imp.returncode) == (0, 0), err
+    assert out.startswith("installed hostile@1.0.0"), (out, err)
 
 
 @pytest.mark.parametrize("point", ["ingest.blobs-written", "ingest.before-commit",
