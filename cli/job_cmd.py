@@ -97,7 +97,10 @@ class JobRecord:
             if self.note is not None:
                 self.note(f"the end of job {self.job_id} is not recorded: {e}")
         finally:
-            self.store.close()
+            from jbl.runner import warm
+
+            if not warm.fast_exit():  # a launcher's job process leaves it to os._exit
+                self.store.close()
 
 
 def describe(req: Any) -> dict[str, Any]:

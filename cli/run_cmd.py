@@ -321,6 +321,10 @@ def run(args: argparse.Namespace) -> int:
         rec = result.record()
         rec["version"] = label.rpartition("@")[2]
         print_json(rec)
+    from jbl.runner import warm
+
+    sys.stdout.flush()
+    warm.report_exit(result.exit_status)  # a launcher's job process: the client may go now
     return int(result.exit_status)
 
 

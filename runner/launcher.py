@@ -61,7 +61,7 @@ PRELOAD = ("jbl.cli.main", "jbl.cli.run_cmd", "jbl.cli.job_cmd", "jbl.cli.job_op
            "jbl.cli.joblet_cmd", "jbl.cli.options", "jbl.cli.output", "jbl.runner.supervise",
            "jbl.runner.jobstore", "jbl.runner.detach", "jbl.fusefs.broker",
            "jbl.store.store", "jbl.store.snapshot", "jbl.store.access", "jbl.store.units",
-           "jbl.store.config", "apsw")
+           "jbl.store.config", "jbl.store.rnxconfig", "resource", "apsw")
 
 
 class Launcher:
@@ -354,10 +354,19 @@ def preload() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    import grp
+    import pwd
+
     from jbl.cli.main import build_parser, keep_parsers
 
+    # the name service's modules (NSS), loaded by the first lookup: the job records and
+    # the job's /etc/passwd name the user
+    with contextlib.suppress(KeyError):
+        pwd.getpwuid(os.geteuid())
+        grp.getgrgid(os.getegid())
     keep_parsers()
-    build_parser(["run"])  # once, and argparse's lazily imported parts with it
+    # once, and argparse's lazily imported parts and regular expressions with it
+    build_parser(["run"]).parse_known_args(["run", "--runtime-dir", "/", "--", "true"])
     import gc
 
     # Everything loaded so far lives as long as the launcher: out of the collector's sight,

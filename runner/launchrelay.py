@@ -78,7 +78,7 @@ class JobSpare:
             fd.to_bytes(4, sys.byteorder) for fd in fds))])
         if sent < len(data):
             self.sock.sendall(data[sent:])
-        self.sock.close()
+        self.sock.shutdown(socket.SHUT_WR)  # it may still say its exit status early
 
 
 def _job_spare(sock: socket.socket, relay: int) -> None:
@@ -109,7 +109,8 @@ def _job_spare(sock: socket.socket, relay: int) -> None:
         warm.discard()
         os._exit(0)
     caller, argv, env, umask = marshal.loads(data[4:])
-    _job_process(sock, fds, relay, caller, argv, env, umask)  # never returns
+    warm.relay = sock  # for report_exit
+    _job_process(None, fds, relay, caller, argv, env, umask)  # never returns
 
 
 class Relay:
@@ -157,7 +158,8 @@ class Relay:
             os.close(fd)
         self._say(f"ok {pid} {self.launcher_pid} {self.served}")
         status = self._relay(pid)
-        self._say(f"exit {status}")
+        if status is not None:  # else the job process said it early (warm.report_exit)
+            self._say(f"exit {status}")
         return 0
 
     def _committed(self) -> bool:
@@ -249,21 +251,36 @@ class Relay:
 
     # ---- while the job process runs -------------------------------------------------------
 
-    def _relay(self, pid: int) -> int:
-        """Forward signal bytes to ``pid`` until it ends; its exit status (128+N: signal N).
-        EOF from the client is a hang-up: SIGHUP, once."""
+    def _relay(self, pid: int) -> int | None:
+        """Forward signal bytes to ``pid`` until it ends; its exit status (128+N: signal N),
+        or None when the job process (a spare's) reported it early: then it was passed on
+        at once, before the job process's own teardown. EOF from the client is a hang-up:
+        SIGHUP, once."""
         pidfd = os.pidfd_open(pid)
         allowed = {int(s) for s in proto.FORWARD}
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
         poller.register(self.conn, select.POLLIN)
+        early = self.spare.sock if self.spare is not None else None
+        if early is not None:
+            poller.register(early, select.POLLIN)
+        said = False
         try:
             while True:
                 events = dict(poller.poll())
                 if pidfd in events:
                     _, wstatus = os.waitpid(pid, 0)
                     code = os.waitstatus_to_exitcode(wstatus)
-                    return code if code >= 0 else 128 - code
+                    return None if said else code if code >= 0 else 128 - code
+                if early is not None and early.fileno() in events:
+                    poller.unregister(early)
+                    line = b""
+                    with contextlib.suppress(OSError):
+                        line = early.recv(64)
+                    if line.startswith(b"exit ") and line[5:].strip().isdigit():
+                        self._say(f"exit {int(line[5:])}")
+                        said = True
+                    continue
                 if events:
                     try:
                         data = self.conn.recv(64)
@@ -280,14 +297,15 @@ class Relay:
             os.close(pidfd)
 
 
-def _job_process(conn: socket.socket, fds: list[int], relay: int, caller: int,
+def _job_process(conn: socket.socket | None, fds: list[int], relay: int, caller: int,
                  argv: list[str], env: dict[bytes, bytes], umask: int) -> None:
     code = 1
     try:
         from .sandbox import PR_SET_PDEATHSIG, libc
 
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
-        conn.close()
+        if conn is not None:
+            conn.close()
         if os.getppid() != relay:  # the relay died before the parent-death signal was set
             os._exit(128 + signal.SIGHUP)
         _adopt(fds, env, umask)

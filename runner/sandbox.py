@@ -757,20 +757,30 @@ def run_forked(plan: dict[str, Any], status_fd: int, parent: int) -> NoReturn:
         os._exit(SETUP_FAILED)  # never return into the supervisor's code
 
 
-READY = b"R"  # a waiting helper's word: started, waiting for its plan (runner/warm.py)
+READY, READY_NET = b"R", b"N"  # a waiting helper's word (runner/warm.py): up; up, in a new
+# network namespace with its loopback up
 
 
-def wait_main(sock_fd: int, parent: int) -> NoReturn:
-    """A helper exec'd *ahead* of its job (``python -I -S sandbox.py --wait SOCK PARENT``,
-    runner/warm.py): say READY on the stream socket SOCK, then wait for one message, sent
-    with ``send_plan``: a 4-byte length, then ``marshal`` data ``{"umask", "plan"}``, with the
-    status pipe and the job's stdio (4 fds) passed on its first byte. EOF first: nobody
-    needs us (exit 0). Then it goes on as ``run_forked`` does."""
+def wait_main(sock_fd: int, parent: int, net: bool) -> NoReturn:
+    """A helper exec'd *ahead* of its job (``python -I -S sandbox.py --wait SOCK PARENT
+    [--net]``, runner/warm.py). With ``--net`` it first moves into a network namespace of
+    its own and brings its loopback up (what ``unshare`` and ``loopback_up`` would do for a
+    job without network, the slowest of its steps). It says READY (or READY_NET) on the
+    stream socket SOCK, then waits for one message: a 4-byte length, then ``marshal`` data
+    ``{"umask", "plan"}``, with the status pipe and the job's stdio (4 fds) passed on its
+    first byte. EOF first: nobody needs us (exit 0). Then it goes on as ``run_forked``."""
     import _socket
 
     sock = _socket.socket(fileno=sock_fd)
+    word = READY
+    if net and libc.unshare(CLONE_NEWNET) == 0:
+        try:
+            Sandbox(-1, "").op_loopback_up()
+            word = READY_NET
+        except StepFailed:
+            os._exit(0)  # a network namespace without its loopback: never used
     try:
-        sock.sendall(READY)
+        sock.sendall(word)
         data, anc, flags, _ = sock.recvmsg(1 << 16, _socket.CMSG_SPACE(4 * 4))
     except OSError:
         os._exit(0)
@@ -809,7 +819,7 @@ def wait_main(sock_fd: int, parent: int) -> NoReturn:
 def main(argv: list[str]) -> NoReturn:
     """The helper as its own exec'd interpreter (``python -I -S sandbox.py ...``)."""
     if argv[1] == "--wait":
-        wait_main(int(argv[2]), int(argv[3]))
+        wait_main(int(argv[2]), int(argv[3]), argv[4:] == ["--net"])
     plan_fd, status_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
     box = prepare_helper(status_fd, parent)
     chunks = []

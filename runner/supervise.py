@@ -186,7 +186,7 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
     plan = prepare(req, manifest, pty, gpu, note)
     # a launcher's job process has a helper waiting in a cgroup made ahead (runner/warm.py)
     helper = None if slirp else warm.take_helper(plan.job_id, plan.limits, plan.devices,
-                                                 req.cgroup_parent)
+                                                 req.cgroup_parent, req.network)
     try:
         if helper is not None:
             cg = helper.cgroup

@@ -184,7 +184,8 @@ def test_launched_job_gets_its_limits_and_umask_in_a_cgroup_made_ahead(
     before = wait_launcher(env, rt)
     hog = subprocess.run(
         [JBL, "run", "--json", "--runtime-dir", rt, "--memory", "48M", "--", "python3", "-c",
-         "import os; print(oct(os.umask(0)), flush=True); b = bytearray(256 << 20); print('survived')"],
+         "import os; print(oct(os.umask(0)), flush=True); b = bytearray(256 << 20); "
+         "print('survived')"],
         capture_output=True, text=True, env=env, timeout=60, umask=0o027,
         stdin=subprocess.DEVNULL)
     assert hog.returncode == 138, hog.stderr
