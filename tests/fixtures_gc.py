@@ -166,7 +166,12 @@ def lease_holder(store_dir: Path, spec: str) -> subprocess.Popen[str]:
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
-    assert p.stdout.readline().strip() == "leased"
+    try:
+        assert p.stdout.readline().strip() == "leased"
+    except BaseException:
+        with p:  # pipes closed, process waited for
+            p.kill()
+        raise
     return p
 
 

@@ -11,12 +11,15 @@ Three kinds of real processes share one store for ~15 s:
   "not installed"); once leased, no read may ever fail.
 A fourth process holds a lease on the oldest version throughout: gc's own output must show it
 met that version and kept it (``in_use``) while it removed the other old ones. Each import
-waits for a gc run that started after it, so gc really sees every version.
+waits for a gc run that started after it, so gc really sees every version; then the loops
+go on until gc has taken every old version (a reader's lease keeps one only while it reads),
+within a deadline.
 At the end `verify --data` passes, only the 2 latest versions remain, nothing leaked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -98,10 +101,6 @@ def test_gc_loop_with_concurrent_imports_and_readers(store_dir: Path, tmp_path: 
     stop = tmp_path / "stop"
 
     run_jbl("store", "import", tarballs[0], store=store_dir).ok()
-    readers = [subprocess.Popen([sys.executable, "-c", READER, str(store_dir),
-                                 str(tmp_path / "expected.json"), str(stop)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
     gc_outs: list[dict] = []
     gc_errors: list[str] = []
     ran = threading.Condition()
@@ -124,28 +123,46 @@ def test_gc_loop_with_concurrent_imports_and_readers(store_dir: Path, tmp_path: 
             want = len(gc_outs) + len(gc_errors) + 1 + n
             assert ran.wait_for(lambda: len(gc_outs) + len(gc_errors) >= want, timeout=60)
 
-    # a job that holds the oldest version all along: every gc that would take it meets it
-    holder = lease_holder(store_dir, "rt@1.0.0")
-    t = threading.Thread(target=gc_loop)
-    t.start()
-    try:
-        for tb in tarballs[1:]:
-            run_jbl("store", "import", tb, store=store_dir).ok()
-            gc_runs_after_now(1)  # gc sees each version before the next arrives
-    finally:
-        stop.touch()
-        t.join()
-        outs = [r.communicate(timeout=60) for r in readers]
-    assert all(r.returncode == 0 for r in readers), [err for _o, err in outs]
-    results = [json.loads(out) for out, _err in outs]
-    assert [r["failures"] for r in results] == [[], []]
-    assert sum(r["reads"] for r in results) >= 10  # the readers really read
-    assert gc_errors == [] and len(gc_outs) >= len(VERSIONS)
-    # gc met the leased version and kept it, every time, and took the unleased old ones
-    assert any(o["in_use"] == ["rt@1.0.0"] for o in gc_outs), gc_outs
-    assert not any("rt@1.0.0" in o["removed"] for o in gc_outs)
-    assert {v for o in gc_outs for v in o["removed"]} >= {f"rt@{v}" for v in VERSIONS[1:-2]}
-    holder.communicate("", timeout=30)
+    def taken() -> set[str]:
+        """Versions gc took: removed at once, or deferred (leased meanwhile) and purged by a
+        later run once that lease was gone."""
+        return {v for o in gc_outs for v in o["removed"] + o["purged"]}
+
+    old = {f"rt@{v}" for v in VERSIONS[1:-2]}
+    # Whatever fails, every process is stopped, its pipes closed and it is waited for.
+    with contextlib.ExitStack() as procs:
+        readers = [procs.enter_context(subprocess.Popen(
+            [sys.executable, "-c", READER, str(store_dir), str(tmp_path / "expected.json"),
+             str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for _ in range(2)]
+        procs.callback(stop.touch)  # runs before the readers are waited for
+        # a job that holds the oldest version all along: every gc that would take it meets it
+        holder = procs.enter_context(lease_holder(store_dir, "rt@1.0.0"))
+        t = threading.Thread(target=gc_loop)
+        t.start()
+        try:
+            for tb in tarballs[1:]:
+                run_jbl("store", "import", tb, store=store_dir).ok()
+                gc_runs_after_now(1)  # gc sees each version before the next arrives
+            # A reader leasing an old version keeps it (in_use) for as long as it reads; gc
+            # takes it at a later run. So the loops go on until gc took every old version,
+            # within a deadline: a version gc skipped for good fails below.
+            with ran:
+                ran.wait_for(lambda: old <= taken() or bool(gc_errors), timeout=120)
+        finally:
+            stop.touch()
+            t.join()
+            outs = [r.communicate(timeout=60) for r in readers]
+        assert all(r.returncode == 0 for r in readers), [err for _o, err in outs]
+        results = [json.loads(out) for out, _err in outs]
+        assert [r["failures"] for r in results] == [[], []]
+        assert sum(r["reads"] for r in results) >= 10  # the readers really read
+        assert gc_errors == [] and len(gc_outs) >= len(VERSIONS)
+        # gc met the leased version and kept it, every time, and took the unleased old ones
+        assert any(o["in_use"] == ["rt@1.0.0"] for o in gc_outs), gc_outs
+        assert "rt@1.0.0" not in taken()
+        assert old <= taken(), (sorted(old - taken()), gc_outs[-3:])
+        holder.communicate("", timeout=30)
     assert json.loads(run_jbl("store", "gc", "--json", "--keep-latest", "2", "--grace", "0s",
                               store=store_dir).ok().out)["removed"] == ["rt@1.0.0"]
 
