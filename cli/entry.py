@@ -1,10 +1,14 @@
 """The ``jbl`` console script: ``jbl run`` through the user's resident launcher when one
-answers, everything else (and ``jbl run`` when none does) through ``jbl.cli.main``.
+answers, ``jbl job list|status|log`` through cli/job_light.py, everything else (and those when
+they are not taken) through ``jbl.cli.main``.
 
 Kept light on purpose: for a ``jbl run`` that a launcher takes, this module and
 ``jbl.runner.launchproto`` are all of jbl that this process imports (stdlib ``os``, ``sys``,
 ``_socket``, ``signal``, ``zlib``); the launcher's forked child runs the normal ``jbl run``
 code with our fds, cwd, umask and environment (runner/launcher.py).
+
+``jbl job list|status|log`` start as light (cli/job_light.py): the job records' own code
+only, no argparse, settings or config.
 
 ``JBL_LAUNCHER=0`` (store/settings.py) never uses or starts a launcher. ``JBL_VIEW_LINGER=0``
 (nothing lingers) uses one that is running but starts none.
@@ -44,6 +48,17 @@ def main() -> None:
         else:
             sys.stderr.flush()
             os._exit(code)  # nothing of ours to tear down: the job process flushed its own
+    elif _command(argv) == "job":
+        from jbl.cli import job_light
+
+        done = job_light.main(argv)  # list/status/log: None for anything else
+        if done is not None:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except (BrokenPipeError, ValueError):
+                done = done or 1
+            os._exit(done)  # the command closed its database; no module teardown to wait for
     from jbl.cli.main import entry
 
     entry()

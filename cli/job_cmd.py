@@ -8,8 +8,6 @@ user's, read-only.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import pwd
@@ -19,9 +17,13 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 from jbl.store.errors import ExitCode, JblError, PermissionDenied, UsageError
+
+TYPE_CHECKING = False  # list/status/log start light: cli/job_light.py
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 FOLLOW_POLL = 0.1  # s between looks at the database while following a live log
 STOP_SLACK = 10.0  # s beyond the job's grace that `job stop` waits for the end
@@ -105,6 +107,8 @@ class JobRecord:
 
 def describe(req: Any) -> dict[str, Any]:
     """What a record says of a request: secret values are replaced, never stored."""
+    import dataclasses
+
     limits = {k: v for k, v in dataclasses.asdict(req.limits).items()
               if v not in (None, (), [])}
     env = dict(req.env)
@@ -159,6 +163,8 @@ def launch_detached(args: argparse.Namespace) -> int:
     """``jbl run --detach``: check the options and resolve the runtime here (a mistake is one
     line and its exit code, as in the foreground), record the job, fork its supervisor into a
     session of its own, print the id and return."""
+    import dataclasses
+
     from jbl.cli import run_cmd
     from jbl.runner import detach
     from jbl.runner.jobstore import JobStore, process_start
@@ -264,42 +270,30 @@ def _when(t: float | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from jbl.runner.jobstore import format_table
+
     stores = _stores(args)
+    every = bool(getattr(args, "all", False))
     try:
         if args.json and len(stores) == 1:
-            sys.stdout.write(stores[0].json_text(args.state) + "\n")
-            return 0
-        if args.json:
-            from jbl.cli.output import emit
-
+            text = stores[0].json_text(args.state)
+        elif args.json:
             rows = [r for store in stores for r in store.jobs(args.state)]
-            if len(stores) > 1:
-                rows.sort(key=lambda r: r["created"])
-            emit(args, rows, [], compact=True)
-            return 0
-        from jbl.runner.jobstore import TABLE_COLUMNS
-
-        if len(stores) == 1:
-            text = stores[0].table_text(args.state, user=bool(getattr(args, "all", False)))
-            sys.stdout.write(text or ("" if getattr(args, "quiet", False) else "no jobs\n"))
-            return 0
-        lines = [r for store in stores for r in store.table(args.state)]
+            rows.sort(key=lambda r: r["created"])
+            text = json.dumps(rows)
+        elif len(stores) == 1:
+            text = stores[0].table_text(args.state, user=every)
+        else:
+            lines = [r for store in stores for r in store.table(args.state)]
+            lines.sort(key=lambda r: r[-1])
+            text = format_table(lines, user=every)
     finally:
         for store in stores:
             store.close()
-    if not lines:
-        if not getattr(args, "quiet", False):
-            print("no jobs")
-        return 0
-    if len(stores) > 1:
-        lines.sort(key=lambda r: r[-1])
-    # the table written in one piece (10,000 rows: a print per row costs ~90 ms)
-    keep = [i for i in range(len(TABLE_COLUMNS))
-            if i != 1 or getattr(args, "all", False)]  # USER: with --all only
-    cells = [[TABLE_COLUMNS[i] for i in keep], *([str(r[i]) for i in keep] for r in lines)]
-    widths = [max(map(len, col)) for col in zip(*cells, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
-    sys.stdout.write("\n".join(fmt.format(*row) for row in cells) + "\n")
+    if args.json:
+        sys.stdout.write(text + "\n")
+    else:
+        sys.stdout.write(text or ("" if getattr(args, "quiet", False) else "no jobs\n"))
     return 0
 
 

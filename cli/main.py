@@ -2,16 +2,14 @@
 
 Each command group lives in its own module exposing ``register(subparsers, parents)``; the
 handler set with ``set_defaults(func=...)`` takes the parsed ``args`` and returns an exit code.
-Expected failures are ``JblError`` subclasses: one line on stderr, their ``exit_code``.
-An ``OSError`` no command translated is still one line naming the path (exit 8 for a
-permission, else 1). Anything else is a bug: one line plus "run with --debug", or the
-traceback under ``--debug``.
+Expected failures are ``JblError`` subclasses: one line on stderr, their ``exit_code``; an
+``OSError`` no command translated, one line naming the path; anything else is a bug, one line
+plus "run with --debug" (cli/exits.py says each), or the traceback under ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -19,10 +17,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from jbl.store import crashpoints
-from jbl.store.errors import ExitCode, JblError, UsageError
+from jbl.store.errors import ExitCode, UsageError
 from jbl.store.settings import NO_ACTION, resolve
 
-from . import options
+from . import exits, options
 
 # Command-group modules, in the order `jbl --help` lists them. Each owns its subcommands.
 # COMMANDS maps a top-level command to its module, so `jbl run` imports only what it needs
@@ -174,35 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         global _exit_now
         _exit_now = bool(getattr(args, "exit_now", False))  # set by e.g. run_cmd.register
         return code
-    except JblError as e:
-        if debug:
-            raise
-        print(f"jbl: error: {e}", file=sys.stderr)
-        return int(e.exit_code)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("jbl: interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         return int(ExitCode.ERROR)
-    except OSError as e:
-        # A path the system refused that no command translated (each should, with what to
-        # do): still one line naming the path, not a traceback or "internal error".
+    except (KeyboardInterrupt, Exception) as e:  # one line (cli/exits.py), unless debugging
         if debug:
             raise
-        name = e.filename if e.filename is not None else ""
-        where = f"{name}: " if name else ""
-        print(f"jbl: error: {where}{e.strerror or e} (run with --debug for details)",
-              file=sys.stderr)
-        return int(ExitCode.PERMISSION if e.errno in (errno.EACCES, errno.EPERM)
-                   else ExitCode.ERROR)
-    except Exception as e:  # a bug: say so in one line unless debugging
-        if debug:
-            raise
-        print(f"jbl: internal error: {type(e).__name__}: {e} (run with --debug for details)",
-              file=sys.stderr)
-        return int(ExitCode.ERROR)
+        return exits.report(e)
 
 
 def entry() -> None:

@@ -27,15 +27,18 @@ import errno
 import json
 import os
 import pwd
+import re
 import stat
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import apsw
 from jbl.store.errors import JblError, NotFound, PermissionDenied, UsageError
+
+TYPE_CHECKING = False  # typing costs ~3 ms of a 10,000-record `jbl job list` (cli/job_light.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 DB_NAME = "jobs.db"
 ROOT_DIR = Path("/var/lib/jbl-jobs")
@@ -94,12 +97,29 @@ LIST_COLUMNS = ("id", "user", "runtime", "command", "state", "created", "ended",
 TABLE_COLUMNS = ("ID", "USER", "STATE", "RUNTIME", "STARTED", "EXIT", "COMMAND")
 
 
-@dataclass(frozen=True)
+# A table cell shows each control character (C0, DEL, C1) as '?': a record is text someone
+# else may have written (root's --all, the admin service), never terminal commands.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_ROWS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # '\n' ends a row
+# A command's words joined by spaces, cut at 60 characters. jbl writes commands with
+# json.dumps: one without a backslash is '["w1", "w2"]' with no quote inside a word, so
+# removing the brackets and replacing '", "' is json_each's answer at half its cost; a
+# command that is not JSON (a forged record) is shown as it is stored.
+COMMAND_TEXT = ("substr(CASE WHEN instr(command, char(92)) = 0 AND command GLOB '[[]\"*\"]' "
+                "THEN replace(substr(command, 3, length(command) - 4), '\", \"', ' ') "
+                "WHEN json_valid(command) THEN (SELECT group_concat(value, ' ') FROM "
+                "json_each(command)) ELSE command END, 1, 60)")
+# datetime() is strftime('%Y-%m-%d %H:%M:%S', ...) at a third of its cost
+STARTED_TEXT = "datetime(created, 'unixepoch', 'localtime')"
+
+
 class Chunk:
-    seq: int
-    stream: int
-    ts: float
-    data: bytes
+    """One piece of a job's output (a plain class: dataclasses cost ~10 ms to import)."""
+
+    __slots__ = ("seq", "stream", "ts", "data")
+
+    def __init__(self, seq: int, stream: int, ts: float, data: bytes) -> None:
+        self.seq, self.stream, self.ts, self.data = seq, stream, ts, data
 
 
 def state_dir(uid: int) -> Path:
@@ -399,59 +419,50 @@ class JobStore:
 
     def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
         """Every record's ``LIST_COLUMNS``, oldest first (``lost`` worked out and, if
-        writable, stored). Made for 10,000 records: lost is looked for among running
-        records only, and the commands are parsed as one JSON document."""
-        lost = self._lost_running()
-        where, params = self._where(state)
-        rows = [dict(zip(LIST_COLUMNS, r, strict=True)) for r in self.conn.execute(
-            f"SELECT {', '.join(LIST_COLUMNS)} FROM jobs{where} ORDER BY created", params)]
-        commands = json.loads("[" + ",".join(str(r["command"]) for r in rows) + "]")
-        for r, command in zip(rows, commands, strict=True):
-            r["command"] = command
-            if r["id"] in lost:
-                r["state"] = r["reason"] = "lost"
-        return [r for r in rows if state is None or r["state"] == state]
+        writable, stored): ``json_text`` parsed."""
+        rows: list[dict[str, Any]] = json.loads(self.json_text(state))
+        return rows
 
     def table(self, state: str | None = None) -> list[tuple[Any, ...]]:
         """The rows of ``jbl job list`` as text, oldest first: ``TABLE_COLUMNS`` and then
-        ``created``. SQLite does the formatting (local time, the command's words joined and
-        cut at 60 characters): 10,000 rows in a few ms, no dict or JSON per row here."""
-        lost = self._lost_running()
-        where, params = self._where(state)
-        rows = self.conn.execute(
-            "SELECT id, user, state, runtime, strftime('%Y-%m-%d %H:%M:%S', created, "
-            "'unixepoch', 'localtime'), coalesce(exit_status, ''), substr((SELECT "
-            "group_concat(value, ' ') FROM json_each(command)), 1, 60), created "
-            f"FROM jobs{where} ORDER BY created", params).fetchall()
-        if lost:
-            rows = [(r[0], r[1], "lost", *r[3:]) if r[0] in lost else r for r in rows]
-        return [r for r in rows if state is None or r[2] == state]
+        ``created`` (to merge several stores' rows; ``format_table`` lays them out)."""
+        found, params = self._found(state)
+        return self.conn.execute(
+            f"SELECT id, user, st, runtime, {STARTED_TEXT}, coalesce(exit_status, ''), "
+            f"coalesce({COMMAND_TEXT}, ''), created FROM ({found}) ORDER BY created",
+            params).fetchall()
 
     def _found(self, state: str | None) -> tuple[str, dict[str, Any]]:
         """SQL for this store's records in ``state`` (None: all) with their shown state
         ``st`` and reason ``rs`` (``lost`` for a running record whose supervisor is gone,
         also in a read-only store), and its parameters."""
+        lost = sorted(self._lost_running())
+        if not lost:  # the usual case, and a third cheaper than the general one
+            return ("SELECT *, state AS st, reason AS rs FROM jobs "
+                    "WHERE :state IS NULL OR state = :state", {"state": state})
         sql = ("SELECT * FROM (SELECT *, CASE WHEN lost THEN 'lost' ELSE state END AS st, "
                "CASE WHEN lost THEN 'lost' ELSE reason END AS rs FROM (SELECT *, id IN "
                "(SELECT value FROM json_each(:lost)) AS lost FROM jobs)) "
                "WHERE :state IS NULL OR st = :state")
-        return sql, {"lost": json.dumps(sorted(self._lost_running())), "state": state}
+        return sql, {"lost": json.dumps(lost), "state": state}
 
     def json_text(self, state: str | None = None) -> str:
-        """``jbl job list --json`` of this one store: the same objects as ``jobs`` gives,
-        made by SQLite in one string (10,000 records: no dict per row here)."""
+        """``jbl job list --json`` of this one store, made by SQLite in one string (10,000
+        records: no dict per row here). A command that is not JSON (a forged record) is
+        given as the string stored."""
         found, params = self._found(state)
         text = self.conn.execute(
             "SELECT json_group_array(json_object('id', id, 'user', user, 'runtime', runtime, "
-            "'command', json(command), 'state', st, 'created', created, 'ended', ended, "
-            "'exit_status', exit_status, 'reason', rs) ORDER BY created) "
-            f"FROM ({found})", params).fetchall()[0][0]
+            "'command', CASE WHEN json_valid(command) THEN json(command) ELSE command END, "
+            "'state', st, 'created', created, 'ended', ended, 'exit_status', exit_status, "
+            f"'reason', rs) ORDER BY created) FROM ({found})", params).fetchall()[0][0]
         return str(text)
 
     def table_text(self, state: str | None = None, user: bool = False) -> str:
         """``jbl job list``'s table of this one store (header included; "" when no job),
         laid out by SQLite: no Python object per row (10,000 rows: ~3x faster than
-        ``table``, which a listing of several stores needs to merge them)."""
+        ``format_table``, which a listing of several stores needs to merge them, and which
+        this falls back to when a cell holds a line break or another control character)."""
         cols = [c for c in TABLE_COLUMNS if user or c != "USER"]
         found, params = self._found(state)
         n, *most = self.conn.execute(
@@ -463,25 +474,16 @@ class JobStore:
         widths = {c: max(len(c), int(m or 0)) for c, m in zip(TABLE_COLUMNS, most,
                                                              strict=False)}
         fields = {"ID": "id", "USER": "user", "STATE": "st", "RUNTIME": "runtime",
-                  "STARTED": "strftime('%Y-%m-%d %H:%M:%S', created, 'unixepoch', "
-                             "'localtime')", "EXIT": "coalesce(exit_status, '')"}
+                  "STARTED": STARTED_TEXT, "EXIT": "coalesce(exit_status, '')"}
         fmt = "  ".join("%-*s" for c in cols[:-1]) + "  %s"
         args = ", ".join(f"{widths[c]}, {fields[c]}" for c in cols[:-1])
-        text = self.conn.execute(
-            f"SELECT group_concat(printf('{fmt}', {args}, substr((SELECT group_concat(value, "
-            f"' ') FROM json_each(command)), 1, 60)), char(10) ORDER BY created) "
-            f"FROM ({found})", params).fetchall()[0][0]
+        text = str(self.conn.execute(
+            f"SELECT group_concat(printf('{fmt}', {args}, {COMMAND_TEXT}), char(10) "
+            f"ORDER BY created) FROM ({found})", params).fetchall()[0][0])
+        if text.count("\n") != int(n) - 1 or _CONTROL_IN_ROWS.search(text):
+            return format_table(self.table(state), user)
         header = "  ".join(c.ljust(widths[c]) for c in cols[:-1]) + "  " + cols[-1]
         return f"{header}\n{text}\n"
-
-    @staticmethod
-    def _where(state: str | None) -> tuple[str, tuple[Any, ...]]:
-        """The SQL filter for ``state`` (a running record may turn out lost: both kept)."""
-        if state in ("done", "failed"):
-            return " WHERE state=?", (state,)
-        if state in ("running", "lost"):
-            return " WHERE state IN ('running', 'lost')", ()
-        return "", ()
 
     def _lost_running(self) -> set[str]:
         """The ids of ``running`` records whose supervisor is gone (stored as lost when
@@ -576,6 +578,20 @@ class JobStore:
                     self.conn.execute("UPDATE jobs SET state='lost', reason='lost', "
                                       "message='its jbl supervisor ended without recording "
                                       "the end' WHERE id=? AND state='running'", (i,))
+
+
+def format_table(rows: Sequence[Sequence[Any]], user: bool) -> str:
+    """``table`` rows (of one or several stores) laid out as ``table_text`` does, each
+    control character in a cell shown as '?' (``CONTROL``); "" when no row."""
+    if not rows:
+        return ""
+    keep = [i for i in range(len(TABLE_COLUMNS)) if i != 1 or user]  # USER: with --all
+    cells = [[TABLE_COLUMNS[i] for i in keep],
+             *([CONTROL.sub("?", str(r[i])) for i in keep] for r in rows)]
+    widths = [max(map(len, col)) for col in zip(*cells, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    # written in one piece (10,000 rows: a print per row costs ~90 ms)
+    return "\n".join(fmt.format(*row) for row in cells) + "\n"
 
 
 def supervisor_alive(rec: dict[str, Any]) -> bool:
