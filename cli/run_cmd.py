@@ -311,8 +311,17 @@ def run(args: argparse.Namespace) -> int:
                 record.finished(result)
             elif unrecorded and not quiet:
                 _note(unrecorded[0])
+            _report(args, result, label)  # before the lease, view and store are let go
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return int(result.exit_status)
+
+
+def _report(args: argparse.Namespace, result: Any, label: str) -> None:
+    """The job's end as the caller sees it: its message, ``--json``, and (a launcher's job
+    process) its exit status to the client at once, ahead of this process's teardown."""
+    from jbl.runner import warm
+
     if result.message:
         print(f"jbl: {result.message}", file=sys.stderr)
     if args.json:
@@ -321,11 +330,8 @@ def run(args: argparse.Namespace) -> int:
         rec = result.record()
         rec["version"] = label.rpartition("@")[2]
         print_json(rec)
-    from jbl.runner import warm
-
     sys.stdout.flush()
-    warm.report_exit(result.exit_status)  # a launcher's job process: the client may go now
-    return int(result.exit_status)
+    warm.report_exit(result.exit_status)
 
 
 def resolve_label(args: argparse.Namespace) -> str:
