@@ -12,7 +12,6 @@ import json
 import os
 import pwd
 import select
-import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -222,26 +221,24 @@ def launch_detached(args: argparse.Namespace) -> int:
 
 
 def _stores(args: argparse.Namespace) -> list[Any]:
-    """The caller's store, and with ``--all`` (root only) every user's, read-only."""
+    """The caller's store, and with ``--all`` as root every user's, read-only (a caller who
+    is not root gets the others' from the admin service: ``_admin``)."""
     from jbl.runner.jobstore import JobStore
 
-    if getattr(args, "all", False) and os.geteuid() != 0:
-        raise PermissionDenied("only root sees other users' jobs (--all)",
-                               hint="without --all: your own jobs")
+    if getattr(args, "all", False) and os.geteuid() == 0:
+        from jbl.runner.jobadmin import every_store
+
+        return every_store(jobs_dir(args))
     own = JobStore.open_own(jobs_dir(args), create=False)
-    out = [own] if own is not None else []
-    if getattr(args, "all", False):
-        seen = {0}
-        for pw in pwd.getpwall():
-            if pw.pw_uid in seen or not os.path.isabs(pw.pw_dir):
-                continue
-            seen.add(pw.pw_uid)
-            # every look at a user's home is open_other's, under its deadline: a home on a
-            # hung NFS server or the user's own FUSE mount must not hang root's listing
-            other = JobStore.open_other(pw.pw_uid)
-            if other is not None:
-                out.append(other)
-    return out
+    return [own] if own is not None else []
+
+
+def _admin(req: dict[str, Any]) -> dict[str, Any]:
+    """Root's jobs admin service's answer (runner/jobadmin.py), for a caller who is not
+    root asking about other users' jobs."""
+    from jbl.runner import jobadmin
+
+    return jobadmin.ask(req)
 
 
 def _own_or_missing(args: argparse.Namespace, job: str) -> Any:
@@ -253,6 +250,72 @@ def _own_or_missing(args: argparse.Namespace, job: str) -> Any:
         raise NotFound(f"no job {job}: you have no job records yet",
                        hint="jbl run --detach … starts one")
     return store
+
+
+def _own_or_other(args: argparse.Namespace, op: str, **req: Any) -> tuple[Any, Any]:
+    """(the caller's store holding job ``args.id``, None) or, for a caller who is not root
+    and has no such job, (None, the admin service's answer to ``op``) when the service
+    answers for them; else the caller's own "no job" error."""
+    from jbl.runner import jobadmin
+    from jbl.store.errors import NotFound
+
+    store = None
+    try:
+        store = _own_or_missing(args, args.id)
+        store.get(args.id)
+        return store, None
+    except NotFound as e:
+        if store is not None:
+            store.close()
+        if os.geteuid() == 0:
+            raise
+        missing = e
+    try:
+        return None, _admin({"op": op, "id": args.id} | req)
+    except jobadmin.AdminServiceDown:
+        if _in_admin_group():
+            raise  # how to start it
+        raise missing from None
+    except jobadmin.Answered as e:
+        if e.refused or e.exit_code == ExitCode.NOT_FOUND:
+            raise missing from None  # to anyone else, another user's job does not exist
+        raise
+
+
+def _in_admin_group() -> bool:
+    """Is the caller in the configured admin group (store/access.py), in this session or in
+    the group database?"""
+    import grp
+
+    from jbl.store.access import configured_group
+
+    try:
+        g = grp.getgrnam(configured_group())
+    except KeyError:
+        return False
+    return g.gr_gid in os.getgroups() or pwd.getpwuid(os.geteuid()).pw_name in g.gr_mem
+
+
+def cmd_serve_admin(args: argparse.Namespace) -> int:
+    """``jbl job serve-admin``: root's jobs admin service (runner/jobadmin.py)."""
+    import grp
+
+    from jbl.runner import jobadmin
+    from jbl.store.access import configured_group
+
+    if os.geteuid() != 0:
+        raise PermissionDenied("only root runs the jobs admin service",
+                               hint=f"root: systemctl start {jobadmin.UNIT}")
+    group = args.group or configured_group()
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise UsageError(f"no group {group}", hint="jbl setup --system makes it, or --group "
+                         "NAME") from None
+    print(f"jbl: jobs admin service for root and group {group} on {jobadmin.SOCKET}",
+          file=sys.stderr, flush=True)
+    jobadmin.serve(group, jobs_dir(args))
+    return 0
 
 
 def _checked_dir(args: argparse.Namespace) -> Path:
@@ -272,19 +335,23 @@ def _when(t: float | None) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     from jbl.runner.jobstore import format_table
 
-    stores = _stores(args)
     every = bool(getattr(args, "all", False))
+    others = None  # a caller who is not root: the other users' jobs, from the admin service
+    if every and os.geteuid() != 0:
+        others = _admin({"op": "list", "state": args.state, "table": not args.json})
+    stores = _stores(args)
     try:
-        if args.json and len(stores) == 1:
-            text = stores[0].json_text(args.state)
+        if others is None and len(stores) == 1:
+            text = (stores[0].json_text(args.state) if args.json
+                    else stores[0].table_text(args.state, user=every))
         elif args.json:
             rows = [r for store in stores for r in store.jobs(args.state)]
+            rows += others["jobs"] if others else []
             rows.sort(key=lambda r: r["created"])
             text = json.dumps(rows)
-        elif len(stores) == 1:
-            text = stores[0].table_text(args.state, user=every)
         else:
             lines = [r for store in stores for r in store.table(args.state)]
+            lines += [tuple(r) for r in others["table"]] if others else []
             lines.sort(key=lambda r: r[-1])
             text = format_table(lines, user=every)
     finally:
@@ -299,12 +366,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from jbl.cli.output import print_json
+    from jbl.runner.jobstore import CONTROL
 
-    store = _own_or_missing(args, args.id)
-    try:
-        rec = store.get(args.id)
-    finally:
-        store.close()
+    store, remote = _own_or_other(args, "status")
+    if store is not None:
+        try:
+            rec = store.get(args.id)
+        finally:
+            store.close()
+    else:
+        rec = remote["record"]
     for k in ("supervisor_start", "logger_pid", "logger_start"):
         rec.pop(k, None)
     if args.json:
@@ -315,7 +386,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             v = _when(v)
         elif isinstance(v, list | dict):
             v = json.dumps(v)
-        print(f"{k}: {'' if v is None else v}")
+        print(f"{k}: {'' if v is None else CONTROL.sub('?', str(v))}")
     return 0
 
 
@@ -324,36 +395,66 @@ def cmd_log(args: argparse.Namespace) -> int:
 
     if args.tail is not None and args.tail < 0:
         raise UsageError(f"invalid --tail {args.tail}: must be 0 or more")
-    store = _own_or_missing(args, args.id)
+    store, remote = _own_or_other(args, "log", tail=args.tail)
+    if store is None:
+        return _remote_log(args, remote)
     try:
         rec = store.get(args.id)
-        if not rec["detached"]:
-            print(f"jbl: job {rec['id']} ran in the foreground and was not left: its output "
-                  "went to its terminal (a job's log starts when it is detached: jbl run -d, "
-                  "or Ctrl-P Ctrl-Q / SIGHUP)", file=sys.stderr)
+        if not _log_kept(rec):
             return 0
-        if rec["log_dropped"]:
-            print(f"jbl: [{rec['log_dropped']} bytes of older output dropped: --log-limit]",
-                  file=sys.stderr)
         after = store.last_seqs(rec["id"], args.tail) if args.tail is not None else 0
         while True:
-            after = _print_log(args, store, rec["id"], after)
+            after = _print_log(args, store.iter_chunks(rec["id"], after), after)
             if not args.follow:
                 return 0
             done = store.get(rec["id"])
             if done["state"] != "running" and not logger_alive(done):
-                _print_log(args, store, rec["id"], after)  # what came in meanwhile
+                _print_log(args, store.iter_chunks(rec["id"], after), after)  # meanwhile
                 return 0
             select.select([], [], [], FOLLOW_POLL)  # sqlite has no change event across
     finally:
         store.close()
 
 
-def _print_log(args: argparse.Namespace, store: Any, job_id: str, after: int) -> int:
-    """Print the chunks after seq ``after``; the last seq printed. A jump in seq means the
-    log's bound dropped chunks before this reader got to them (a follower that fell behind):
-    a marker says how many, where they were."""
-    for c in store.iter_chunks(job_id, after):
+def _log_kept(rec: dict[str, Any]) -> bool:
+    """Is there a log to print (a detached job's)? Says why not, and what was dropped."""
+    if not rec["detached"]:
+        print(f"jbl: job {rec['id']} ran in the foreground and was not left: its output "
+              "went to its terminal (a job's log starts when it is detached: jbl run -d, "
+              "or Ctrl-P Ctrl-Q / SIGHUP)", file=sys.stderr)
+        return False
+    if rec["log_dropped"]:
+        print(f"jbl: [{rec['log_dropped']} bytes of older output dropped: --log-limit]",
+              file=sys.stderr)
+    return True
+
+
+def _remote_log(args: argparse.Namespace, reply: dict[str, Any]) -> int:
+    """``job log`` of another user's job, page by page from the admin service (which reads
+    the user's database as it was last checkpointed: the newest output may come late)."""
+    import base64
+
+    from jbl.runner.jobstore import Chunk
+
+    if not _log_kept(reply["record"]):
+        return 0
+    job, after = reply["record"]["id"], 0
+    while True:
+        chunks = [Chunk(int(q), int(st), float(ts), base64.b64decode(d))
+                  for q, st, ts, d in reply["chunks"]]
+        after = _print_log(args, iter(chunks), after)
+        if not reply["more"] and not (args.follow and reply["live"]):
+            return 0
+        if not reply["more"]:
+            select.select([], [], [], FOLLOW_POLL * 5)
+        reply = _admin({"op": "log", "id": job, "after": after})
+
+
+def _print_log(args: argparse.Namespace, chunks: Any, after: int) -> int:
+    """Print ``chunks`` (those after seq ``after``); the last seq printed. A jump in seq
+    means the log's bound dropped chunks before this reader got to them (a follower that
+    fell behind): a marker says how many, where they were."""
+    for c in chunks:
         if after and c.seq != after + 1:
             missed = c.seq - after - 1
             if args.json:
@@ -382,32 +483,25 @@ def _emit_chunk(args: argparse.Namespace, c: Any) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from jbl.runner.jobstore import supervisor_alive
+    from jbl.runner.jobstore import not_signalled, stop_job
 
-    store = _own_or_missing(args, args.id)
-    try:
-        rec = store.get(args.id)
-        if rec["state"] != "running":
-            print(f"job {rec['id']} is not running ({rec['state']})")
-            return 0
-        pid = int(rec["supervisor_pid"])
+    store, remote = _own_or_other(args, "stop")
+    if store is not None:
         try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            fd = -1
-        try:
-            if fd >= 0 and supervisor_alive(rec):  # the same process, not a reused pid
-                # its supervisor forwards SIGTERM to the job, and after the job's grace
-                # (--kill-after) kills the job's whole cgroup: as on a timeout
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
-                grace = float(rec["limits"].get("kill_after", 5.0)) + STOP_SLACK
-                select.select([fd], [], [], grace + 60.0)
+            rec = store.get(args.id)
+            if rec["state"] == "running":
+                if not stop_job(rec, owner=store.owner, slack=STOP_SLACK):
+                    rec = store.get(rec["id"])
+                    if rec["state"] == "running":
+                        raise PermissionDenied(not_signalled(rec))
+                rec = store.get(rec["id"])
+            else:
+                print(f"job {rec['id']} is not running ({rec['state']})")
+                return 0
         finally:
-            if fd >= 0:
-                os.close(fd)
-        rec = store.get(rec["id"])
-    finally:
-        store.close()
+            store.close()
+    else:
+        rec = remote["record"]
     if args.json:
         from jbl.cli.output import print_json
 
@@ -457,13 +551,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = ("list", "status", "log", "stop", "rm", "prune")  # add_commands' (not `job run`)
+# add_commands' (not `job run`)
+COMMANDS = ("list", "status", "log", "stop", "rm", "prune", "serve-admin")
 
 
 def add_commands(jsub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """``job list|status|log|stop|rm|prune`` under ``jbl job`` (cli/joblet_cmd.py)."""
-    q = jsub.add_parser("list", parents=parents, help="your jobs (root: --all for everyone's)")
-    q.add_argument("--all", action="store_true", help="every user's jobs (root only)")
+    q = jsub.add_parser("list", parents=parents,
+                        help="your jobs (root and the admin group: --all for everyone's)")
+    q.add_argument("--all", action="store_true",
+                   help="every user's jobs (root; the admin group through root's jobs admin "
+                        "service)")
     q.add_argument("--state", choices=("running", "done", "failed", "lost"))
     q.set_defaults(func=cmd_list)
     q = jsub.add_parser("status", parents=parents, help="one job's record")
@@ -486,3 +584,9 @@ def add_commands(jsub: Any, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--older-than", metavar="DURATION", default="30d",
                    help="created longer ago than this (default 30d)")
     q.set_defaults(func=cmd_prune)
+    q = jsub.add_parser("serve-admin", parents=parents,
+                        help="root: answer the admin group's --all, status, log and stop of "
+                             "any user's job (the jbl-jobs-admin service)")
+    q.add_argument("--group", metavar="NAME",
+                   help="the admin group (default: admin_group of /etc/jbl/config.yaml)")
+    q.set_defaults(func=cmd_serve_admin)

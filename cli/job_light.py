@@ -10,8 +10,8 @@ left to cli/main.py (``main`` returns None), which parses it as always and says 
 These commands read one setting, ``JBL_JOBS_DIR``, and no config file: a malformed config does
 not stop them.
 
-A caller who is not root asking for other users' jobs (``--all``) goes through cli/main.py too:
-that needs the config (``admin_group``) and the admin service (runner/jobadmin.py).
+A caller who is not root asking for other users' jobs asks root's jobs admin service
+(runner/jobadmin.py) from the same commands.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int | None:
     if os.environ.get("JBL_DEBUG"):
         return None  # tracebacks and debug logs: cli/main.py's
     args = parse(argv)
-    if args is None or (args.all and os.geteuid() != 0):
+    if args is None:
         return None
     from jbl.cli import exits, job_cmd
 

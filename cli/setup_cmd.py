@@ -10,7 +10,8 @@ What it puts in place (docs/shared-server.md explains each choice):
                      Nothing in it is writable by others.
     /etc/fuse.conf   ``user_allow_other``
     units            /etc/systemd/system/jbl-mount.service (jbl mount --foreground --allow-other
-                     MOUNTPOINT), jbl-gc.service + jbl-gc.timer (daily ``jbl store gc``)
+                     MOUNTPOINT), jbl-gc.service + jbl-gc.timer (daily ``jbl store gc``),
+                     jbl-jobs-admin.service (``jbl job serve-admin``: runner/jobadmin.py)
     alias            /opt/joblet/runtimes -> MOUNTPOINT (with --joblet-alias)
     tun device       /dev/net/tun 0666 (Debian's default), so users' jobs may use
                      ``--network isolated`` (slirp4netns); only if it is the char device 10:200
@@ -311,7 +312,7 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def unit_texts(jbl: str, store: Path, mountpoint: Path) -> dict[str, str]:
+def unit_texts(jbl: str, store: Path, mountpoint: Path, group: str = "") -> dict[str, str]:
     head = "# Written by `jbl setup --system`; rerun it rather than editing this file.\n"
     return {
         "jbl-mount.service": head + f"""[Unit]
@@ -340,6 +341,19 @@ Type=oneshot
 ExecStart={jbl} --store {store} store gc --quiet --recompress --max-time 1h
 Nice=10
 IOSchedulingClass=idle
+""",
+        "jbl-jobs-admin.service": head + f"""[Unit]
+Description=jbl: root reads and stops any user's jobs for the admin group (runner/jobadmin.py)
+Documentation=file://{Path(__file__).resolve().parents[1]}/docs/shared-server.md
+
+[Service]
+Type=simple
+ExecStart={jbl} job serve-admin{f" --group {group}" if group else ""}
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
 """,
         "jbl-gc.timer": head + """[Unit]
 Description=jbl: daily garbage collection of the runtime store
@@ -480,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_fuse_conf(plan, root / FUSE_CONF)
     if not mountpoint.is_mount():  # a live mount's root mode is the filesystem's, not ours
         _mkdir(plan, "mountpoint", mountpoint, 0o755, None)
-    units_changed = ensure_units(plan, root / UNIT_DIR, unit_texts(jbl, store, mountpoint))
+    units_changed = ensure_units(plan, root / UNIT_DIR, unit_texts(jbl, store, mountpoint, group))
     if args.joblet_alias:
         ensure_alias(plan, root / JOBLET_ALIAS, mountpoint)
     has_tun = ensure_tun(plan, root)
@@ -491,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         nxt.append(f"note: no {TUN} here, so no job can use --network isolated until the "
                    "tun module is loaded (modprobe tun)")
     systemd_up = root == Path("/") and Path("/run/systemd/system").is_dir()
-    services = ["jbl-mount.service", "jbl-gc.timer"]
+    services = ["jbl-mount.service", "jbl-gc.timer", "jbl-jobs-admin.service"]
     if systemd_up:
         cmds = ([["systemctl", "daemon-reload"]] if units_changed else []) + \
             [["systemctl", "enable", "--now", *services]]

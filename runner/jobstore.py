@@ -47,6 +47,7 @@ APPLICATION_ID = 0x6A626C6A  # "jblj"
 SCHEMA_VERSION = 2
 MAX_OTHER_DB = 1 << 30  # bytes: root skips a user's database larger than this
 OTHER_DEADLINE = 5.0  # s root gives another user's home (NFS, their FUSE mount)
+MAX_GRACE = 3600.0  # s: the longest --kill-after a stop waits for (a record may be forged)
 LOG_LIMIT = 16 << 20  # bytes of output kept per job by default (jbl run --log-limit)
 STATES = ("running", "done", "failed", "lost")
 
@@ -210,10 +211,12 @@ def _make_own_dir(d: Path, uid: int) -> None:
 
 
 class JobStore:
-    def __init__(self, conn: apsw.Connection, where: Path, writable: bool) -> None:
+    def __init__(self, conn: apsw.Connection, where: Path, writable: bool,
+                 owner: int | None = None) -> None:
         self.conn = conn
         self.where = where
         self.writable = writable
+        self.owner = os.geteuid() if owner is None else owner  # whose records these are
         self.version = SCHEMA_VERSION  # open_other: the user's, which may be older
 
     # ---- opening ----------------------------------------------------------------------
@@ -311,7 +314,7 @@ class JobStore:
                     0 < version <= SCHEMA_VERSION):
                 conn.close()
                 return None
-            other = cls(conn, d, writable=False)
+            other = cls(conn, d, writable=False, owner=uid)
             other.version = version
             return other
         except apsw.Error:
@@ -600,6 +603,54 @@ def supervisor_alive(rec: dict[str, Any]) -> bool:
     if rec.get("boot_id") and rec["boot_id"] != boot_id():
         return False
     return process_start(int(rec["supervisor_pid"])) == int(rec["supervisor_start"])
+
+
+def stop_job(rec: dict[str, Any], owner: int, slack: float = 10.0) -> bool:
+    """SIGTERM to the supervisor of the running job ``rec`` (a record of ``owner``'s), then
+    wait for it to end: it forwards SIGTERM to the job and, after the job's grace
+    (``--kill-after``, at most ``MAX_GRACE`` here), kills the job's whole cgroup, as on a
+    timeout. Nothing is signalled unless the pid is that very process (pidfd, start time,
+    boot) and runs as ``owner`` with every uid: a forged record (root's ``--all``, the admin
+    service) names nothing its user could not signal. False when nothing was signalled."""
+    import select
+    import signal
+
+    try:
+        pid = int(rec["supervisor_pid"])
+        fd = os.pidfd_open(pid) if pid > 0 else -1
+    except (OSError, ValueError, TypeError):
+        return False
+    if fd < 0:
+        return False
+    try:
+        if not supervisor_alive(rec) or _uids(pid) != {owner}:  # the pid is pinned by fd
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+        grace = rec["limits"].get("kill_after") if isinstance(rec["limits"], dict) else None
+        if not isinstance(grace, int | float) or not 0 <= grace <= MAX_GRACE:
+            grace = 5.0
+        select.select([fd], [], [], float(grace) + slack + 60.0)
+        return True
+    finally:
+        os.close(fd)
+
+
+def not_signalled(rec: dict[str, Any]) -> str:
+    """Why ``stop_job`` signalled nothing for a record still ``running``."""
+    return (f"job {rec['id']}: pid {rec['supervisor_pid']} is not its {rec['user']}'s "
+            "supervisor (a changed or forged record): nothing was signalled")
+
+
+def _uids(pid: int) -> set[int]:
+    """The real, effective, saved and filesystem uids of ``pid`` (empty if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh.read(1 << 16).splitlines():
+                if line.startswith(b"Uid:"):
+                    return {int(u) for u in line.split()[1:5]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def logger_alive(rec: dict[str, Any]) -> bool:
