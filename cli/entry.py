@@ -34,6 +34,7 @@ def _command(argv: list[str]) -> str | None:
 
 def main() -> None:
     argv = sys.argv[1:]
+    after = None
     if _command(argv) == "run":
         from jbl.runner import launchproto
 
@@ -44,7 +45,10 @@ def main() -> None:
             code = launchproto.run_via_launcher(argv)
         except launchproto.NoLauncher:
             if use and start:
-                launchproto.spawn()  # for the next job; this one runs here, as always
+                # For the next job, once this one (run here, as always) is over: a launcher
+                # starting beside it (a Python importing all of jbl, then making a job
+                # process ahead) takes a core from it, ~100 ms of a first job on 2 cores.
+                after = launchproto.spawn
         else:
             sys.stderr.flush()
             os._exit(code)  # nothing of ours to tear down: the job process flushed its own
@@ -61,7 +65,7 @@ def main() -> None:
             os._exit(done)  # the command closed its database; no module teardown to wait for
     from jbl.cli.main import entry
 
-    entry()
+    entry(after)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from jbl.store import crashpoints
@@ -180,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exits.report(e)
 
 
-def entry() -> None:
+def entry(after: Callable[[], None] | None = None) -> None:
+    """The console script's end of ``main``; ``after`` (cli/entry.py: start a launcher) runs
+    once the command is done, before the process ends."""
     code = main()
+    if after is not None:
+        after()
     if _exit_now:
         # The command closed everything it opened; skip the interpreter's teardown of every
         # module (~15 ms on `jbl run`'s critical path). Console script only: main() returns.
