@@ -32,6 +32,7 @@ from jbl.store.errors import UnsafeArchive, UsageError
 from jbl.store.manifest import check_name, parse_manifest
 from jbl.store.store import Store
 from jbl.store.versions import parse_spec
+from procs import reap
 
 # 9 levels of 9 aliases each: 9**9 (387 million) leaves from ~400 bytes of YAML; padded to
 # the 10 KB of the issue. Walking it (str(), json.dumps) takes minutes and gigabytes.
@@ -266,9 +267,7 @@ def test_sigterm_mid_download_leaves_nothing_behind(
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p)
     assert_one_line_error(Result(p.returncode, out, err), 130, "jbl: interrupted")
     assert tmp_files(store_dir) == []
     assert state(store_dir, tmp_path) == before  # and the store_dir fixture runs verify

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from jbl.store import casformat as cf
 from jbl.store.store import Store
 from jbl.store.view import View
 from pausepoints import Pauses
+from procs import reap
 
 V1, V2 = "1.0.0", "1.1.0"
 
@@ -333,8 +333,7 @@ def test_a_killed_install_leaves_the_store_and_the_retry_fetches_only_the_rest(
         try:
             pauses.wait("casinstall.half-fetched", [p], timeout=60)
         finally:
-            p.send_signal(signal.SIGKILL)
-            p.communicate(timeout=30)
+            reap(p)  # SIGKILL
         first, _ = _fetched(server, published)
         listed = run_jbl("store", "list", "--json", store=store_dir).ok().out
         assert json.loads(listed) == []
@@ -379,9 +378,7 @@ def test_two_tree_installs_at_once_commit_one_version(
         pauses.release(flags)
         out, err = held.communicate(timeout=60)
     finally:
-        if held.poll() is None:
-            held.kill()
-            held.communicate()
+        reap(held)
     assert held.returncode == 0, err
     assert json.loads(out)[0]["status"] == "already installed"
     rows = index_rows(store_dir)
@@ -400,8 +397,7 @@ def test_gc_sweeps_what_a_killed_install_verified_when_no_retry_comes(
     try:
         pauses.wait("casinstall.half-fetched", [p], timeout=60)
     finally:
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=30)
+        reap(p)  # SIGKILL
     assert blob_files(store_dir)
     run_jbl("store", "gc", "--grace", "1h", store=store_dir).ok()
     assert blob_files(store_dir)  # within the grace: a retry may still come

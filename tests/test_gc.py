@@ -24,6 +24,7 @@ from fixtures_gc import (
 )
 from jbl.store.blobs import BlobStore
 from jbl.store.store import Store
+from procs import reap
 
 DAY = 86400.0
 
@@ -107,7 +108,11 @@ class ReadingJob:
         """)
         self.p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
-        assert self.p.stdout is not None and self.p.stdout.readline() == "leased\n"
+        try:
+            assert self.p.stdout is not None and self.p.stdout.readline() == "leased\n"
+        except BaseException:
+            reap(self.p)
+            raise
 
     def read_all(self) -> dict[str, str]:
         assert self.p.stdin is not None and self.p.stdout is not None

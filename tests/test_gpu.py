@@ -26,6 +26,7 @@ from jbl.runner import gpu
 from jbl.runner.cgroups import own_cgroups
 from jbl.runner.plan import BindDev, BindRO, GpuGrant, Ids, JobRequest, Symlink, build_plan
 from jbl.store.manifest import Manifest
+from procs import reap
 
 runtimes = conftest_run.runtimes
 rt = conftest_run.rt
@@ -113,9 +114,8 @@ def start_job(root: Path, rt: str, *opts: str) -> tuple[subprocess.Popen[str], l
     assert p.stdout is not None
     line = p.stdout.readline()
     if not line:
-        p.wait(30)
-        assert p.stderr is not None
-        pytest.fail(f"job did not start (exit {p.returncode}): {p.stderr.read()}")
+        _, err = p.communicate(timeout=30)  # pipes closed
+        pytest.fail(f"job did not start (exit {p.returncode}): {err}")
     return p, line.rstrip("\n").split("|")
 
 
@@ -253,7 +253,7 @@ def test_job_gets_its_nodes_driver_and_env(driver: Path, rt: str) -> None:
 
 def test_concurrent_jobs_get_different_gpus_and_sigkill_frees(driver: Path, rt: str) -> None:
     a, (a_id, a_cuda, _, a_nodes) = start_job(driver, rt, "--gpu=1")
-    b = None
+    b = c = None
     try:
         b, (b_id, b_cuda, _, b_nodes) = start_job(driver, rt, "--gpu", "1")
         assert {a_cuda, b_cuda} == set(UUIDS)  # first fit: each its own
@@ -274,9 +274,11 @@ def test_concurrent_jobs_get_different_gpus_and_sigkill_frees(driver: Path, rt: 
         assert c_cuda == freed
         assert finish(c) == 0
     finally:
-        for p in (a, b):
+        for p in (a, b, c):
             if p is not None and p.poll() is None:
                 finish(p)
+            if p is not None:
+                reap(p)
     rows = json.loads(jbl(driver, "gpu", "list", "--json").stdout)
     assert [x["status"] for x in rows] == ["free", "free"]
 

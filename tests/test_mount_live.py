@@ -26,6 +26,7 @@ from fixtures_mount import (  # noqa: F401 - fixtures
 )
 from jbl.fusefs import broker, mounttab
 from jbl.fusefs import mount as mountmod
+from procs import reap
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +177,10 @@ def test_view_root_mounts_privately_or_reuses_a_running_mount(
             time.sleep(60)
     """)
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    root = p.stdout.readline().strip()
-    assert mounttab.mount_fstype(root) == mounttab.FSTYPE
-    p.kill()
-    p.communicate()
+    try:
+        assert p.stdout is not None
+        root = p.stdout.readline().strip()
+        assert mounttab.mount_fstype(root) == mounttab.FSTYPE
+    finally:
+        reap(p)
     assert wait_until(lambda: mounttab.mount_fstype(root) is None, 10)

@@ -32,6 +32,7 @@ from jbl.store.blobs import CODEC_ZSTD, CODEC_ZSTD_COLD, BlobStore
 from jbl.store.recompress import JOURNAL
 from jbl.store.store import Store
 from pausepoints import Pauses
+from procs import reap
 from test_crash import RECOMPRESS_POINTS
 
 KILLED = -signal.SIGKILL
@@ -214,9 +215,7 @@ def test_a_reader_through_the_mount_never_fails(store_dir: Path, tarball: Path,
                 out, err = release_every_batch(pauses, p)
                 rest = f.read()
         finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            reap(p)
         assert head + rest == want[big]
         res = json.loads(out)["recompress"]
         assert res["in_use"] > 0 and res["rewritten"] == 0  # held by the mount's lease
@@ -255,9 +254,7 @@ def test_installs_and_gc_while_a_pass_is_held(store_dir: Path, tarball: Path,
         Pauses.release(flags)
         out, _err = release_every_batch(pauses, p)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        reap(p)
     assert "rewritten" in json.loads(out)["recompress"]  # later batches may have rewritten
     files_match_rows(store_dir)
     run_jbl("store", "verify", "--data", store=store_dir).ok()
@@ -284,8 +281,6 @@ def test_verify_during_a_pass_reports_no_damage(store_dir: Path, tarball: Path,
         Pauses.release(flags)
         out, err = v.communicate(timeout=120)
     finally:
-        if v.poll() is None:
-            v.kill()
-            v.wait()
+        reap(v)
     assert v.returncode == 0, out + err
     assert out.startswith("store OK"), out

@@ -22,6 +22,7 @@ from jbl.store.errors import RegistryError, UsageError
 from jbl.store.regformat import normalize_arch, parse_registry
 from jbl.store.registry import location_url
 from pausepoints import Pauses
+from procs import reap
 
 VERSIONS = ["1.2.0", "1.3.0", "1.3.2", "1.9.0", "1.10.0", "2.0.0-beta"]
 
@@ -356,6 +357,7 @@ def test_two_installs_at_once_in_two_processes(tmp_path: Path, store_dir: Path) 
     # two installs downloaded and stored their blobs and are held before their commits;
     # a third install of one of the same versions runs start to end meanwhile
     held = [start("demo@1.1.0", True), start("other", True)]
+    late = None
     try:
         flags = pauses.wait("ingest.before-commit", held)
         late = start("demo@1.1.0", False)
@@ -364,9 +366,9 @@ def test_two_installs_at_once_in_two_processes(tmp_path: Path, store_dir: Path) 
         pauses.release(flags)
         outs = [p.communicate(timeout=120) + (p.returncode,) for p in held]
     finally:
-        for p in held:
-            p.kill()
-            p.wait()
+        for p in (*held, late):
+            if p is not None:
+                reap(p)
     assert all(rc == 0 for _, _, rc in outs), outs
     assert outs[0][0].strip() == "demo@1.1.0 is already installed", outs  # the re-check
     assert outs[1][0].startswith("installed other@1.0.0"), outs

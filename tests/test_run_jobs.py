@@ -13,6 +13,7 @@ import cgroup_probe
 import conftest_run
 import pytest
 from conftest_run import JBL, host_pids_with, jbl
+from procs import reap
 
 # fixtures, shared through a module rather than tests/conftest.py
 runtimes = conftest_run.runtimes
@@ -50,9 +51,13 @@ def test_two_versions_side_by_side(runtimes: dict[str, Path]) -> None:
     procs = {v: subprocess.Popen([JBL, "run", "--runtime-dir", str(d), "--", "python3", "-c",
                                   code], stdout=subprocess.PIPE, text=True)
              for v, d in runtimes.items()}
-    for v, p in procs.items():
-        out, _ = p.communicate(timeout=30)
-        assert (p.returncode, out) == (0, v + "\n")
+    try:
+        for v, p in procs.items():
+            out, _ = p.communicate(timeout=30)
+            assert (p.returncode, out) == (0, v + "\n")
+    finally:
+        for p in procs.values():
+            reap(p)
 
 
 def test_runtime_is_read_only(rt: str) -> None:
@@ -80,8 +85,7 @@ def test_tmp_is_private_per_job(rt: str) -> None:
                 "ls -A /tmp; echo b > /tmp/theirs; echo end")
         out, _ = a.communicate("go\n", timeout=30)
     finally:
-        a.kill()
-        a.wait()
+        reap(a)
         os.unlink("/tmp/jbl-host-marker")
     assert (a.returncode, out) == (0, "mine\n")
     assert b.stdout == "end\n"
@@ -195,8 +199,7 @@ def test_sigterm_is_forwarded_and_cgroup_removed(rt: str) -> None:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=20)
     finally:
-        p.kill()  # a failed assertion must not leave the job running (PDEATHSIG ends it)
-        p.wait()
+        reap(p)  # a failed assertion must not leave the job running (PDEATHSIG ends it)
     assert p.returncode == 5
     assert out.startswith("got-term\n")
     record = json.loads(out[len("got-term\n"):])
@@ -218,9 +221,7 @@ def test_a_sigkilled_jbl_run_takes_its_job_with_it(rt: str) -> None:
         job = cgroup_probe.descendants(p.pid)
         assert len(cgroup_probe.pids_running("sleep", marker)) == 1 and len(job) >= 3
     finally:
-        p.kill()  # SIGKILL: jbl's finally never runs
-        p.wait()
-        p.stdout.close()  # not communicate(): a surviving job would hold the pipe open
+        reap(p)  # SIGKILL: jbl's finally never runs
     deadline = time.monotonic() + 10
     while [pid for pid in job if os.path.exists(f"/proc/{pid}")] and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -11,6 +11,7 @@ import cgroup_probe
 import conftest_run
 import pytest
 from conftest_run import JBL, jbl
+from procs import reap
 
 # fixtures, shared through a module rather than tests/conftest.py
 rt = conftest_run.rt
@@ -42,8 +43,7 @@ def start_held(rt: str, *args: str, then: str) -> tuple[subprocess.Popen[str], s
             assert set(map(int, (d / "cgroup.procs").read_text().split())) <= held
             assert (d / "cgroup.procs").read_text().split()
     except BaseException:
-        p.kill()
-        p.wait()
+        reap(p)
         raise
     return p, dirs
 
@@ -52,16 +52,19 @@ def release(p: subprocess.Popen[str]) -> tuple[str, str]:
     try:
         return p.communicate("go\n", timeout=60)
     finally:
-        p.kill()
-        p.wait()
+        reap(p)
 
 
 def test_memory_hog_is_killed_and_reported(rt: str) -> None:
     p, dirs = start_held(rt, "--memory", "64M",
                          then="b = bytearray(256 << 20); print('survived')")
-    memory = [d for d in dirs if d.parts[4] == "memory" or cgroup_probe.is_v2()]
-    limit = "memory.max" if cgroup_probe.is_v2() else "memory.limit_in_bytes"
-    assert [int((d / limit).read_text()) for d in memory] == [64 << 20]
+    try:
+        memory = [d for d in dirs if d.parts[4] == "memory" or cgroup_probe.is_v2()]
+        limit = "memory.max" if cgroup_probe.is_v2() else "memory.limit_in_bytes"
+        assert [int((d / limit).read_text()) for d in memory] == [64 << 20]
+    except BaseException:
+        reap(p)
+        raise
     out, err = release(p)
     assert p.returncode == 138, err
     assert "survived" not in out
@@ -119,8 +122,12 @@ def test_cpu_cores(rt: str) -> None:
 
 def test_cgroup_removed_after_plain_job(rt: str) -> None:
     p, dirs = start_held(rt, "--pids", "50", then="pass")
-    assert {d.parts[4] for d in dirs} >= ({"memory", "pids", "freezer", "cpu"}
-                                          if not cgroup_probe.is_v2() else set())
+    try:
+        assert {d.parts[4] for d in dirs} >= ({"memory", "pids", "freezer", "cpu"}
+                                              if not cgroup_probe.is_v2() else set())
+    except BaseException:
+        reap(p)
+        raise
     out, err = release(p)
     assert p.returncode == 0, err
     assert {d.name for d in dirs} == {_record(out)["job_id"]}

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, run_jbl
 from fixtures_users import Users, as_user, drop_users, make_users, sh_as, shared_dir
+from procs import reap
 from rtbuild import build_runtime
 
 RT = "stallrt"
@@ -131,10 +132,14 @@ class Holder:
             ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", HOLDER, str(store), *names],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd="/")
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "holder died"
-        self.result: dict[str, str] = json.loads(line)
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            assert line, self.proc.stderr.read() if self.proc.stderr else "holder died"
+            self.result: dict[str, str] = json.loads(line)
+        except BaseException:
+            reap(self.proc)
+            raise
 
     def close(self) -> None:
         self.proc.communicate(input="", timeout=30)

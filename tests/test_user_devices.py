@@ -24,6 +24,7 @@ import conftest_run
 import pytest
 from conftest import JBL, Result, assert_one_line_error, run_jbl
 from fixtures_users import Users, as_user, sh_as, shared_dir, user_jbl
+from procs import reap
 from test_gpu import BUSES, PROBE, UUIDS, make_driver_tree
 
 runtimes = conftest_run.runtimes
@@ -90,9 +91,8 @@ def start(driver: Path, rt: str, user: str | None, *opts: str) -> tuple[subproce
     assert p.stdout is not None
     line = p.stdout.readline()
     if not line:
-        p.wait(30)
-        assert p.stderr is not None
-        pytest.fail(f"job did not start (exit {p.returncode}): {p.stderr.read()}")
+        _, err = p.communicate(timeout=30)  # pipes closed
+        pytest.fail(f"job did not start (exit {p.returncode}): {err}")
     return p, line.rstrip("\n").split("|")
 
 
@@ -241,6 +241,8 @@ def test_users_and_root_share_gpus_first_fit(users: Users, driver: Path, rt: str
         for p in (a, b, c):
             if p is not None and p.poll() is None:
                 finish(p)
+            if p is not None:
+                reap(p)
     assert [x["status"] for x in gpu_rows(driver)] == ["free", "free"]
 
 

@@ -24,6 +24,7 @@ from fixtures_mount import (  # noqa: F401 - fixture
 )
 from jbl.fusefs import mounttab
 from jbl.store.store import proc_starttime
+from procs import reap
 
 SPEC = "pyrt@1.0.0"
 
@@ -112,8 +113,7 @@ def test_concurrent_jobs_share_one_view(store: Path) -> None:
         outs = [j.communicate("go\n", timeout=60) for j in jobs]
     finally:
         for j in jobs:
-            j.kill()
-            j.wait()
+            reap(j)
     assert [(j.returncode, o) for j, (o, _e) in zip(jobs, outs, strict=True)] == \
         [(0, "done\n")] * 4, [e for _o, e in outs]
     assert daemons_started(store) == 1
@@ -125,23 +125,29 @@ def test_a_running_job_keeps_the_view_beyond_the_linger(store: Path) -> None:
     # could outrun), and then reads through the view it kept
     job = start(store, "/bin/sh", "-c",
                 "echo ready; read go; python3 -c 'import jblprobe; print(jblprobe.VERSION)'")
-    assert job.stdout is not None and job.stdout.readline() == "ready\n"
-    [view] = views(store)
-    time.sleep(2.5)  # well past the 1 s linger (a non-event: nothing to wait on instead)
-    assert views(store) == [view]
-    out, err = job.communicate("go\n", timeout=60)
+    try:
+        assert job.stdout is not None and job.stdout.readline() == "ready\n"
+        [view] = views(store)
+        time.sleep(2.5)  # well past the 1 s linger (a non-event: nothing to wait on instead)
+        assert views(store) == [view]
+        out, err = job.communicate("go\n", timeout=60)
+    finally:
+        reap(job)
     assert (job.returncode, out) == (0, "1.0.0\n"), err
     assert daemons_started(store) == 1
 
 
 def test_a_killed_jbl_run_does_not_keep_the_view_alive(store: Path) -> None:
     job = start(store, "/bin/sh", "-c", "echo ready; exec sleep 60")
-    assert job.stdout is not None
-    assert job.stdout.readline() == "ready\n"
-    [view] = views(store)
-    pid = int(view["pid"])  # type: ignore[call-overload]
-    job.send_signal(signal.SIGKILL)
-    job.communicate()
+    try:
+        assert job.stdout is not None
+        assert job.stdout.readline() == "ready\n"
+        [view] = views(store)
+        pid = int(view["pid"])  # type: ignore[call-overload]
+        job.send_signal(signal.SIGKILL)
+        job.communicate()
+    finally:
+        reap(job)
     assert wait_until(lambda: proc_starttime(pid) is None, 8), "the view outlived its linger"
     assert views(store) == []
 
