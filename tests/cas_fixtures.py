@@ -10,7 +10,6 @@ directories; ``publish(reg, versions)`` publishes them with the real ``jbl regis
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import sqlite3
@@ -21,11 +20,11 @@ from typing import Any
 
 import zstandard
 from conftest import run_jbl
+from fixtures_registry import MTIME, make_tarball
 from jbl.store import casformat as cf
 
 NAME = "casrt"
 MiB = 1 << 20
-MTIME = 1_700_000_000
 
 
 def files(version: str) -> dict[str, bytes]:
@@ -45,37 +44,24 @@ def files(version: str) -> dict[str, bytes]:
 
 
 def tarball(out: Path, version: str) -> Path:
-    fs = files(version)
-    dirs = sorted({str(Path(p).parents[i]) for p in fs for i in range(len(Path(p).parts) - 1)}
-                  - {"."})
-    with tarfile.open(out, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-        for d in dirs:
-            ti = tarfile.TarInfo(d)
-            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, MTIME
-            tar.addfile(ti)
-        for path in sorted(fs):
-            ti = tarfile.TarInfo(path)
-            ti.size, ti.mtime = len(fs[path]), MTIME
-            ti.mode = 0o755 if "/bin/" in path else 0o644
-            tar.addfile(ti, io.BytesIO(fs[path]))
-        for name, kind, target in (("isolated/lib/big.link", tarfile.SYMTYPE, "big.bin"),
-                                   ("isolated/bin/hello2", tarfile.LNKTYPE,
-                                    "isolated/bin/hello"),
-                                   ("isolated/lib/odd.link", tarfile.SYMTYPE,
-                                    "caf\udce9"),  # a target that is not UTF-8 (b"caf\xe9")
-                                   ("isolated/empty.d", tarfile.DIRTYPE, "")):
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.linkname, ti.mtime, ti.mode = kind, target, MTIME + 7, 0o755
-            tar.addfile(ti)
-        # An empty file, a setuid one (ingest clears the bit) and a file whose directory is
-        # never listed (an implied directory: ingest gives it the archive's newest mtime).
-        for name, mode in (("isolated/etc/empty", 0o644), ("isolated/bin/suid", 0o4755),
-                           ("isolated/implied/dir/file", 0o600)):
-            data = b"" if name.endswith("empty") else name.encode()
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = len(data), MTIME + 9, mode, 1000, 100
-            tar.addfile(ti, io.BytesIO(data))
-    return out
+    extra: list[tuple[tarfile.TarInfo, bytes]] = []
+    for name, kind, target in (("isolated/lib/big.link", tarfile.SYMTYPE, "big.bin"),
+                               ("isolated/bin/hello2", tarfile.LNKTYPE, "isolated/bin/hello"),
+                               ("isolated/lib/odd.link", tarfile.SYMTYPE,
+                                "caf\udce9"),  # a target that is not UTF-8 (b"caf\xe9")
+                               ("isolated/empty.d", tarfile.DIRTYPE, "")):
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.linkname, ti.mtime, ti.mode = kind, target, MTIME + 7, 0o755
+        extra.append((ti, b""))
+    # An empty file, a setuid one (ingest clears the bit) and a file whose directory is
+    # never listed (an implied directory: ingest gives it the archive's newest mtime).
+    for name, mode in (("isolated/etc/empty", 0o644), ("isolated/bin/suid", 0o4755),
+                       ("isolated/implied/dir/file", 0o600)):
+        data = b"" if name.endswith("empty") else name.encode()
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = len(data), MTIME + 9, mode, 1000, 100
+        extra.append((ti, data))
+    return make_tarball(files(version), out, extra)
 
 
 def publish(reg: Path, versions: list[str], built: Path) -> None:

@@ -17,7 +17,7 @@ import random
 import tarfile
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,8 +44,10 @@ def runtime_files(name: str, version: str) -> dict[str, bytes]:
     }
 
 
-def make_tarball(files: dict[str, bytes], out: Path) -> Path:
-    """A .tar.gz with the files (and their parent dirs) at the archive root."""
+def make_tarball(files: dict[str, bytes], out: Path,
+                 extra: Iterable[tuple[tarfile.TarInfo, bytes]] = ()) -> Path:
+    """A .tar.gz with the files (and their parent dirs) at the archive root, then the
+    ``extra`` members as they are given (links, odd modes and owners: tests/cas_fixtures.py)."""
     dirs = sorted({str(Path(p).parents[i]) for p in files for i in range(len(Path(p).parts) - 1)}
                   - {"."})
     with tarfile.open(out, "w:gz", format=tarfile.PAX_FORMAT) as tar:
@@ -58,6 +60,8 @@ def make_tarball(files: dict[str, bytes], out: Path) -> Path:
             ti.size, ti.mtime = len(files[path]), MTIME
             ti.mode = 0o755 if path.startswith("isolated/bin/") else 0o644
             tar.addfile(ti, io.BytesIO(files[path]))
+        for ti, data in extra:
+            tar.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
     return out
 
 
