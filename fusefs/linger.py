@@ -51,7 +51,7 @@ from pathlib import Path
 from jbl.store.settings import DEFAULT_VIEW_LINGER
 
 from . import trust
-from .mounttab import make_dirs, records_dir
+from .mounttab import records_dir
 
 ENV = "JBL_VIEW_LINGER"
 DEFAULT_LINGER = DEFAULT_VIEW_LINGER  # seconds a view outlives its last job (one place)
@@ -85,17 +85,7 @@ def views_dir() -> Path | None:
     """This user's views directory (created 0700), or None if it cannot be made safe (no
     home, someone else's, writable by others): then jobs get a view each, as before."""
     d = records_dir().parent / "views"
-    try:
-        make_dirs(d.parent)
-        d.mkdir(exist_ok=True, mode=0o700)
-        st = os.lstat(d)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            return None
-        if st.st_mode & 0o077:
-            os.chmod(d, 0o700)
-    except OSError:
-        return None
-    fd = trust.owned_dir(d, os.geteuid())  # and nobody else may write above it
+    fd = trust.own_dir(d)
     if fd is None:
         return None
     os.close(fd)

@@ -384,24 +384,10 @@ def read_log_tail(path: Path, limit: int = 64 << 10) -> str:
 
 
 # --- records -----------------------------------------------------------------------------
-def make_dirs(d: Path, mode: int = 0o755) -> None:
-    """``mkdir -p`` giving each directory it creates exactly ``mode`` (not what the umask
-    leaves): a group-writable component would make every record below it untrusted."""
-    missing = []
-    p = d
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    for p in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            p.mkdir(mode=mode)
-            os.chmod(p, mode)
-
-
 def write_record(st: MountStatus) -> Path:
     """Record a mount that is up (atomically; 0644 so other users can find root's)."""
     d = records_dir()
-    make_dirs(d)
+    trust.make_dirs(d)
     path = record_path(st.mountpoint, d)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = asdict(st)

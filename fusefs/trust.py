@@ -3,6 +3,10 @@ records (fusefs/mounttab.py) and the lingering view's files (fusefs/linger.py).
 
     owned_dir(path, uid)        an fd on ``path`` if every component of it is a real directory
                                 owned by ``uid`` or root that no one else may write, else None
+    own_dir(path)               an fd on a 0700 directory of our own (made if missing), with
+                                the same rule above it, else None: the state directories
+                                (the views', fusefs/linger.py; the launcher's)
+    make_dirs(path, mode)       ``mkdir -p`` giving each directory it makes exactly ``mode``
     read_small(dfd, name, uid)  the bytes of ``name`` in that directory if it is a regular file
                                 owned by ``uid`` of at most ``LIMIT`` bytes, else None
     names(dfd, prefix, suffix)  the matching names in it (at most ``MAX_NAMES`` looked at)
@@ -29,10 +33,12 @@ Thread-safety: plain functions over fds; any thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 LIMIT = 64 << 10       # bytes: a record is a few hundred
@@ -73,6 +79,57 @@ def owned_dir(path: os.PathLike[str] | str, uid: int) -> int | None:
     except OSError:  # missing, a link, not a directory, not ours to read
         os.close(fd)
         return None
+
+
+def make_dirs(d: Path, mode: int = 0o755) -> None:
+    """``mkdir -p`` giving each directory it creates exactly ``mode`` (not what the umask
+    leaves): a group-writable component would make every record below it untrusted."""
+    missing = []
+    p = d
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=mode)
+            os.chmod(p, mode)
+
+
+def own_dir(path: Path, parents_mode: int = 0o755) -> int | None:
+    """An O_RDONLY fd on ``path`` (the caller closes it): a directory of this process's user,
+    mode 0700, made if missing (its missing parents with ``parents_mode``). None if it cannot
+    be had safely: it, or a component above it, is a link, not a directory, or someone
+    else's, or a component above it is writable by others (``owned_dir``'s rule).
+
+    It is opened relative to its checked parent with ``O_NOFOLLOW`` and its mode put right
+    through that fd (ours, but opened up by hand or an older jbl): nothing is done through a
+    path a link could be swapped into."""
+    uid = os.geteuid()
+    try:
+        make_dirs(path.parent, parents_mode)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+    except OSError:
+        return None
+    parent = owned_dir(path.parent, uid)
+    if parent is None:
+        return None
+    try:
+        fd = os.open(path.name, _DIR_FLAGS, dir_fd=parent)
+    except OSError:  # a link, not a directory, removed meanwhile
+        return None
+    finally:
+        os.close(parent)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == uid:
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o700)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def read_small(dir_fd: int, name: str, uid: int, limit: int = LIMIT) -> bytes | None:

@@ -331,22 +331,10 @@ def _timed_out(_sig: int, _frame: object) -> None:
 def _directory(path: str) -> int | None:
     """An fd on our own 0700 launcher directory (made if missing), or None if unsafe."""
     from jbl.fusefs import trust
-    from jbl.fusefs.mounttab import make_dirs
 
-    d = Path(path)
-    try:
-        # root's /run/jbl is read by everyone (the shared mount's records); a user's state
-        # directory is theirs alone (the job records expect 0700 if we are first to make it)
-        make_dirs(d.parent, 0o755 if os.geteuid() == 0 else 0o700)
-        d.mkdir(exist_ok=True, mode=0o700)
-        st = os.lstat(d)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            return None
-        if st.st_mode & 0o077:
-            os.chmod(d, 0o700)
-    except OSError:
-        return None
-    return trust.owned_dir(d, os.geteuid())
+    # root's /run/jbl is read by everyone (the shared mount's records); a user's state
+    # directory is theirs alone (the job records expect 0700 if we are first to make it)
+    return trust.own_dir(Path(path), 0o755 if os.geteuid() == 0 else 0o700)
 
 
 def preload() -> None:
