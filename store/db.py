@@ -234,6 +234,10 @@ def open_db(store_dir: Path, *, readonly: bool = False, create: bool = False) ->
             raise StoreError(f"{path} is not a jbl store index (application_id {app:#x})")
         if readonly:
             v = _pragma_int(conn, "user_version")
+            if v == 0:  # made (create_index) but not yet migrated: a reader cannot do that
+                raise StoreError(f"no jbl store at {store_dir} yet: its index is still being "
+                                 "created (or the install that began it was interrupted)",
+                                 hint="try again in a moment; any install completes it")
             if v > schema.SCHEMA_VERSION:
                 raise StoreError(f"store index {path} has schema version {v}, newer than this "
                                  f"jbl understands ({schema.SCHEMA_VERSION}); upgrade jbl")

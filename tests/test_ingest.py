@@ -201,6 +201,21 @@ def test_first_import_waits_for_another_process_creating_the_index(tmp_path: Pat
     assert out.startswith("installed hostile@1.0.0"), (out, err)
 
 
+def test_a_look_at_an_index_still_being_created_is_one_line(tmp_path: Path,
+                                                            store_dir: Path) -> None:
+    """Between the first install making the index file and its schema commit, a reader
+    (`list`, the mount) finds an empty index: one line, not 'no such table: meta'."""
+    import hostile
+    store_dir.mkdir()
+    create_index(store_dir / "index.db")  # as the creating install's open did first
+    r = run_jbl("store", "list", store=store_dir)
+    assert_one_line_error(r, 10, "still being created")
+    tarball = tmp_path / "rt.tar"
+    tarball.write_bytes(hostile.tar())
+    run_jbl("store", "import", tarball, store=store_dir).ok()
+    assert "hostile" in run_jbl("store", "list", store=store_dir).ok().out  # then completed
+
+
 @pytest.mark.parametrize("point", ["ingest.blobs-written", "ingest.before-commit",
                                    "ingest.after-commit"])
 def test_kill_at_each_ingest_step_leaves_the_store_consistent(tmp_path: Path, store_dir: Path,
