@@ -23,8 +23,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import MountError
+from jbl.store.settings import REMOVED_HOLD_LIMIT
 
 from . import linger as lingermod
 from .mount import DEFAULT_ENGINE, READY_TIMEOUT, STOP_TIMEOUT, spawn

@@ -25,8 +25,8 @@ import signal
 import sys
 from pathlib import Path
 
-from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import ExitCode, JblError, UnsafeStorePath
+from jbl.store.settings import REMOVED_HOLD_LIMIT
 
 from . import mount
 from .linger import IdleWatch
@@ -70,8 +70,16 @@ class BoundedLog(logging.Handler):
             self.handleError(record)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """A fixed width: argparse's own default asks ``shutil`` (and with it zlib, bz2 and lzma,
+    ~2 ms of the daemon's start) for the terminal's, which a daemon's log does not have."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jbl-mount-daemon")
+    p = argparse.ArgumentParser(prog="jbl-mount-daemon", formatter_class=_Formatter)
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--mountpoint", required=True, type=Path)
     p.add_argument("--ready-fd", type=int)

@@ -26,15 +26,14 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from jbl.store.config import REMOVED_HOLD_LIMIT
 from jbl.store.errors import MountError
+from jbl.store.settings import REMOVED_HOLD_LIMIT
 from jbl.store.store import Store, pid_alive, proc_starttime
 from jbl.store.storepath import require_store
 
@@ -56,6 +55,9 @@ from .mounttab import (
 from .mounttab import find as find_record
 from .mounttab import records as all_records
 from .stop import Stop
+
+if TYPE_CHECKING:
+    import subprocess  # imported by spawn(): the daemon itself never needs it (~2 ms)
 
 log = logging.getLogger("jbl.fusefs")
 
@@ -248,6 +250,8 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
         logfd = open_log(logp)
     except OSError as e:
         raise MountError(f"cannot write the mount log {logp}: {e.strerror}") from None
+    import subprocess
+
     sites = json.dumps([p for p in sys.path if p.endswith(("site-packages", "dist-packages"))])
     r, w = os.pipe()
     argv = [sys.executable, "-c", _BOOT, sites, "--store", str(store_dir),

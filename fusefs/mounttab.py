@@ -56,7 +56,6 @@ import os
 import pwd
 import re
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -218,6 +217,8 @@ def is_stale(mountpoint: Path | str) -> bool:
 
 def force_unmount(mountpoint: Path | str) -> None:
     """Detach a (possibly stale) FUSE mount: fusermount3 -u -z, else umount2(MNT_DETACH)."""
+    import subprocess  # here, not at import: the mount daemon starts without it
+
     mp = os.fspath(mountpoint)
     r = subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, text=True)
     if r.returncode == 0 or mount_fstype(mp) is None:

@@ -21,8 +21,6 @@ import ctypes
 import logging
 import os
 import signal
-import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +51,10 @@ def fuse_mount(mountpoint: Path, allow_other: bool, source: str = "jbl") -> int:
             os.close(fd)
             raise MountError(f"cannot mount {mountpoint}: mount(2): {os.strerror(e)}")
         return fd
+    # fusermount3 (not root): these imports here, off the start of a root daemon (~3 ms)
+    import socket
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         opts = f"ro,nosuid,nodev,default_permissions,fsname={source},subtype=jbl"

@@ -42,17 +42,20 @@ import contextlib
 import ctypes
 import errno
 import os
-import secrets
 import stat
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import zstandard
+from typing import TYPE_CHECKING
 
 from . import safepath
 from .errors import IntegrityError, JblError, UnsafeStorePath
+
+if TYPE_CHECKING:
+    # imported where blobs are encoded or decoded: `jbl run` opens the store (a lease) and
+    # never does either (zstandard imports platform: ~3 ms of every job's start)
+    import zstandard
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -216,6 +219,8 @@ class BlobStore:
         """Return (codec, stored bytes): zstd if it saves MIN_SAVING, else raw."""
         if len(data) < 64:
             return CODEC_RAW, data
+        import zstandard
+
         c = (cctx or zstandard.ZstdCompressor(level=ZSTD_LEVEL)).compress(data)
         if len(c) <= len(data) * (1 - MIN_SAVING):
             return CODEC_ZSTD, c
@@ -226,6 +231,8 @@ class BlobStore:
         if codec == CODEC_RAW:
             data = stored
         elif codec in (CODEC_ZSTD, CODEC_ZSTD_COLD):
+            import zstandard
+
             try:
                 dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
                 data = dctx.decompress(stored, max_output_size=size)
@@ -281,7 +288,7 @@ class BlobStore:
         """Write ``stored`` to a new file in ``blobs/tmp`` (not synced) and return its name,
         for ``replace``. A failed write leaves nothing (a full disk gets its space back)."""
         tmp = self._tmp_fd()
-        name = f"{digest.hex()[:16]}.{secrets.token_hex(6)}"
+        name = f"{digest.hex()[:16]}.{os.urandom(6).hex()}"  # secrets.token_hex, minus hmac
         fd = os.open(name, _NEW_FILE_FLAGS, 0o444, dir_fd=tmp)
         try:
             _write_all(fd, stored)

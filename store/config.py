@@ -69,7 +69,7 @@ from typing import Any
 from .boundedyaml import Bounds, YamlBoundError
 from .boundedyaml import load as load_bounded
 from .errors import UsageError
-from .settings import CONFIG_KEYS, DEFAULT_ADMIN_GROUP
+from .settings import CONFIG_KEYS, DEFAULT_ADMIN_GROUP, REMOVED_HOLD_LIMIT
 
 SYSTEM_CONFIG = Path("/etc/jbl/config.yaml")
 ENV_CONFIG = "JBL_CONFIG"
@@ -82,7 +82,6 @@ GITHUB_RAW_BASE = "https://raw.githubusercontent.com"
 GITHUB_REPO_RE = re.compile(r"[A-Za-z0-9-]+/(?!\.\.?$)(?![^/]*\.json$)[A-Za-z0-9._-]+")
 MAX_REGISTRIES = 256  # per file: a list longer than this is a mistake, not a setup
 MAX_MIRRORS = 16  # per file: each is asked in turn for a missing file
-REMOVED_HOLD_LIMIT = 6 * 3600.0  # seconds; the default of removed_hold_limit
 
 
 @dataclass(frozen=True)

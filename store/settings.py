@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 SYSTEM_STORE = Path("/var/lib/jbl")
 DEFAULT_ADMIN_GROUP = "jbl-admin"
 DEFAULT_VIEW_LINGER = 60.0  # seconds a lingering private view outlives its last job
+# seconds; the default of removed_hold_limit (here, not in config.py: a mount daemon needs the
+# number but not the YAML config code, which it never reads)
+REMOVED_HOLD_LIMIT = 6 * 3600.0
 NO_ACTION = "changing the store"  # the change a permission message names when none is known
 
 Kind = Literal["config", "env"]
