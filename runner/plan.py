@@ -51,8 +51,76 @@ def new_job_id() -> str:
     return "job-" + os.urandom(4).hex()  # what secrets.token_hex does, without hashlib's import
 
 
-@dataclass(frozen=True)
-class Volume:
+# ---- frozen records ----------------------------------------------------------------------
+#
+# The steps and most other records here are frozen records. For the type checker they are
+# dataclasses; at run time ``record`` builds the same behaviour (positional/keyword __init__
+# with defaults, frozen, __eq__/__hash__ by type and values, __repr__) from shared generic
+# methods, because ``@dataclass`` compiles six methods per class with ``exec``: ~0.45 ms a
+# class, ~17 ms for the 39 records, on the start-up path of every job (docs/runner.md,
+# "Start-up"). JobRequest and Limits stay dataclasses: callers ``dataclasses.replace`` and
+# ``asdict`` them.
+
+_S = TypeVar("_S")
+
+
+class _FrozenRecord:
+    _fields: ClassVar[tuple[str, ...]] = ()
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = type(self)._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments")
+        for name, value in zip(names, args, strict=False):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}() got two values for {name!r}")
+            kwargs[name] = value
+        for name in names:
+            if name in kwargs:
+                object.__setattr__(self, name, kwargs.pop(name))
+            elif not hasattr(type(self), name):  # a class attribute is the default
+                raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}() got unexpected {sorted(kwargs)}")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, n) for n in type(self)._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._values()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in type(self)._fields)
+        return f"{type(self).__name__}({inner})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+@dataclass_transform(frozen_default=True)
+def record(cls: type[_S]) -> type[_S]:
+    """Turn an annotated ``_FrozenRecord`` subclass into a frozen record (see above); fields
+    in definition order, the base classes' first, ``ClassVar`` annotations skipped."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        for name, ann in vars(klass).get("__annotations__", {}).items():
+            if not str(ann).startswith("ClassVar") and name not in names:
+                names.append(name)
+    cls._fields = tuple(names)  # type: ignore[attr-defined]
+    return cls
+
+
+@record
+class Volume(_FrozenRecord):
     source: Path  # absolute host path (resolved)
     target: str  # clean absolute path in the job
     readonly: bool = False
@@ -109,8 +177,8 @@ class JobRequest:
     gpu_driver_root: str = "/"  # test-only: a fake driver tree (JBL_GPU_DRIVER_ROOT)
 
 
-@dataclass(frozen=True)
-class Ids:
+@record
+class Ids(_FrozenRecord):
     """Who runs the helper and who the job is: decided by the caller from the host."""
 
     euid: int
@@ -121,8 +189,8 @@ class Ids:
     job_groups: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class JobEtc:
+@record
+class JobEtc(_FrozenRecord):
     """What jbl writes into the job's /etc (runner/identity.py, runner/network.py) and what
     the runtime's /etc is, as the supervisor found it: ``runtime_etc`` is "dir", "absent"
     or "other" (a symlink or anything else: nothing is placed, docs/runner.md);
@@ -145,8 +213,8 @@ class JobEtc:
         return EtcFiles(self.files, "overlay")
 
 
-@dataclass(frozen=True)
-class RootfsEntry:
+@record
+class RootfsEntry(_FrozenRecord):
     """A top-level entry of a rootfs mounted at ``/``: kind is 'dir', 'file' or 'symlink'."""
 
     name: str
@@ -154,8 +222,8 @@ class RootfsEntry:
     link: str = ""
 
 
-@dataclass(frozen=True)
-class GpuGrant:
+@record
+class GpuGrant(_FrozenRecord):
     """What a job with GPUs gets, as runner/gpu.py found it on the host: ``devices`` (host
     node, name under /dev), ``files`` (host file, job path) bound read-only, ``links`` (link
     text, job path), ``env`` (CUDA_VISIBLE_DEVICES, …), the driver's ``lib_dir``/``bin_dir``
@@ -172,72 +240,8 @@ class GpuGrant:
 
 
 # ---- steps -------------------------------------------------------------------------------
-#
-# The steps are frozen records. For the type checker they are dataclasses; at run time
-# ``step`` builds the same behaviour (positional/keyword __init__ with defaults, frozen,
-# __eq__/__hash__ by type and values, __repr__) from shared generic methods, because
-# ``@dataclass`` compiles six methods per class with ``exec``: ~0.45 ms a class, ~11 ms for
-# the 26 steps, on the start-up path of every job (docs/runner.md, "Start-up").
 
-_S = TypeVar("_S")
-
-
-class _FrozenRecord:
-    _fields: ClassVar[tuple[str, ...]] = ()
-    __slots__ = ()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        names = type(self)._fields
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments")
-        for name, value in zip(names, args, strict=False):
-            if name in kwargs:
-                raise TypeError(f"{type(self).__name__}() got two values for {name!r}")
-            kwargs[name] = value
-        for name in names:
-            if name in kwargs:
-                object.__setattr__(self, name, kwargs.pop(name))
-            elif not hasattr(type(self), name):  # a class attribute is the default
-                raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}() got unexpected {sorted(kwargs)}")
-
-    def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, n) for n in type(self)._fields)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self._values()))
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in type(self)._fields)
-        return f"{type(self).__name__}({inner})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
-
-
-@dataclass_transform(frozen_default=True)
-def step(cls: type[_S]) -> type[_S]:
-    """Turn an annotated ``_FrozenRecord`` subclass into a frozen record (see above); fields
-    in definition order, the base classes' first, ``ClassVar`` annotations skipped."""
-    names: list[str] = []
-    for klass in reversed(cls.__mro__):
-        for name, ann in vars(klass).get("__annotations__", {}).items():
-            if not str(ann).startswith("ClassVar") and name not in names:
-                names.append(name)
-    cls._fields = tuple(names)  # type: ignore[attr-defined]
-    return cls
-
-
-@step
+@record
 class Step(_FrozenRecord):
     op: ClassVar[str] = ""
 
@@ -249,7 +253,7 @@ class Step(_FrozenRecord):
         return d
 
 
-@step
+@record
 class NewSession(Step):
     """setsid(): out of the caller's session and process group (no signal, no TIOCSTI back
     into them); with ``ctty`` the job's fd 0, a fresh pty, becomes its controlling tty."""
@@ -257,56 +261,56 @@ class NewSession(Step):
     ctty: bool = False
 
 
-@step
+@record
 class NoNewPrivs(Step):
     op = "no_new_privs"
 
 
-@step
+@record
 class JoinCgroup(Step):
     op = "join_cgroup"
     procs_files: tuple[str, ...] = ()
 
 
-@step
+@record
 class Unshare(Step):
     op = "unshare"
     user: bool = False
     net: bool = True
 
 
-@step
+@record
 class IdMap(Step):
     op = "id_map"
     uid: int = 0  # mapped to itself
     gid: int = 0
 
 
-@step
+@record
 class ForkInit(Step):
     op = "fork_init"
 
 
-@step
+@record
 class RootTmpfs(Step):
     op = "root_tmpfs"
 
 
-@step
+@record
 class BindRO(Step):
     op = "bind_ro"
     source: str = ""
     target: str = ""
 
 
-@step
+@record
 class Bind(Step):
     op = "bind"
     source: str = ""
     target: str = ""
 
 
-@step
+@record
 class Overlay(Step):
     """runtime.yml's ``readonly: false``: the runtime directory ``source`` (the FUSE view) as
     the lower layer of an overlayfs at ``target`` whose upper and work directories are in
@@ -321,7 +325,7 @@ class Overlay(Step):
     gid: int = -1
 
 
-@step
+@record
 class Tmpfs(Step):
     op = "tmpfs"
     target: str = ""
@@ -330,20 +334,20 @@ class Tmpfs(Step):
     gid: int = -1
 
 
-@step
+@record
 class Proc(Step):
     op = "proc"
     target: str = "/proc"
 
 
-@step
+@record
 class DevNodes(Step):
     op = "dev"
     target: str = "/dev"
     nodes: tuple[str, ...] = DEV_NODES
 
 
-@step
+@record
 class BindDev(Step):
     """Bind one host device node (a GPU's) into the job's /dev, usable (no ``nodev``)."""
     op = "bind_dev"
@@ -351,21 +355,21 @@ class BindDev(Step):
     target: str = ""
 
 
-@step
+@record
 class Symlink(Step):
     op = "symlink"
     link: str = ""  # what the link points to
     target: str = ""  # where the link is created
 
 
-@step
+@record
 class Mkdir(Step):
     op = "mkdir"
     target: str = ""
     mode: int = 0o755
 
 
-@step
+@record
 class CopyIn(Step):
     """Copy host path ``source`` to ``target`` (``contents``: a directory's entries into the
     existing ``target``), never following a link, within the UPLOAD_MAX_* bounds. With
@@ -382,12 +386,12 @@ class CopyIn(Step):
     max_depth: int = UPLOAD_MAX_DEPTH
 
 
-@step
+@record
 class LoopbackUp(Step):
     op = "loopback_up"
 
 
-@step
+@record
 class NetReady(Step):
     """The helper tells the supervisor (one byte on ``fd``) that the job's network
     namespace exists and its ids are mapped, so slirp4netns can join it (runner/network.py)."""
@@ -395,7 +399,7 @@ class NetReady(Step):
     fd: int = -1
 
 
-@step
+@record
 class AwaitNet(Step):
     """Init waits (one byte on ``fd``) until slirp4netns has configured the job's network,
     so the job never starts without it; EOF means the supervisor gave up."""
@@ -403,7 +407,7 @@ class AwaitNet(Step):
     fd: int = -1
 
 
-@step
+@record
 class EtcFiles(Step):
     """Files jbl wrote for the job's /etc (name -> content), placed read-only without
     touching the runtime: ``how`` is "files" (each bound over the runtime's own regular
@@ -414,34 +418,34 @@ class EtcFiles(Step):
     how: str = "files"
 
 
-@step
+@record
 class ProtectProc(Step):
     op = "protect_proc"
     paths: tuple[str, ...] = PROC_READONLY
 
 
-@step
+@record
 class RootReadonly(Step):
     op = "root_readonly"
 
 
-@step
+@record
 class PivotRoot(Step):
     op = "pivot_root"
 
 
-@step
+@record
 class Hostname(Step):
     op = "hostname"
     name: str = ""
 
 
-@step
+@record
 class ForkJob(Step):
     op = "fork_job"
 
 
-@step
+@record
 class SetUser(Step):
     op = "set_user"
     uid: int = 0
@@ -449,18 +453,18 @@ class SetUser(Step):
     groups: tuple[int, ...] = ()
 
 
-@step
+@record
 class NewKeyring(Step):
     """A new, empty session keyring: the caller's (Kerberos caches, tokens) stays out of reach."""
     op = "new_keyring"
 
 
-@step
+@record
 class DropCaps(Step):
     op = "drop_caps"
 
 
-@step
+@record
 class Env(Step):
     op = "env"
     vars: tuple[tuple[str, str], ...] = ()
@@ -472,20 +476,20 @@ class Env(Step):
         return f"Env(vars=<{', '.join(k for k, _ in self.vars)}>)"
 
 
-@step
+@record
 class Chdir(Step):
     op = "chdir"
     target: str = "/"
 
 
-@step
+@record
 class Exec(Step):
     op = "exec"
     argv: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Plan:
+@record
+class Plan(_FrozenRecord):
     steps: tuple[Step, ...]
     limits: Limits
     job_id: str
@@ -498,13 +502,13 @@ class Plan:
         """Fill in the JoinCgroup step once the supervisor has created the cgroup."""
         steps = tuple(JoinCgroup(tuple(procs_files)) if isinstance(s, JoinCgroup) else s
                       for s in self.steps)
-        return dataclasses.replace(self, steps=steps)
+        return Plan(steps, self.limits, self.job_id, self.devices)
 
     def with_net_fd(self, fd: int) -> Plan:
         """Fill in the descriptor NetReady and AwaitNet use (runner/network.py)."""
         steps = tuple(type(s)(fd) if isinstance(s, NetReady | AwaitNet) else s
                       for s in self.steps)
-        return dataclasses.replace(self, steps=steps)
+        return Plan(steps, self.limits, self.job_id, self.devices)
 
     def find(self, kind: type[Step]) -> list[Step]:
         return [s for s in self.steps if isinstance(s, kind)]
