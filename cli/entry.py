@@ -4,7 +4,7 @@ they are not taken) through ``jbl.cli.main``.
 
 Kept light on purpose: for a ``jbl run`` that a launcher takes, this module and
 ``jbl.runner.launchproto`` are all of jbl that this process imports (stdlib ``os``, ``sys``,
-``_socket``, ``signal``, ``zlib``); the launcher's forked child runs the normal ``jbl run``
+``_socket``, ``_signal``, ``zlib``); the launcher's forked child runs the normal ``jbl run``
 code with our fds, cwd, umask and environment (runner/launcher.py).
 
 ``jbl job list|status|log`` start as light (cli/job_light.py): the job records' own code

@@ -1,7 +1,7 @@
 """The resident launcher's wire protocol, where its socket lives, and the light client.
 
 This module is what ``jbl run`` pays for before a job starts when a launcher is running, so
-it imports only ``os``, ``sys``, ``_socket``, ``signal`` and ``zlib`` (no ``json``, no
+it imports only ``os``, ``sys``, ``_socket``, ``_signal`` and ``zlib`` (no ``json``, no
 ``socket`` wrapper, nothing of jbl). ``runner/launcher.py`` is the server; docs/runner.md
 ("The resident launcher") is the prose.
 
@@ -41,9 +41,9 @@ Thread-safety: plain functions for the main thread of a short-lived process.
 
 from __future__ import annotations
 
+import _signal
 import _socket
 import os
-import signal
 import sys
 import zlib
 
@@ -54,8 +54,9 @@ REQUEST_TIMEOUT = 5.0  # seconds for the whole request to arrive
 CONNECT_TIMEOUT = 2.0  # seconds for the launcher's "ok"/"no" once the request is sent
 LINE_MAX = 4096  # bytes of one reply line
 # What the client forwards: what the runner itself forwards to a job (runner/sandbox.FORWARD)
-FORWARD = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
-           signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
+FORWARD = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGTERM, _signal.SIGUSR1,
+           _signal.SIGUSR2, _signal.SIGCONT, _signal.SIGWINCH)  # _signal: signal.py's enums
+# cost the client ~1 ms of imports
 PACKAGES = ("cli", "runner", "store", "fusefs")  # jbl's package directories (pyproject)
 STATUS_FACTS = (b"Uid:", b"Gid:", b"Groups:", b"NoNewPrivs:", b"Seccomp:", b"Cap",
                 b"Cpus_allowed_list:", b"Mems_allowed_list:")
@@ -304,7 +305,7 @@ def run_via_launcher(argv: list[str]) -> int:
         except OSError:
             pass  # the job process is gone; its status follows
 
-    old = {sig: signal.signal(sig, forward) for sig in FORWARD}
+    old = {sig: _signal.signal(sig, forward) for sig in FORWARD}
     try:
         try:
             s, lines, _ok = request("run", argv)
@@ -313,7 +314,7 @@ def run_via_launcher(argv: list[str]) -> int:
             s = None
         except NoLauncher:
             for sig, handler in old.items():
-                signal.signal(sig, handler)
+                _signal.signal(sig, handler)
             old.clear()
             for num in pending:
                 os.kill(os.getpid(), num)
@@ -326,7 +327,7 @@ def run_via_launcher(argv: list[str]) -> int:
             s.close()
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
     if line is None or not line.startswith("exit "):
         print("jbl: error: the launcher's job process ended without a status (see "
               "'jbl launcher status'; JBL_LAUNCHER=0 runs jobs without it)", file=sys.stderr)
