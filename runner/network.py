@@ -33,11 +33,12 @@ import os
 import select
 import shutil
 import stat
-import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # subprocess and tempfile (~3 ms) only for --network isolated
+    import subprocess
 
 from .errors import SandboxSetupError
 from .identity import RuntimeEtc
@@ -122,6 +123,9 @@ class Slirp:
         """Wait for the helper ``pid`` to report its namespace on ``sock``, start slirp4netns
         against it, wait until it has configured the network, and let init go on. None when
         the helper ended first (its own status then says why)."""
+        import subprocess
+        import tempfile
+
         if _wait_byte(sock, START_TIMEOUT) != b"n":
             return None
         ready_r, ready_w = os.pipe()
@@ -172,6 +176,8 @@ class Slirp:
 
     def stop(self) -> None:
         """Close its exit fd (it exits), reap it; SIGKILL if it has not gone in time."""
+        import subprocess
+
         if self.exit_w >= 0:
             os.close(self.exit_w)
             self.exit_w = -1

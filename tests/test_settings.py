@@ -57,7 +57,10 @@ def test_every_jbl_variable_the_package_names_is_a_documented_setting() -> None:
     # and JBL_MOUNT_ENGINE is read in one place (its Settings property), no longer twice
     reads = [str(p.relative_to(ROOT)) for p in _sources(*PACKAGES)
              if re.search(READ_JBL, p.read_text())]  # a write (the demo's) is fine
-    assert reads == []
+    # The one exception: the light start of `jbl job list|status|log` reads JBL_JOBS_DIR and
+    # JBL_DEBUG itself (importing store/settings.py costs ~14 ms of its ~67); its Env is
+    # Settings.var for those two, and tests/test_job_list.py holds both paths to one output.
+    assert [r for r in reads if r != "cli/job_light.py"] == []
 
 
 def test_every_config_key_is_a_documented_setting() -> None:
