@@ -241,7 +241,7 @@ class _Pipeline:
     """
 
     def __init__(self, store: Store, chunk_size: int) -> None:
-        self.blobs = BlobStore(store.dir)
+        self.blobs = BlobStore(store.dir, keep_shards=True)
         self.chunk_size = chunk_size
         self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="jbl-ingest")
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="jbl-bodyhash")
@@ -349,6 +349,7 @@ class _Pipeline:
         self.pool.shutdown(wait=True, cancel_futures=abort)
         self.hasher.shutdown(wait=True, cancel_futures=abort)
         self.rdb.close()
+        self.blobs.close()
         if not abort:
             for f in self.futures:
                 f.result()  # the first worker error, if any
