@@ -4,7 +4,8 @@ Tests use them to prove that a kill at every step of install and gc leaves a sto
 ``verify`` passes and that the next install/gc completes. Names in use (keep this list true):
 
     ingest.blobs-written      all blobs of the version written, before syncfs
-    ingest.before-commit      blobs synced, rows not yet committed
+    ingest.before-commit      blobs written and synced (a tarball install: syncfs under way,
+                              its COMMIT waits for it), rows not yet committed
     ingest.after-commit       rows committed, before temp files/leases are cleaned
                               (the three ingest.* points also mark a tree install's steps)
     casinstall.half-fetched   a tree install has written half of its packs/objects

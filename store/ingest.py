@@ -17,7 +17,8 @@ one extra thread. Queues are bounded (``_INFLIGHT`` chunks), so memory stays fla
 Durability and concurrency: the shared install lock (``Store.install_lock``) is held from
 before the first dedup lookup through the commit, so a gc sweep (exclusive lock) can neither
 delete a row we deduplicated against nor unlink a blob we just wrote. Order: write blobs ->
-``BlobStore.sync()`` (syncfs) -> commit rows. Any rejection or crash before the commit leaves
+``BlobStore.sync()`` (syncfs, on its own thread while the rows are inserted) -> COMMIT (which
+waits for that syncfs). Any rejection or crash before the commit leaves
 no rows; blob files written so far are orphans that gc sweeps.
 
 Thread-safety: ``ingest()`` uses the Store from the calling thread only; its workers use
@@ -628,10 +629,13 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
         pipe.close(abort=not ok)
     _resolve_bodies(root)
     crashpoint("ingest.blobs-written")
-    store.blobs.sync()
-    crashpoint("ingest.before-commit")
-    result = _commit(store, tree, root, pipe, name, version, manifest.description,
-                     text.decode("utf-8", "replace"), source, actual, force)
+    synced = _Sync(store.blobs)
+    try:
+        crashpoint("ingest.before-commit")
+        result = _commit(store, tree, root, pipe, name, version, manifest.description,
+                         text.decode("utf-8", "replace"), source, actual, force, synced.wait)
+    finally:
+        synced.join()
     crashpoint("ingest.after-commit")
     if not result.created:  # a concurrent install of the same name@version won
         check_same_tarball(result.version, actual, source)
@@ -641,6 +645,32 @@ def _ingest_locked(store: Store, f: BinaryIO, source: str, expected: str | None,
 
         record_stored_size(store, result.version.id)
     return result
+
+
+class _Sync:
+    """``BlobStore.sync()`` (one syncfs, mostly waiting on the disk) on its own thread, so
+    that the commit's planning and inserts overlap it. The commit calls ``wait`` before its
+    COMMIT: rows still never become durable before the blobs they name."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(blobs,), name="jbl-syncfs",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, blobs: BlobStore) -> None:
+        try:
+            blobs.sync()
+        except BaseException as e:  # raised in the committing thread, by wait()
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def wait(self) -> None:
+        self.join()
+        if self._error is not None:
+            raise self._error
 
 
 def check_architecture(manifest: Manifest) -> None:
@@ -726,8 +756,9 @@ class _ContentPlan:
 
 def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, version: str,
             description: str, manifest_text: str, source: str, checksum: str,
-            force: bool = False) -> IngestResult:
-    """Every row of the install in ONE transaction (the blobs are already synced)."""
+            force: bool, synced: Callable[[], None]) -> IngestResult:
+    """Every row of the install in ONE transaction; ``synced()`` returns once the blobs are
+    on disk (or raises), and is called before the COMMIT."""
     db = store.db
     now = time.time()
     order = _preorder(root)
@@ -745,6 +776,7 @@ def _commit(store: Store, tree: _Tree, root: _Node, pipe: _Pipeline, name: str, 
             db, rows.VersionRow(name, version, manifest_text, now, description, source,
                                 checksum, plan.files, plan.logical),
             _entry_rows(tree, order, rows.next_id(db, "entries")))
+        synced()
     info = store.version_by_id(version_id)
     assert info is not None
     return IngestResult(info, True, plan.files, plan.logical, len(blob_rows),
