@@ -280,6 +280,13 @@ class Unshare(Step):
 
 
 @record
+class UnshareNet(Step):
+    """A network namespace only, made by init: what ``Unshare(net=True)`` adds, for a
+    helper whose other namespaces were made ahead of the request (runner/warm.py)."""
+    op = "unshare_net"
+
+
+@record
 class IdMap(Step):
     op = "id_map"
     uid: int = 0  # mapped to itself

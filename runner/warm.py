@@ -9,7 +9,16 @@ start pays only for what depends on the request (runner/launcher.py, launchrelay
   once it is up. Moving a process into a cgroup waits for an RCU grace period (~10 ms
   here, v1 and v2 alike): the largest single cost of a short job's start, now paid while
   idle. Its start-up pages stay charged where they were; the job's limits count what it
-  does from its plan on. Being small, its forks (init, the job) are cheap.
+  does from then on. Being small, its forks (init, the job) are cheap.
+* **The plan's first steps**, those that depend on no request (``ahead_steps``): once in
+  the cgroup (so init and the job are in it, and the cgroup namespace's root is the job's
+  cgroup), the helper leaves the session, sets no_new_privs, makes the mount, PID, IPC,
+  UTS and cgroup namespaces (a user's: in a user namespace, its ids mapped to themselves),
+  forks init, and init makes the staging root, the job's root tmpfs, ``/proc``, ``/dev``
+  and ``/tmp``. A plan that starts otherwise (``Helper.remaining``: other namespaces,
+  another order) does not take the helper. The network namespace is not among them
+  (``--network host`` has none): root's helper makes one before it says it is up (its
+  loopback too), a user's init makes it (``UnshareNet``) with the rest of the plan.
 * **The job-record database**, open (``JobStore.open_own``), for the records directory the
   launcher's environment names; a request that names another one opens its own.
 
@@ -43,6 +52,7 @@ class Helper:
         self.sock = sock
         self.cgroup = cgroup
         self.netns = False  # in a network namespace of its own, loopback up (root only)
+        self.ahead: tuple[Any, ...] = ()  # the plan steps it carried out ahead (ahead_steps)
 
     @classmethod
     def start(cls, job_id: str) -> Helper | None:
@@ -79,32 +89,64 @@ class Helper:
                     os.write(fd, str(pid).encode())
                 finally:
                     os.close(fd)
+            me.ahead = ahead_steps(os.geteuid(), os.getegid())
+            me._send({"steps": [s.to_wire() for s in me.ahead]})
         except OSError:
             me.discard()
             return None
         return me
 
-    def launch(self, wire: dict[str, Any], status_w: int, stdio: tuple[int, int, int]) -> int:
-        """Hand the helper its plan (``Plan.to_wire``), the status pipe's write end and the
-        job's stdio; it runs the plan as a forked helper would. Its pid."""
-        import socket
+    def remaining(self, steps: tuple[Any, ...]) -> list[Any] | None:
+        """What is left of a plan's ``steps`` for this helper, or None if it does not
+        fit: the plan must start with the steps done ahead (its cgroup aside: the helper is
+        in it already; its ``Unshare`` may add the network namespace) and hold ``/proc``,
+        ``/dev``, ``/tmp`` as made ahead. Those mounts come before the runtime's in the
+        helper, after them in the plan: nothing of the runtime's goes at or under them."""
+        from .plan import JoinCgroup, LoopbackUp, Unshare, UnshareNet
 
+        head = [s for s in self.ahead if s.op not in ("proc", "dev", "tmpfs")]
+        mounts = list(self.ahead[len(head):])
+        rest = [s for s in steps if not isinstance(s, JoinCgroup)]
+        unshare = next((s for s in rest if isinstance(s, Unshare)), None)
+        if unshare is None or (self.netns and not unshare.net):
+            return None
+        rest = [Unshare(unshare.user, False) if s is unshare else s for s in rest]
+        if rest[:len(head)] != head:
+            return None
+        rest = rest[len(head):]
+        at = next((i for i in range(len(rest)) if rest[i:i + len(mounts)] == mounts), None)
+        if at is None:
+            return None
+        del rest[at:at + len(mounts)]
+        if self.netns:  # its network namespace is made, its loopback up
+            return [s for s in rest if not isinstance(s, LoopbackUp)]
+        return [UnshareNet(), *rest] if unshare.net else rest
+
+    def launch(self, plan: Any, status_w: int, stdio: tuple[int, int, int]) -> int:
+        """Hand the helper what is left of ``plan`` (``remaining``; it was taken for it),
+        the status pipe's write end and the job's stdio; it runs them as a forked helper
+        would. Its pid."""
         umask = os.umask(0o022)
         os.umask(umask)
-        if self.netns:  # its network namespace is made, its loopback up
-            steps = [dict(s, net=False) if s["op"] == "unshare" else s
-                     for s in wire["steps"] if s["op"] != "loopback_up"]
-            wire = dict(wire, steps=steps)
-        body = marshal.dumps({"umask": umask, "plan": wire})
-        data = len(body).to_bytes(4, "big") + body
-        fds = [status_w, *stdio]
-        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           b"".join(fd.to_bytes(4, sys.byteorder)
-                                                    for fd in fds))])
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        rest = self.remaining(plan.steps)
+        if rest is None:
+            raise OSError("the helper made ahead does not fit the plan")
+        wire = {"job_id": plan.job_id, "steps": [s.to_wire() for s in rest]}
+        self._send({"umask": umask, "plan": wire}, [status_w, *stdio])
         self.sock.close()
         return self.pid
+
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        """One message (sandbox.Inbox): a 4-byte length, ``marshal`` data, ``fds``."""
+        import socket
+
+        body = marshal.dumps(msg)
+        data = len(body).to_bytes(4, "big") + body
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
+        sent = self.sock.sendmsg([data], anc)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
 
     def discard(self) -> None:
         """Not needed: EOF ends the helper; then its cgroup goes."""
@@ -134,6 +176,28 @@ class Warm:
             with contextlib.suppress(Exception):
                 self.records.close()
             self.records = None
+
+
+def ahead_steps(uid: int, gid: int) -> tuple[Any, ...]:
+    """The steps a waiting helper of user ``uid`` carries out before its request, in the
+    plan's order (plan.build_plan): those before the runtime's mounts, then the job's own
+    ``/proc``, ``/dev`` and ``/tmp``, which the plan makes after them."""
+    from .plan import (
+        DevNodes,
+        ForkInit,
+        IdMap,
+        NewSession,
+        NoNewPrivs,
+        Proc,
+        RootTmpfs,
+        Tmpfs,
+        Unshare,
+    )
+
+    user = uid != 0  # root: --user keeps it out of a user namespace too
+    ids = [IdMap(uid, gid)] if user else []
+    return (NewSession(), NoNewPrivs(), Unshare(user=user, net=False), *ids, ForkInit(),
+            RootTmpfs(), Proc(), DevNodes(), Tmpfs("/tmp", 0o1777))
 
 
 current: Warm | None = None
@@ -184,17 +248,16 @@ def job_id() -> str | None:
     return w.job_id if w is not None else None
 
 
-def take_helper(job: str, limits: Any, devices: Any, parent: str | None,
-                network: str) -> Helper | None:
-    """The prepared helper and its cgroup, when they fit job ``job`` with these limits and
-    this ``--network``; otherwise they are discarded now (the job makes its own, under the
-    same name)."""
+def take_helper(plan: Any, parent: str | None) -> Helper | None:
+    """The prepared helper and its cgroup, when they fit ``plan`` (its job id, limits,
+    devices and steps) under cgroup ``parent``; otherwise they are discarded now (the job
+    makes its own, under the same name)."""
     w = _mine()
     if w is None or w.helper is None:
         return None
     helper, w.helper = w.helper, None
-    if job == w.job_id and helper.cgroup.fits(limits, devices, parent) and (
-            network == "none" or not helper.netns):
+    if plan.job_id == w.job_id and helper.cgroup.fits(plan.limits, plan.devices, parent) \
+            and helper.remaining(plan.steps) is not None:
         return helper
     helper.discard()
     return None
