@@ -10,9 +10,10 @@ start pays only for what depends on the request (runner/launcher.py, launchrelay
   here, v1 and v2 alike): the largest single cost of a short job's start, now paid while
   idle. Its start-up pages stay charged where they were; the job's limits count what it
   does from then on. Being small, its forks (init, the job) are cheap.
-* **The plan's first steps**, those that depend on no request (``ahead_steps``): once in
-  the cgroup (so init and the job are in it, and the cgroup namespace's root is the job's
-  cgroup), the helper leaves the session, sets no_new_privs, makes the mount, PID, IPC,
+* **The plan's first steps**, those that depend on no request (``ahead_steps``), asked
+  for last (their forks and mounts would only slow the rest here on a busy host) and once
+  in the cgroup (so init and the job are in it, and the cgroup namespace's root is the
+  job's cgroup): the helper leaves the session, sets no_new_privs, makes the mount, PID, IPC,
   UTS and cgroup namespaces (a user's: in a user namespace, its ids mapped to themselves),
   forks init, and init makes the staging root, the job's root tmpfs, ``/proc``, ``/dev``
   and ``/tmp``. A plan that starts otherwise (``Helper.remaining``: other namespaces,
@@ -89,12 +90,19 @@ class Helper:
                     os.write(fd, str(pid).encode())
                 finally:
                     os.close(fd)
-            me.ahead = ahead_steps(os.geteuid(), os.getegid())
-            me._send({"steps": [s.to_wire() for s in me.ahead]})
         except OSError:
             me.discard()
             return None
         return me
+
+    def go_ahead(self) -> bool:
+        """Have it carry out ``ahead_steps`` now (it is in the cgroup); False: it is gone."""
+        self.ahead = ahead_steps(os.geteuid(), os.getegid())
+        try:
+            self._send({"steps": [s.to_wire() for s in self.ahead]})
+        except OSError:
+            return False
+        return True
 
     def remaining(self, steps: tuple[Any, ...]) -> list[Any] | None:
         """What is left of a plan's ``steps`` for this helper, or None if it does not
@@ -221,6 +229,10 @@ def prepare() -> None:
         st = os.stat(warm.records.where / DB_NAME)
         warm.records_ino = (st.st_dev, st.st_ino)
         _rehearse(warm.records)
+    # last: its forks and mounts would only slow what is prepared here on a busy host
+    if warm.helper is not None and not warm.helper.go_ahead():
+        warm.helper.discard()
+        warm.helper = None
     current = warm
 
 
