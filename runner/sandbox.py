@@ -266,14 +266,15 @@ class Sandbox:
             except OSError as e:
                 raise StepFailed(f"join cgroup {f}: {e.strerror}") from None
 
-    def op_unshare(self, user: bool, net: bool) -> None:
-        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+    def op_unshare(self, user: bool, net: bool, mount: bool = True) -> None:
+        flags = CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
         flags |= (CLONE_NEWUSER if user else 0) | (CLONE_NEWNET if net else 0)
-        check(libc.unshare(flags), "unshare")
+        check(libc.unshare(flags | (CLONE_NEWNS if mount else 0)), "unshare")
         Layers.userns = user
 
-    def op_unshare_net(self) -> None:
-        check(libc.unshare(CLONE_NEWNET), "unshare network")
+    def op_unshare_late(self, mount: bool, net: bool) -> None:
+        flags = (CLONE_NEWNS if mount else 0) | (CLONE_NEWNET if net else 0)
+        check(libc.unshare(flags), "unshare (init)")
 
     def op_id_map(self, uid: int, gid: int) -> None:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
@@ -781,10 +782,10 @@ def wait_main(sock_fd: int, parent: int, net: bool) -> NoReturn:
     stream socket SOCK, then reads two messages (``Inbox``). The first, sent once it is in
     the job's cgroup, holds the steps that do not depend on the request (``{"steps"}``):
     carried out at once, up to the fork of init (the helper then only relays, as after any
-    ``fork_init``) and init's first mounts; a failure is kept and reported in the plan's
-    place. The second, read by init, is the rest of the plan (``{"umask", "plan"}``) with
-    the status pipe and the job's stdio; then it goes on as ``run_forked``. EOF instead of
-    either: nobody needs us (exit 0; the namespaces and mounts go with us)."""
+    ``fork_init``); a failure is kept and reported in the plan's place. The second, read
+    by init, is the rest of the plan (``{"umask", "plan"}``) with the status pipe and the
+    job's stdio; then it goes on as ``run_forked``. EOF instead of either: nobody needs us
+    (exit 0; the namespaces go with us)."""
     inbox = Inbox(sock_fd)
     box = prepare_helper(-1, parent)
     word = READY

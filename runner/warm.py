@@ -13,13 +13,15 @@ start pays only for what depends on the request (runner/launcher.py, launchrelay
 * **The plan's first steps**, those that depend on no request (``ahead_steps``), asked
   for last (their forks and mounts would only slow the rest here on a busy host) and once
   in the cgroup (so init and the job are in it, and the cgroup namespace's root is the
-  job's cgroup): the helper leaves the session, sets no_new_privs, makes the mount, PID, IPC,
-  UTS and cgroup namespaces (a user's: in a user namespace, its ids mapped to themselves),
-  forks init, and init makes the staging root, the job's root tmpfs, ``/proc``, ``/dev``
-  and ``/tmp``. A plan that starts otherwise (``Helper.remaining``: other namespaces,
-  another order) does not take the helper. The network namespace is not among them
-  (``--network host`` has none): root's helper makes one before it says it is up (its
-  loopback too), a user's init makes it (``UnshareNet``) with the rest of the plan.
+  job's cgroup): the helper leaves the session, sets no_new_privs, makes the PID, IPC, UTS
+  and cgroup namespaces (a user's: in a user namespace, its ids mapped to themselves) and
+  forks init. A plan that starts otherwise (``Helper.remaining``: other namespaces,
+  another order) does not take the helper. Init makes the mount namespace with the request
+  (``UnshareLate``): made ahead, it would be a copy of the host's mounts as they were then,
+  and the host's ``/`` is private here (a view or volume mounted since would be missing).
+  The network namespace is not made ahead either (``--network host`` has none): root's
+  helper makes one before it says it is up (its loopback too), a user's init makes it with
+  the mount namespace.
 * **The job-record database**, open (``JobStore.open_own``), for the records directory the
   launcher's environment names; a request that names another one opens its own.
 
@@ -107,28 +109,22 @@ class Helper:
     def remaining(self, steps: tuple[Any, ...]) -> list[Any] | None:
         """What is left of a plan's ``steps`` for this helper, or None if it does not
         fit: the plan must start with the steps done ahead (its cgroup aside: the helper is
-        in it already; its ``Unshare`` may add the network namespace) and hold ``/proc``,
-        ``/dev``, ``/tmp`` as made ahead. Those mounts come before the runtime's in the
-        helper, after them in the plan: nothing of the runtime's goes at or under them."""
-        from .plan import JoinCgroup, LoopbackUp, Unshare, UnshareNet
+        in it already), then init makes the namespaces left to it (``UnshareLate``: the
+        mount namespace, and the network namespace when the plan has one and the helper
+        has not) and goes on with the plan."""
+        from .plan import JoinCgroup, LoopbackUp, Unshare, UnshareLate
 
-        head = [s for s in self.ahead if s.op not in ("proc", "dev", "tmpfs")]
-        mounts = list(self.ahead[len(head):])
         rest = [s for s in steps if not isinstance(s, JoinCgroup)]
         unshare = next((s for s in rest if isinstance(s, Unshare)), None)
-        if unshare is None or (self.netns and not unshare.net):
+        if unshare is None or not unshare.mount or (self.netns and not unshare.net):
             return None
-        rest = [Unshare(unshare.user, False) if s is unshare else s for s in rest]
-        if rest[:len(head)] != head:
+        rest = [Unshare(unshare.user, False, False) if s is unshare else s for s in rest]
+        if rest[:len(self.ahead)] != list(self.ahead):
             return None
-        rest = rest[len(head):]
-        at = next((i for i in range(len(rest)) if rest[i:i + len(mounts)] == mounts), None)
-        if at is None:
-            return None
-        del rest[at:at + len(mounts)]
+        rest = rest[len(self.ahead):]
         if self.netns:  # its network namespace is made, its loopback up
-            return [s for s in rest if not isinstance(s, LoopbackUp)]
-        return [UnshareNet(), *rest] if unshare.net else rest
+            rest = [s for s in rest if not isinstance(s, LoopbackUp)]
+        return [UnshareLate(mount=True, net=unshare.net and not self.netns), *rest]
 
     def launch(self, plan: Any, status_w: int, stdio: tuple[int, int, int]) -> int:
         """Hand the helper what is left of ``plan`` (``remaining``; it was taken for it),
@@ -187,25 +183,17 @@ class Warm:
 
 
 def ahead_steps(uid: int, gid: int) -> tuple[Any, ...]:
-    """The steps a waiting helper of user ``uid`` carries out before its request, in the
-    plan's order (plan.build_plan): those before the runtime's mounts, then the job's own
-    ``/proc``, ``/dev`` and ``/tmp``, which the plan makes after them."""
-    from .plan import (
-        DevNodes,
-        ForkInit,
-        IdMap,
-        NewSession,
-        NoNewPrivs,
-        Proc,
-        RootTmpfs,
-        Tmpfs,
-        Unshare,
-    )
+    """The steps a waiting helper of user ``uid`` carries out before its request: the
+    plan's (plan.build_plan) up to the fork of init, but for the mount and network
+    namespaces. The mount namespace would be a copy of the host's mounts as they were
+    then (the host's ``/`` is private here: nothing mounted since, a view or a volume's
+    filesystem, would reach it), so init makes it with the request (``UnshareLate``)."""
+    from .plan import ForkInit, IdMap, NewSession, NoNewPrivs, Unshare
 
     user = uid != 0  # root: --user keeps it out of a user namespace too
     ids = [IdMap(uid, gid)] if user else []
-    return (NewSession(), NoNewPrivs(), Unshare(user=user, net=False), *ids, ForkInit(),
-            RootTmpfs(), Proc(), DevNodes(), Tmpfs("/tmp", 0o1777))
+    return (NewSession(), NoNewPrivs(), Unshare(user=user, net=False, mount=False), *ids,
+            ForkInit())
 
 
 current: Warm | None = None

@@ -1,6 +1,7 @@
 """A launcher's waiting sandbox helper does the plan's request-independent steps ahead
-(runner/warm.py ``ahead_steps``): namespaces, the fork of init, the staging and job roots,
-``/proc``, ``/dev``, ``/tmp``. Real launchers, real jobs, real users.
+(runner/warm.py ``ahead_steps``): the session, no_new_privs, the PID, IPC, UTS and cgroup
+namespaces (a user's: its user namespace), the fork of init; init makes the mount namespace
+with the request. Real launchers, real jobs, real users.
 
 Each test first finds the init made ahead (a waiting helper's child, both ``sandbox.py
 --wait``) under its launcher, then checks the job ran as that init's child, so a job that
@@ -8,7 +9,8 @@ silently fell back to the usual path (a plan ``Helper.remaining`` refused) fails
 a job could observe differently is checked from inside it: a fresh ``/tmp`` per job,
 ``/proc`` of its own PID namespace, its cgroup namespace rooted at its own cgroup, its
 hostname, its pty as controlling terminal, a user's network namespace (made by init with
-the rest of the plan) with ``--network none`` and none with ``host``.
+the rest of the plan) with ``--network none`` and none with ``host``, a filesystem mounted
+on the host after the helper was made.
 """
 
 from __future__ import annotations
@@ -158,6 +160,27 @@ def test_a_launched_job_runs_under_the_init_made_ahead_in_a_fresh_sandbox(
         seen_tmp.append(got["tmp"])
         assert not Path(f"/proc/{init}").exists() and not Path(f"/proc/{helper}").exists()
     assert seen_tmp == ["0", "0"]  # each job its own empty /tmp
+
+
+def test_a_filesystem_mounted_after_the_helper_was_made_reaches_the_job(
+        env: dict[str, str], rt: str, tmp_path: Path) -> None:
+    """The host's ``/`` is private here: a mount namespace copied ahead would never see a
+    view or a volume's filesystem mounted since (init copies the host's mounts with the
+    request)."""
+    launcher = wait_launcher(env, rt)
+    _, init = ahead_init(launcher)
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "jbl-test", str(fs)], check=True)
+    try:
+        (fs / "fresh").write_text("mounted after\n")
+        r = subprocess.run([JBL, "run", "--runtime-dir", rt, "--volume", f"{fs}:/v", "--",
+                            "cat", "/v/fresh"], env=env, capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "mounted after\n", ""), r.stderr
+        assert not Path(f"/proc/{init}").exists()  # it went through the init made ahead
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
 
 
 def test_a_launched_job_with_a_tty_has_its_pty_as_controlling_terminal(
