@@ -277,6 +277,17 @@ class Unshare(Step):
     op = "unshare"
     user: bool = False
     net: bool = True
+    mount: bool = True  # False only for a helper made ahead (runner/warm.py, UnshareLate)
+
+
+@record
+class UnshareLate(Step):
+    """The namespaces a helper made ahead of the request (runner/warm.py) leaves to init,
+    made with the request: the mount namespace (a copy of the host's mounts as they are
+    then, views and volumes mounted since included) and a user's network namespace."""
+    op = "unshare_late"
+    mount: bool = True
+    net: bool = False
 
 
 @record

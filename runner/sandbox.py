@@ -217,20 +217,25 @@ class Sandbox:
         self.job_id = job_id
         self.env: dict[str, str] = {}
         self.cwd = "/"
+        self.sock_fd = -1  # a helper made ahead: its line to the job process (init keeps it)
 
     def run(self, steps: list[dict[str, Any]]) -> NoReturn:
+        self.fail(self.carry_out(steps) or "plan ended without exec")
+
+    def carry_out(self, steps: list[dict[str, Any]]) -> str | None:
+        """Carry ``steps`` out; the first failure's message (None: they all worked)."""
         op = "setup"
         try:
             for step in steps:
                 op = step.pop("op")
                 getattr(self, "op_" + op)(**step)
         except StepFailed as e:
-            self.fail(str(e))
+            return str(e)
         except OSError as e:  # a step that did not name itself: name the call
-            self.fail(f"{op}: {e.filename or ''}: {e.strerror}")
+            return f"{op}: {e.filename or ''}: {e.strerror}"
         except Exception as e:  # a bug in the helper: still one line, still named
-            self.fail(f"{op}: internal error: {type(e).__name__}: {e}")
-        self.fail("plan ended without exec")
+            return f"{op}: internal error: {type(e).__name__}: {e}"
+        return None
 
     def fail(self, message: str, status: int = SETUP_FAILED) -> NoReturn:
         try:
@@ -261,11 +266,15 @@ class Sandbox:
             except OSError as e:
                 raise StepFailed(f"join cgroup {f}: {e.strerror}") from None
 
-    def op_unshare(self, user: bool, net: bool) -> None:
-        flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+    def op_unshare(self, user: bool, net: bool, mount: bool = True) -> None:
+        flags = CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
         flags |= (CLONE_NEWUSER if user else 0) | (CLONE_NEWNET if net else 0)
-        check(libc.unshare(flags), "unshare")
+        check(libc.unshare(flags | (CLONE_NEWNS if mount else 0)), "unshare")
         Layers.userns = user
+
+    def op_unshare_late(self, mount: bool, net: bool) -> None:
+        flags = (CLONE_NEWNS if mount else 0) | (CLONE_NEWNET if net else 0)
+        check(libc.unshare(flags), "unshare (init)")
 
     def op_id_map(self, uid: int, gid: int) -> None:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
@@ -279,7 +288,9 @@ class Sandbox:
     def op_fork_init(self) -> None:
         pid = os.fork()
         if pid:
-            os.close(self.status_fd)
+            for fd in (self.status_fd, self.sock_fd):  # init's now (-1: not here yet)
+                if fd >= 0:
+                    os.close(fd)
             relay(pid)
         prctl(PR_SET_PDEATHSIG, SIGKILL, "init: set parent-death signal")
 
@@ -725,8 +736,10 @@ def relay(child: int) -> NoReturn:
 
 
 def prepare_helper(status_fd: int, parent: int) -> Sandbox:
-    """The helper's first moves, in either start: signals, parent-death signal."""
-    os.set_inheritable(status_fd, False)
+    """The helper's first moves, in either start: signals, parent-death signal.
+    ``status_fd`` -1: a helper made ahead, whose status pipe comes with its plan."""
+    if status_fd >= 0:
+        os.set_inheritable(status_fd, False)
     _signal.pthread_sigmask(_signal.SIG_SETMASK, FORWARD | {SIGCHLD})
     for sig in FORWARD:  # a handler (not SIG_DFL) so PID 1 is not immune from the parent ns
         _signal.signal(sig, lambda *_: None)
@@ -766,54 +779,89 @@ def wait_main(sock_fd: int, parent: int, net: bool) -> NoReturn:
     [--net]``, runner/warm.py). With ``--net`` it first moves into a network namespace of
     its own and brings its loopback up (what ``unshare`` and ``loopback_up`` would do for a
     job without network, the slowest of its steps). It says READY (or READY_NET) on the
-    stream socket SOCK, then waits for one message: a 4-byte length, then ``marshal`` data
-    ``{"umask", "plan"}``, with the status pipe and the job's stdio (4 fds) passed on its
-    first byte. EOF first: nobody needs us (exit 0). Then it goes on as ``run_forked``."""
-    import _socket
-
-    sock = _socket.socket(fileno=sock_fd)
+    stream socket SOCK, then reads two messages (``Inbox``). The first, sent once it is in
+    the job's cgroup, holds the steps that do not depend on the request (``{"steps"}``):
+    carried out at once, up to the fork of init (the helper then only relays, as after any
+    ``fork_init``); a failure is kept and reported in the plan's place. The second, read
+    by init, is the rest of the plan (``{"umask", "plan"}``) with the status pipe and the
+    job's stdio; then it goes on as ``run_forked``. EOF instead of either: nobody needs us
+    (exit 0; the namespaces go with us)."""
+    inbox = Inbox(sock_fd)
+    box = prepare_helper(-1, parent)
     word = READY
     if net and libc.unshare(CLONE_NEWNET) == 0:
         try:
-            Sandbox(-1, "").op_loopback_up()
+            box.op_loopback_up()
             word = READY_NET
         except StepFailed:
             os._exit(0)  # a network namespace without its loopback: never used
     try:
-        sock.sendall(word)
-        data, anc, flags, _ = sock.recvmsg(1 << 16, _socket.CMSG_SPACE(4 * 4))
+        inbox.sock.sendall(word)
     except OSError:
         os._exit(0)
-    if not data:
-        os._exit(0)
-    fds = [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
-           for level, kind, payload in anc
-           if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
-           for i in range(0, len(payload) - len(payload) % 4, 4)]
-    size = -1
-    while size < 0 or len(data) < 4 + size:
-        if size < 0 and len(data) >= 4:
-            size = int.from_bytes(data[:4], "big")
-            continue
-        more = sock.recv(1 << 20)
-        if not more:
-            os._exit(SETUP_FAILED)
-        data += more
-    sock.close()
-    if len(fds) != 4 or flags & _socket.MSG_CTRUNC:
-        os._exit(SETUP_FAILED)
-    msg = marshal.loads(data[4:4 + size])
+    ahead, _ = inbox.next(0)
+    box.sock_fd = sock_fd
+    failed = box.carry_out(ahead["steps"])  # in init from fork_init on
+    msg, fds = inbox.next(4)
+    inbox.sock.close()
+    box.sock_fd = -1
     status_fd = fds[0]
     for target, fd in enumerate(fds[1:]):
         os.dup2(fd, target)
     for fd in fds[1:]:
         if fd > 2 and fd != status_fd:
             os.close(fd)
+    os.set_inheritable(status_fd, False)
+    box.status_fd = status_fd
+    if failed:
+        box.fail(failed)
     os.umask(msg["umask"])
     plan = msg["plan"]
-    box = prepare_helper(status_fd, parent)
     box.job_id = plan["job_id"]
     box.run(plan["steps"])
+
+
+class Inbox:
+    """Messages from the job process on a stream socket: each a 4-byte length, then
+    ``marshal`` data, its descriptors passed on its first byte (one read may hold the end of
+    one message and the start of the next, with the next one's descriptors)."""
+
+    def __init__(self, fd: int) -> None:
+        import _socket
+
+        self.sock = _socket.socket(fileno=fd)
+        self.space = _socket.CMSG_SPACE(4 * 4)
+        self.data = b""
+        self.fds: list[int] = []
+
+    def next(self, nfds: int) -> tuple[dict[str, Any], list[int]]:
+        """The next message and its ``nfds`` descriptors. EOF before it: exit 0 (nobody
+        needs us); a message cut short, or with other descriptors: exit SETUP_FAILED."""
+        while len(self.data) < 4 or len(self.data) < 4 + int.from_bytes(self.data[:4], "big"):
+            if not self._more():
+                os._exit(SETUP_FAILED if self.data else 0)
+        size = 4 + int.from_bytes(self.data[:4], "big")
+        msg, self.data = marshal.loads(self.data[4:size]), self.data[size:]
+        fds, self.fds = self.fds[:nfds], self.fds[nfds:]
+        if len(fds) != nfds:
+            os._exit(SETUP_FAILED)
+        return msg, fds
+
+    def _more(self) -> bool:
+        import _socket
+
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(1 << 20, self.space)
+        except OSError:
+            return False
+        if flags & _socket.MSG_CTRUNC:
+            os._exit(SETUP_FAILED)
+        self.fds += [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
+                     for level, kind, payload in anc
+                     if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+                     for i in range(0, len(payload) - len(payload) % 4, 4)]
+        self.data += data
+        return bool(data)
 
 
 def main(argv: list[str]) -> NoReturn:

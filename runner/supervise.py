@@ -184,9 +184,9 @@ def _run_job(req: JobRequest, note: Callable[[str], None] | None, manifest: Mani
     pty = wants_pty(req.terminal)
     slirp = check_isolated(os.environ, os.geteuid()) if req.network == "isolated" else ""
     plan = prepare(req, manifest, pty, gpu, note)
-    # a launcher's job process has a helper waiting in a cgroup made ahead (runner/warm.py)
-    helper = None if slirp else warm.take_helper(plan.job_id, plan.limits, plan.devices,
-                                                 req.cgroup_parent, req.network)
+    # a launcher's job process has a helper waiting in a cgroup made ahead (runner/warm.py);
+    # one that does not fit (an isolated job's plan never does) is discarded, its cgroup too
+    helper = warm.take_helper(plan, req.cgroup_parent)
     try:
         if helper is not None:
             cg = helper.cgroup
@@ -313,7 +313,7 @@ def _run(req: JobRequest, plan: Plan, cg: JobCgroup, pty: bool, slirp_exe: str =
             raise KeyboardInterrupt
         stdio = JobStdio.open(pty)
         if helper is not None:
-            pid = helper.launch(plan.to_wire(), status_w, stdio.child_fds)
+            pid = helper.launch(plan, status_w, stdio.child_fds)
         else:
             pid = _spawn_helper(plan, status_w, stdio.child_fds, net[1:] if slirp_exe else ())
         os.close(status_w)

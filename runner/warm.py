@@ -9,7 +9,19 @@ start pays only for what depends on the request (runner/launcher.py, launchrelay
   once it is up. Moving a process into a cgroup waits for an RCU grace period (~10 ms
   here, v1 and v2 alike): the largest single cost of a short job's start, now paid while
   idle. Its start-up pages stay charged where they were; the job's limits count what it
-  does from its plan on. Being small, its forks (init, the job) are cheap.
+  does from then on. Being small, its forks (init, the job) are cheap.
+* **The plan's first steps**, those that depend on no request (``ahead_steps``), asked
+  for last (their forks and mounts would only slow the rest here on a busy host) and once
+  in the cgroup (so init and the job are in it, and the cgroup namespace's root is the
+  job's cgroup): the helper leaves the session, sets no_new_privs, makes the PID, IPC, UTS
+  and cgroup namespaces (a user's: in a user namespace, its ids mapped to themselves) and
+  forks init. A plan that starts otherwise (``Helper.remaining``: other namespaces,
+  another order) does not take the helper. Init makes the mount namespace with the request
+  (``UnshareLate``): made ahead, it would be a copy of the host's mounts as they were then,
+  and the host's ``/`` is private here (a view or volume mounted since would be missing).
+  The network namespace is not made ahead either (``--network host`` has none): root's
+  helper makes one before it says it is up (its loopback too), a user's init makes it with
+  the mount namespace.
 * **The job-record database**, open (``JobStore.open_own``), for the records directory the
   launcher's environment names; a request that names another one opens its own.
 
@@ -43,6 +55,7 @@ class Helper:
         self.sock = sock
         self.cgroup = cgroup
         self.netns = False  # in a network namespace of its own, loopback up (root only)
+        self.ahead: tuple[Any, ...] = ()  # the plan steps it carried out ahead (ahead_steps)
 
     @classmethod
     def start(cls, job_id: str) -> Helper | None:
@@ -84,27 +97,60 @@ class Helper:
             return None
         return me
 
-    def launch(self, wire: dict[str, Any], status_w: int, stdio: tuple[int, int, int]) -> int:
-        """Hand the helper its plan (``Plan.to_wire``), the status pipe's write end and the
-        job's stdio; it runs the plan as a forked helper would. Its pid."""
-        import socket
+    def go_ahead(self) -> bool:
+        """Have it carry out ``ahead_steps`` now (it is in the cgroup); False: it is gone."""
+        self.ahead = ahead_steps(os.geteuid(), os.getegid())
+        try:
+            self._send({"steps": [s.to_wire() for s in self.ahead]})
+        except OSError:
+            return False
+        return True
 
+    def remaining(self, steps: tuple[Any, ...]) -> list[Any] | None:
+        """What is left of a plan's ``steps`` for this helper, or None if it does not
+        fit: the plan must start with the steps done ahead (its cgroup aside: the helper is
+        in it already), then init makes the namespaces left to it (``UnshareLate``: the
+        mount namespace, and the network namespace when the plan has one and the helper
+        has not) and goes on with the plan."""
+        from .plan import JoinCgroup, LoopbackUp, Unshare, UnshareLate
+
+        rest = [s for s in steps if not isinstance(s, JoinCgroup)]
+        unshare = next((s for s in rest if isinstance(s, Unshare)), None)
+        if unshare is None or not unshare.mount or (self.netns and not unshare.net):
+            return None
+        rest = [Unshare(unshare.user, False, False) if s is unshare else s for s in rest]
+        if rest[:len(self.ahead)] != list(self.ahead):
+            return None
+        rest = rest[len(self.ahead):]
+        if self.netns:  # its network namespace is made, its loopback up
+            rest = [s for s in rest if not isinstance(s, LoopbackUp)]
+        return [UnshareLate(mount=True, net=unshare.net and not self.netns), *rest]
+
+    def launch(self, plan: Any, status_w: int, stdio: tuple[int, int, int]) -> int:
+        """Hand the helper what is left of ``plan`` (``remaining``; it was taken for it),
+        the status pipe's write end and the job's stdio; it runs them as a forked helper
+        would. Its pid."""
         umask = os.umask(0o022)
         os.umask(umask)
-        if self.netns:  # its network namespace is made, its loopback up
-            steps = [dict(s, net=False) if s["op"] == "unshare" else s
-                     for s in wire["steps"] if s["op"] != "loopback_up"]
-            wire = dict(wire, steps=steps)
-        body = marshal.dumps({"umask": umask, "plan": wire})
-        data = len(body).to_bytes(4, "big") + body
-        fds = [status_w, *stdio]
-        sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           b"".join(fd.to_bytes(4, sys.byteorder)
-                                                    for fd in fds))])
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        rest = self.remaining(plan.steps)
+        if rest is None:
+            raise OSError("the helper made ahead does not fit the plan")
+        wire = {"job_id": plan.job_id, "steps": [s.to_wire() for s in rest]}
+        self._send({"umask": umask, "plan": wire}, [status_w, *stdio])
         self.sock.close()
         return self.pid
+
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        """One message (sandbox.Inbox): a 4-byte length, ``marshal`` data, ``fds``."""
+        import socket
+
+        body = marshal.dumps(msg)
+        data = len(body).to_bytes(4, "big") + body
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
+        sent = self.sock.sendmsg([data], anc)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
 
     def discard(self) -> None:
         """Not needed: EOF ends the helper; then its cgroup goes."""
@@ -136,6 +182,20 @@ class Warm:
             self.records = None
 
 
+def ahead_steps(uid: int, gid: int) -> tuple[Any, ...]:
+    """The steps a waiting helper of user ``uid`` carries out before its request: the
+    plan's (plan.build_plan) up to the fork of init, but for the mount and network
+    namespaces. The mount namespace would be a copy of the host's mounts as they were
+    then (the host's ``/`` is private here: nothing mounted since, a view or a volume's
+    filesystem, would reach it), so init makes it with the request (``UnshareLate``)."""
+    from .plan import ForkInit, IdMap, NewSession, NoNewPrivs, Unshare
+
+    user = uid != 0  # root: --user keeps it out of a user namespace too
+    ids = [IdMap(uid, gid)] if user else []
+    return (NewSession(), NoNewPrivs(), Unshare(user=user, net=False, mount=False), *ids,
+            ForkInit())
+
+
 current: Warm | None = None
 relay: socket.socket | None = None  # a job spare's line to its relay (report_exit)
 
@@ -157,6 +217,10 @@ def prepare() -> None:
         st = os.stat(warm.records.where / DB_NAME)
         warm.records_ino = (st.st_dev, st.st_ino)
         _rehearse(warm.records)
+    # last: its forks and mounts would only slow what is prepared here on a busy host
+    if warm.helper is not None and not warm.helper.go_ahead():
+        warm.helper.discard()
+        warm.helper = None
     current = warm
 
 
@@ -184,17 +248,16 @@ def job_id() -> str | None:
     return w.job_id if w is not None else None
 
 
-def take_helper(job: str, limits: Any, devices: Any, parent: str | None,
-                network: str) -> Helper | None:
-    """The prepared helper and its cgroup, when they fit job ``job`` with these limits and
-    this ``--network``; otherwise they are discarded now (the job makes its own, under the
-    same name)."""
+def take_helper(plan: Any, parent: str | None) -> Helper | None:
+    """The prepared helper and its cgroup, when they fit ``plan`` (its job id, limits,
+    devices and steps) under cgroup ``parent``; otherwise they are discarded now (the job
+    makes its own, under the same name)."""
     w = _mine()
     if w is None or w.helper is None:
         return None
     helper, w.helper = w.helper, None
-    if job == w.job_id and helper.cgroup.fits(limits, devices, parent) and (
-            network == "none" or not helper.netns):
+    if plan.job_id == w.job_id and helper.cgroup.fits(plan.limits, plan.devices, parent) \
+            and helper.remaining(plan.steps) is not None:
         return helper
     helper.discard()
     return None
