@@ -2,8 +2,10 @@
 
 Values are taken as strings and checked here (sizes and durations only through
 ``jbl.store.units``), so a malformed option is one ``UsageError`` line and exit 2. The runtime
-comes from the store (``Store.resolve_installed`` + ``view_root``), or, bypassing the store,
-from ``--runtime-dir`` (hidden; for tests and benchmarks). The exit status is the job's
+comes from the store (``Store.resolve_installed`` + ``view_started``: a view daemon this job
+starts comes up while the job is made ready; a launcher's job process has the index open and
+the view found ahead, runner/warmview.py), or, bypassing the store, from ``--runtime-dir``
+(hidden; for tests and benchmarks). The exit status is the job's
 (128+N for a signal; 124 timeout; 138 out of memory); ``--json`` adds a final record.
 """
 
@@ -235,7 +237,7 @@ def parse_gpu(args: argparse.Namespace) -> dict[str, Any]:
 # ---- the command --------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
-    from jbl.runner.supervise import TERMINATE, load_manifest, run_job
+    from jbl.runner.foreground import TERMINATE  # the supervisor's (not imported yet: below)
 
     if bool(args.runtime) == bool(args.runtime_dir):
         raise UsageError("jbl run needs --runtime NAME[@VERSION]")
@@ -252,16 +254,18 @@ def run(args: argparse.Namespace) -> int:
     # Block job-control signals before any helper thread (a private FUSE mount) starts, so
     # only the supervisor's sigtimedwait takes them; run_job forwards them to the job.
     old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATE)
-    manifest = None
+    manifest = view = None
     try:
         with ExitStack() as stack:
             if args.runtime_dir:
+                from jbl.runner.manifests import load_manifest
+
                 runtime_dir = Path(args.runtime_dir)
                 build_request(args, runtime_dir, "", stack)  # options first: one line, exit 2
                 manifest = load_manifest(Path(os.path.realpath(runtime_dir)))
                 label = f"{manifest.name}@{manifest.version}"
             else:
-                from jbl.fusefs.broker import view_root
+                from jbl.fusefs.broker import view_started
                 from jbl.store.store import Store
 
                 build_request(args, Path("."), "", stack)
@@ -271,9 +275,17 @@ def run(args: argparse.Namespace) -> int:
                 # ordinary user's job is covered by the shared mount's own lease instead.
                 writable = can_admin(args.store) and os.access(
                     Path(args.store) / "index.db", os.W_OK)
+                # a launcher's job process opened the index and found the view ahead
+                from jbl.runner import warm, warmview
+
+                opened, known = warmview.take(warm.take_runtime(),
+                                              Path(os.path.realpath(args.store)))
+                if opened is not None and not writable:
+                    opened.close()
+                    opened = None
                 if writable:
-                    store = stack.enter_context(Store.open(args.store,
-                                                           action=args.settings.action))
+                    store = stack.enter_context(opened if opened is not None else Store.open(
+                        args.store, action=args.settings.action))
                     info = store.resolve_installed(args.runtime)
                     stack.enter_context(store.lease(info.id, kind="job"))
                     name, version = info.name, info.version
@@ -284,11 +296,15 @@ def run(args: argparse.Namespace) -> int:
                     name, version = found["name"], found["version"]
                 # a private view keeps a removed version no longer than configured
                 hold = args.settings.config.removed_hold_limit  # malformed: one line, exit 2
-                root = stack.enter_context(view_root(
+                # a daemon this job starts comes up while the job is made ready (view.ready)
+                view = stack.enter_context(view_started(
                     args.store, hold_limit=hold, engine=args.settings.mount_engine,
-                    linger=args.settings.view_linger))
-                runtime_dir = Path(root) / name / version
+                    linger=args.settings.view_linger, known=known))
+                runtime_dir = view.root / name / version
                 label = f"{name}@{version}"
+            # the runner, imported once a view's daemon this job started is on its way up
+            from jbl.runner.supervise import run_job
+
             req = build_request(args, runtime_dir, label, stack)
             quiet = bool(getattr(args, "quiet", False))
             if req.limits.iobps is not None and not quiet:
@@ -302,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
             if record is not None:
                 record.note = None if quiet else _note
             try:
+                if view is not None:
+                    view.ready()  # MountError: the job failed to start
                 result = run_job(req, note=None if quiet else _note, manifest=manifest)
             except BaseException as e:
                 if record is not None:

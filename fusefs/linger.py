@@ -181,6 +181,28 @@ def read_current(files: ViewFiles) -> Path | None:
     return p
 
 
+def last_used() -> Path | None:
+    """The mountpoint of this user's view a job let go of last (the newest ``K.hold``), as
+    ``read_current`` gives it; None if there is none. A hint for what to prepare ahead
+    (runner/warmview.py): whatever it names is checked like any ``K.current``."""
+    d = views_dir()
+    if d is None:
+        return None
+    dfd = trust.owned_dir(d, os.geteuid())
+    if dfd is None:
+        return None
+    try:
+        newest: tuple[float, str] | None = None
+        for name in trust.names(dfd, "", ".hold"):
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and (newest is None or st.st_mtime > newest[0]):
+                    newest = (st.st_mtime, name.removesuffix(".hold"))
+    finally:
+        os.close(dfd)
+    return None if newest is None else read_current(ViewFiles(d, newest[1]))
+
+
 def write_current(files: ViewFiles, mountpoint: Path) -> None:
     tmp = files.dir / f".{files.key}.current.{os.getpid()}"
     tmp.write_text(f"{mountpoint}\n")

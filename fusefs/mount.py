@@ -242,6 +242,47 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
     With ``view`` (a lingering private view, fusefs/linger.py) the daemon forks away from
     us (the returned process has already exited) and lives until no job has held
     ``view.hold`` for ``linger`` seconds."""
+    return start(store_dir, mountpoint, allow_other=allow_other, private=private,
+                 timeout=timeout, engine=engine, linger=linger, view=view,
+                 hold_limit=hold_limit).wait()
+
+
+class Starting:
+    """A daemon ``start`` launched; ``wait()``: the process once its mount is ready, else
+    MountError (exactly what ``spawn`` returns or raises). Wait exactly once."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], ready_fd: int, timeout: float,
+                 detached: bool, logp: Path) -> None:
+        self.proc, self.ready_fd, self.timeout = proc, ready_fd, timeout
+        self.detached, self.logp = detached, logp
+
+    def wait(self) -> subprocess.Popen[bytes]:
+        proc, logp = self.proc, self.logp
+        try:
+            msg = _read_line(self.ready_fd, self.timeout)
+        finally:
+            os.close(self.ready_fd)
+        if msg == "ready":
+            if self.detached:
+                proc.wait()  # the intermediate of --detach, gone already
+            return proc
+        if not msg and self.detached:  # hung: the detached daemon is in proc's group
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        elif proc.poll() is None and not msg:
+            proc.terminate()
+        reason = msg.removeprefix("error ") if msg else _log_tail(logp)
+        raise MountError(reason or f"the mount daemon exited with status {proc.wait()}",
+                         hint=f"see {logp}")
+
+
+def start(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
+          private: bool = False, timeout: float = READY_TIMEOUT,
+          engine: str = DEFAULT_ENGINE, linger: float = 0.0,
+          view: lingermod.ViewFiles | None = None,
+          hold_limit: float | None = REMOVED_HOLD_LIMIT) -> Starting:
+    """``spawn`` without the wait for readiness: the caller does other work meanwhile (a
+    job's first view starts beside its preparation: fusefs/broker.py), then ``wait()``s."""
     store_dir = Path(os.path.realpath(store_dir))
     mountpoint = Path(os.path.realpath(mountpoint))
     check_mountpoint(mountpoint)  # fail fast, in the user's terminal, with the reason
@@ -271,22 +312,7 @@ def spawn(store_dir: Path, mountpoint: Path, *, allow_other: bool = False,
     finally:
         os.close(logfd)
     os.close(w)
-    try:
-        msg = _read_line(r, timeout)
-    finally:
-        os.close(r)
-    if msg == "ready":
-        if view is not None:
-            proc.wait()  # the intermediate of --detach, gone already
-        return proc
-    if not msg and view is not None:  # hung: the detached daemon is in proc's group
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    elif proc.poll() is None and not msg:
-        proc.terminate()
-    reason = msg.removeprefix("error ") if msg else _log_tail(logp)
-    raise MountError(reason or f"the mount daemon exited with status {proc.wait()}",
-                     hint=f"see {logp}")
+    return Starting(proc, r, timeout, view is not None, logp)
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -24,6 +24,8 @@ start pays only for what depends on the request (runner/launcher.py, launchrelay
   the mount namespace.
 * **The job-record database**, open (``JobStore.open_own``), for the records directory the
   launcher's environment names; a request that names another one opens its own.
+* **The store and its view** for ``jbl run --runtime NAME`` (runner/warmview.py): the
+  index open, the view found; a request checks both before it uses them.
 
 Anything the request does not use is discarded at the end (``discard``): the helper gets
 EOF and exits, its cgroup is removed. Failing to prepare a part only means the request does
@@ -171,8 +173,12 @@ class Warm:
         self.records: Any = None  # runner.jobstore.JobStore, open
         self.records_dir: Path | None = None  # what it was opened for (None: state dir)
         self.records_ino = (0, 0)
+        self.runtime: Any = None  # runner.warmview.Ahead
 
     def discard(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
         if self.helper is not None:
             self.helper.discard()
             self.helper = None
@@ -217,6 +223,10 @@ def prepare() -> None:
         st = os.stat(warm.records.where / DB_NAME)
         warm.records_ino = (st.st_dev, st.st_ino)
         _rehearse(warm.records)
+    with contextlib.suppress(Exception):
+        from . import warmview
+
+        warm.runtime = warmview.prepare()
     # last: its forks and mounts would only slow what is prepared here on a busy host
     if warm.helper is not None and not warm.helper.go_ahead():
         warm.helper.discard()
@@ -280,6 +290,15 @@ def take_records(directory: Path | None) -> Any:
         pass
     store.close()
     return None
+
+
+def take_runtime() -> Any:
+    """The prepared store and view (runner.warmview.Ahead), or None; once."""
+    w = _mine()
+    if w is None:
+        return None
+    ahead, w.runtime = w.runtime, None
+    return ahead
 
 
 def discard() -> None:
